@@ -1,0 +1,144 @@
+"""Per-token exit scores on a calibration set, and what an exit rule does with them.
+
+Threshold calibration (`calibrate.py`) and the budgeted EERO policy (`budget.py`) both
+choose one threshold per non-final exit from the same evidence: for every calibration
+token, each exit's confidence and whether that exit's top-1 token agrees with the full
+model. This module holds that evidence and the one simulation both use, so the two
+policies are compared on exactly the same rule the runtime applies:
+
+    a token leaves at the first exit k with confidence[k] >= threshold[k];
+    a token that no exit takes runs the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NEVER = float("inf")  # threshold that disables an exit (confidences are finite)
+
+
+@dataclass
+class ExitScores:
+    """Evidence for choosing thresholds.
+
+    confidence: (N, E) score of each non-final exit for each token; higher = more sure.
+    agree:      (N, E) whether that exit's top-1 token equals the full model's.
+    sequence:   (N,) index of the text window each token came from; tokens of one
+                window are not exchangeable, so guarantees resample windows, not tokens.
+    exit_layers: E ints, number of decoder layers computed before each exit.
+    num_layers: decoder layers in the full model.
+    check_cost: cost of one exit check, in decoder layers (head or gate).
+    """
+
+    confidence: np.ndarray
+    agree: np.ndarray
+    sequence: np.ndarray
+    exit_layers: list[int]
+    num_layers: int
+    check_cost: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.confidence = np.asarray(self.confidence, dtype=np.float64)
+        self.agree = np.asarray(self.agree, dtype=bool)
+        self.sequence = np.asarray(self.sequence, dtype=np.int64)
+        if self.confidence.shape != self.agree.shape or self.confidence.ndim != 2:
+            raise ValueError(
+                f"confidence {self.confidence.shape} and agree {self.agree.shape} must both be (tokens, exits)"
+            )
+        if self.sequence.shape != (self.confidence.shape[0],):
+            raise ValueError(f"sequence must have one entry per token, got {self.sequence.shape}")
+        if len(self.exit_layers) != self.confidence.shape[1]:
+            raise ValueError(f"{len(self.exit_layers)} exit layers for {self.confidence.shape[1]} exits")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.confidence.shape[0])
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.confidence.shape[1])
+
+    def costs(self) -> np.ndarray:
+        """(E+1,) compute of leaving at each exit (last = full model), as a fraction of the full model.
+
+        Leaving at exit k means computing exit_layers[k] layers and k+1 checks; running the
+        full model means all layers and every check (all of which rejected).
+        """
+        e = np.arange(1, self.num_exits + 1)
+        layers = np.asarray(list(self.exit_layers) + [self.num_layers], dtype=np.float64)
+        checks = np.concatenate([e, [self.num_exits]]).astype(np.float64) * self.check_cost
+        return (layers + checks) / self.num_layers
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, confidence=self.confidence, agree=self.agree, sequence=self.sequence,
+                            exit_layers=np.asarray(self.exit_layers), num_layers=self.num_layers,
+                            check_cost=self.check_cost)
+
+    @classmethod
+    def load(cls, path) -> "ExitScores":
+        with np.load(path) as z:
+            return cls(z["confidence"], z["agree"], z["sequence"], [int(x) for x in z["exit_layers"]],
+                       int(z["num_layers"]), float(z["check_cost"]))
+
+    def subset(self, mask: np.ndarray) -> "ExitScores":
+        return ExitScores(self.confidence[mask], self.agree[mask], self.sequence[mask],
+                          list(self.exit_layers), self.num_layers, self.check_cost)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a threshold vector does on a set of tokens."""
+
+    exit_index: np.ndarray  # (N,) exit taken per token; E means the full model
+    agreement: float  # share of all tokens whose output equals the full model's
+    compute: float  # mean compute as a fraction of the full model (costs() weighted)
+    layers: float  # mean decoder layers computed per token
+    coverage: np.ndarray  # (E,) share of tokens leaving at each exit
+    exit_agreement: np.ndarray  # (E,) agreement among the tokens leaving at each exit (nan if none)
+
+
+def exit_index(scores: ExitScores, thresholds: np.ndarray | list[float]) -> np.ndarray:
+    """(N,) first exit whose confidence reaches its threshold; E where none does."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (scores.num_exits,):
+        raise ValueError(f"need {scores.num_exits} thresholds, got {t.shape}")
+    passes = scores.confidence >= t[None, :]
+    any_pass = passes.any(axis=1)
+    first = passes.argmax(axis=1)
+    return np.where(any_pass, first, scores.num_exits)
+
+
+def simulate(scores: ExitScores, thresholds: np.ndarray | list[float]) -> Outcome:
+    idx = exit_index(scores, thresholds)
+    n, e = scores.num_tokens, scores.num_exits
+    agree_full = np.concatenate([scores.agree, np.ones((n, 1), dtype=bool)], axis=1)
+    ok = agree_full[np.arange(n), idx]
+    layers_per_exit = np.asarray(list(scores.exit_layers) + [scores.num_layers], dtype=np.float64)
+    coverage = np.array([(idx == k).mean() for k in range(e)]) if n else np.zeros(e)
+    exit_agree = np.array([ok[idx == k].mean() if (idx == k).any() else np.nan for k in range(e)])
+    return Outcome(
+        exit_index=idx,
+        agreement=float(ok.mean()) if n else 1.0,
+        compute=float(scores.costs()[idx].mean()) if n else 1.0,
+        layers=float(layers_per_exit[idx].mean()) if n else float(scores.num_layers),
+        coverage=coverage,
+        exit_agreement=exit_agree,
+    )
+
+
+def oracle(scores: ExitScores) -> Outcome:
+    """Upper bound: every token leaves at the earliest exit that already agrees."""
+    n, e = scores.num_tokens, scores.num_exits
+    agree_full = np.concatenate([scores.agree, np.ones((n, 1), dtype=bool)], axis=1)
+    idx = agree_full.argmax(axis=1)
+    layers_per_exit = np.asarray(list(scores.exit_layers) + [scores.num_layers], dtype=np.float64)
+    return Outcome(
+        exit_index=idx,
+        agreement=1.0,
+        compute=float(scores.costs()[idx].mean()) if n else 1.0,
+        layers=float(layers_per_exit[idx].mean()) if n else float(scores.num_layers),
+        coverage=np.array([(idx == k).mean() for k in range(e)]) if n else np.zeros(e),
+        exit_agreement=np.ones(e),
+    )
