@@ -130,4 +130,11 @@ def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
     tmp.replace(checkpoint / CONFIG)
 
 
-__all__ = ["train", "calibrate", "resolve_recipe", "read_config", "TrainConfig"]
+
+def export(checkpoint: str | Path, *, out: str | Path, precision: str = "fp32", backend: str = "onnx",
+           with_logits: bool = False, workspace_gb: float = 2.0, backbone=None) -> Path:
+    """Split the checkpoint into per-segment graphs (+ TensorRT engines) with a manifest."""
+    from .onnx_export import export as _export
+
+    return _export(checkpoint, out, precision=precision, backend=backend, with_logits=with_logits,
+                   workspace_gb=workspace_gb, backbone=backbone)

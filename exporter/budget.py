@@ -34,16 +34,25 @@ the token on. Notation, with heads l = 0..E-1 and l = E the full model:
    per-head threshold, a quantile of that head's confidence, so the runtime's rule
    "leave at the first exit k with confidence[k] >= threshold[k]" needs no change.
 
-4. Local refinement (ours, on by default; `refine=False` gives steps 1-3 alone). The
-   exponential weights leave budget unused when mu = 0 and, with one risk per head, can
-   misplace rates at tight budgets. A greedy local search on the same calibration tokens
-   moves small blocks of tokens across one head's threshold (10% of the tokens down to
-   0.25%): it first spends unused budget where agreement rises most per unit of compute, then
-   trades compute between heads (save at the head that loses least per unit, spend at the
-   one that gains most) while agreement strictly rises, never above the budget.
+4. Refinement on the calibration tokens (ours; on by default, `refine=False` gives steps 1-3
+   alone). With one risk per head the exponential weights can misplace rates at tight budgets
+   (on our synthetic data pure EERO lost up to 0.09 agreement to a single shared threshold at
+   budget 0.3-0.5), and they leave budget unused when mu = 0. So we search the thresholds
+   directly for the most agreement with mean cost <= B, from four starts: the EERO thresholds;
+   the single shared threshold that meets B; and the two solutions bracketing B of the
+   per-token version of EERO's objective, max sum_tokens (agree - lam * cost), found by exact
+   per-head coordinate ascent with lam set by bisection (lam plays mu's role; the bracketing
+   pair matters because that frontier is not concave). From each start a greedy local search
+   moves blocks of tokens across one head's threshold (10% of the tokens down to 0.25%): it
+   repairs an over-budget start at the least agreement lost per unit of compute, spends unused
+   budget where agreement gains most per unit, then trades compute between heads (save at the
+   head that loses least per unit, spend where it gains most) while agreement strictly rises.
+   The best start wins (`BudgetResult.origin`). Every candidate stays within B on the
+   calibration tokens, so the budget guarantee of step 3 is kept.
 
 The budget is a fraction of the full model's compute in (0, 1] (`unit="compute"`, check
-costs included) or an average number of decoder layers (`unit="layers"`). Guarantees are
+costs included, so with check_cost > 0 running every token through the full model costs a
+little more than 1) or an average number of decoder layers (`unit="layers"`). Guarantees are
 empirical, on the calibration tokens; on new text the average moves by sampling noise
 (about +-0.01 with a few thousand tokens in our synthetic tests).
 """
@@ -59,8 +68,7 @@ from .scores import NEVER, ExitScores, Outcome, exit_index, simulate
 DEFAULT_BETA = 0.04
 UNITS = ("compute", "layers")
 # Block sizes of the local refinement, as shares of the calibration tokens (coarse to fine).
-PER_COST = False
-LAGRANGE = 30
+_LAMBDA_STEPS = 30  # bisection steps on the price of compute in the refinement
 _REFINE_STEPS = (0.1, 0.04, 0.02, 0.01, 0.005, 0.0025)
 
 
@@ -69,13 +77,15 @@ class BudgetResult:
     """Thresholds for one budget, with the EERO quantities that produced them."""
 
     thresholds: np.ndarray  # (E,) per-exit confidence thresholds for the runtime (inf = exit off)
-    eps: np.ndarray  # (E+1,) EERO exit rates, last = full model; before refinement (sum 1)
+    eps: np.ndarray  # (E+1,) EERO exit rates, last = full model (sum 1); shares actually taken
+    #                  on calibration, after any refinement, are outcome.coverage
     risk: np.ndarray  # (E+1,) R_l, disagreement with the full model on calibration (last 0)
     mu: float  # price of compute found by bisection (0 when the budget does not bind)
     beta: float
     budget: float  # as given, in `unit`
     unit: str  # "compute" (fraction of the full model) or "layers" (mean decoder layers)
     refined: bool
+    origin: str  # start the thresholds came from: "eero", "shared", "lagrange-under/over"
     outcome: Outcome  # the thresholds applied to the calibration tokens
 
     @property
@@ -197,6 +207,9 @@ class _Refiner:
         self.total = float(cost[self.idx].sum())
         self.cap = budget * n + 1e-9 * n
 
+    def agreeing(self) -> int:
+        return int(self.ok[np.arange(self.idx.size), self.idx].sum())
+
     def _downstream(self, rows: np.ndarray, start: int) -> np.ndarray:
         """First exit >= start each row passes under the current thresholds (E = full model)."""
         if start >= self.e:
@@ -276,12 +289,9 @@ class _Refiner:
         cut[1:-1] = c[:-1] > c[1:]  # only cut between distinct confidences
         gain[~cut] = -np.inf
         k = int(np.argmax(gain))
+        if gain[k] <= gain[int(np.sum(c >= self.th[head]))] + 1e-9:  # no strict gain: keep (ends the ascent)
+            return False
         t = NEVER if k == 0 else float(c[k - 1])
-        if t == self.th[head]:
-            return False
-        cur = gain[int(np.sum(c >= self.th[head]))] if np.isfinite(self.th[head]) else 0.0
-        if gain[k] <= cur + 1e-12:
-            return False
         self.th[head] = t
         new = np.where(self.conf[rows, head] >= t, head, go)
         self.total += float(self.cost[new].sum() - self.cost[self.idx[rows]].sum())
@@ -307,13 +317,53 @@ class _Refiner:
             saves = sorted((m for m in self.moves(step) if m[1] < 0), key=lambda m: -m[0] / -m[1])
             for save in saves:  # trade: save here, spend elsewhere, keep if agreement rises
                 u = self.apply(save)
-                spend = self.best_spend(step, -save[0], per_cost=PER_COST)
+                spend = self.best_spend(step, -save[0], per_cost=False)
                 if spend is not None:
                     self.apply(spend)
                     break
                 self.undo(u)
             else:
                 return
+
+
+def _refine(scores: ExitScores, eero: np.ndarray, cost: np.ndarray, frac: float) -> tuple[np.ndarray, str]:
+    """Step 4 of the module doc: best of four starts after greedy local search."""
+    starts = {"eero": eero, "shared": _uniform_thresholds(scores, cost, frac)}
+    gaps = np.diff(np.unique(cost))
+    lo, hi = 0.0, 2.0 / gaps.min() if gaps.size else 1.0  # at hi every token takes the cheapest exit
+    for _ in range(_LAMBDA_STEPS):
+        lam = 0.5 * (lo + hi)
+        search = _Refiner(scores, eero, cost, frac)
+        search.ascend(lam)
+        if search.total <= search.cap:
+            hi, starts["lagrange-under"] = lam, search.th
+        else:
+            lo, starts["lagrange-over"] = lam, search.th
+    best, best_agree = (eero, "eero"), -1
+    for name, start in starts.items():
+        search = _Refiner(scores, start, cost, frac)
+        for share in _REFINE_STEPS:
+            search.run(max(1, int(round(share * scores.num_tokens))))
+        if search.total <= search.cap and search.agreeing() > best_agree:
+            best, best_agree = (search.th, name), search.agreeing()
+    return best
+
+
+def _uniform_thresholds(scores: ExitScores, cost: np.ndarray, frac: float) -> np.ndarray:
+    """(E,) one threshold shared by all exits: the highest one whose mean cost stays <= frac.
+
+    The mean cost only grows with the threshold, so bisect over the distinct confidences.
+    """
+    values = np.append(np.unique(scores.confidence), NEVER)  # NEVER: every token runs the full model
+
+    def fits(i: int) -> bool:
+        return cost[exit_index(scores, np.full(scores.num_exits, values[i]))].mean() <= frac + 1e-12
+
+    lo, hi = 0, values.size - 1  # fits(0): everyone leaves at the first exit, cheapest (validated)
+    while lo < hi:  # largest i with fits(i)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return np.full(scores.num_exits, values[lo])
 
 
 def budget_thresholds(scores: ExitScores, budget: float, *, beta: float = DEFAULT_BETA,
@@ -330,32 +380,9 @@ def budget_thresholds(scores: ExitScores, budget: float, *, beta: float = DEFAUL
     risk = np.concatenate([1.0 - scores.agree.mean(axis=0), [0.0]])
     eps, mu = eero_rates(risk, cost, frac, beta=beta)
     thresholds = rate_thresholds(scores, eps)
+    origin = "eero"
     if refine and scores.num_exits:
-        search = _Refiner(scores, thresholds, cost, frac)
-        starts = [thresholds]
-        if LAGRANGE:
-            gaps = np.diff(np.unique(cost))
-            lo, hi = 0.0, 2.0 / gaps.min() if gaps.size else 1.0
-            over = under = None
-            for _ in range(LAGRANGE):
-                lam = 0.5 * (lo + hi)
-                s = _Refiner(scores, thresholds, cost, frac)
-                s.ascend(lam)
-                if s.total <= s.cap:
-                    hi, under = lam, s.th
-                else:
-                    lo, over = lam, s.th
-            starts += [t for t in (under, over) if t is not None]
-        best = None
-        for start in starts:
-            search = _Refiner(scores, start, cost, frac)
-            for share in _REFINE_STEPS:
-                search.run(max(1, int(round(share * scores.num_tokens))))
-            agree = search.ok[np.arange(search.idx.size), search.idx].sum()
-            if search.total <= search.cap and (best is None or agree > best[0]):
-                best = (agree, search.th)
-        if best is not None:
-            thresholds = best[1]
+        thresholds, origin = _refine(scores, thresholds, cost, frac)
     return BudgetResult(thresholds=np.asarray(thresholds, dtype=np.float64), eps=eps, risk=risk, mu=float(mu),
-                        beta=float(beta), budget=float(budget), unit=unit, refined=bool(refine),
+                        beta=float(beta), budget=float(budget), unit=unit, refined=bool(refine), origin=origin,
                         outcome=simulate(scores, thresholds))

@@ -55,7 +55,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from runtime import Runtime
+    from runtime import GenerationResult, Runtime
 
     rt = Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy)
     thresholds = None
@@ -63,16 +63,14 @@ def cmd_generate(a: argparse.Namespace) -> None:
         thresholds = "never"
     elif a.target is not None:
         thresholds = a.target
-    result = None
-    for piece in rt.generate(a.prompt, max_new_tokens=a.max_new_tokens, thresholds=thresholds,
-                             temperature=a.temperature, seed=a.seed, stream=True):
-        if isinstance(piece, str):
-            print(piece, end="", flush=True)
-        else:
-            result = piece
+    records = []
+    for rec in rt.generate(a.prompt, max_new_tokens=a.max_new_tokens, thresholds=thresholds,
+                           temperature=a.temperature, seed=a.seed, stream=True):
+        print(rec.text, end="", flush=True)
+        records.append(rec)
     print()
-    if result is not None:
-        print(result.summary(), file=sys.stderr)
+    result = GenerationResult.from_records(rt.encode(a.prompt).tolist(), records, "", rt.manifest.model.num_layers)
+    print(result.summary(), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,164 @@
+"""Export a calibrated checkpoint as one ONNX graph per segment plus a manifest.
+
+Every export ends with the same steps: graphs -> checker -> tokenizer files -> manifest,
+all in a temporary folder that replaces the destination only when everything succeeded.
+Tracing uses torch.onnx.export(dynamo=False) at batch 2, sequence 5, past 3 (see
+../shared/KNOWN.md: tracing at sequence 1 bakes in a decode-only path), so one graph
+serves both prefill (past 0) and decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from runtime.manifest import (CalibrationInfo, ExitSpec, Manifest, ModelInfo, SegmentSpec, TokenizerInfo,
+                              _target_key)
+
+from .checkpoint import read_config, read_scores
+from .segments import Segment, io_specs, segment_bounds
+
+EXPORTER_VERSION = "0.1.0"
+OPSET = 17
+TARGETS = (0.8, 0.9, 0.95, 0.99)  # thresholds shipped for run-time switching
+EXTERNAL_DATA_BYTES = 1 << 30  # segments above this keep weights in a side file (protobuf's 2 GB limit)
+TRACE = {"batch": 2, "sequence": 5, "past": 3}
+DIMS = {"batch": {"min": 1, "opt": 1, "max": 8}, "sequence": {"min": 1, "opt": 1, "max": None},
+        "past": {"min": 0, "opt": 256, "max": None}}
+DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dummy_inputs(seg: Segment, inputs, dtype: torch.dtype, vocab: int):
+    b, s, p = TRACE["batch"], TRACE["sequence"], TRACE["past"]
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for spec in inputs:
+        if spec.role == "input_ids":
+            out.append(torch.randint(0, vocab, (b, s), generator=g))
+        elif spec.role == "hidden":
+            out.append(torch.randn(b, s, spec.shape[2], generator=g).to(dtype))
+        elif spec.role == "attention_mask":
+            out.append(torch.ones(b, p + s, dtype=torch.int64))
+        elif spec.role == "position_ids":
+            out.append(torch.arange(p, p + s).unsqueeze(0).repeat(b, 1))
+        else:  # past key / value
+            out.append(torch.randn(b, spec.shape[1], p, spec.shape[3], generator=g).to(dtype))
+    return tuple(out)
+
+
+def _dynamic_axes(specs) -> dict:
+    return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in specs}
+
+
+def export_segment(seg: Segment, path: Path, dtype_name: str, vocab: int) -> tuple[list, list]:
+    import onnx
+
+    dtype = DTYPES[dtype_name][0]
+    inputs, outputs = io_specs(seg, DTYPES[dtype_name][1])
+    args = _dummy_inputs(seg, inputs, dtype, vocab)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(seg, args, str(path), input_names=[t.name for t in inputs],
+                          output_names=[t.name for t in outputs],
+                          dynamic_axes=_dynamic_axes(inputs + outputs), opset_version=OPSET, dynamo=False)
+    model = onnx.load(str(path))
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    onnx.checker.check_model(str(path))
+    # TorchScript export drops inputs the graph does not use: record only what the graph takes
+    graph_inputs = {i.name for i in model.graph.input}
+    return [t for t in inputs if t.name in graph_inputs], outputs
+
+
+def _tokenizer_info(tokenizer, folder: Path) -> TokenizerInfo:
+    tokenizer.save_pretrained(str(folder))
+    if not (folder / "tokenizer.json").is_file():
+        raise RuntimeError("the tokenizer could not be saved as tokenizer.json (a fast tokenizer is needed)")
+    eos = tokenizer.eos_token_id
+    return TokenizerInfo(files=tuple(sorted(p.name for p in folder.iterdir() if p.is_file())),
+                         bos_id=tokenizer.bos_token_id, eos_ids=() if eos is None else (int(eos),),
+                         pad_id=tokenizer.pad_token_id)
+
+
+def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
+           with_logits: bool = False, workspace_gb: float = 2.0, backbone=None) -> Path:
+    from .checkpoint import load_heads
+    from .backbone import load_backbone
+    from .calibrate import calibrate_thresholds
+
+    if precision not in DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if backend not in ("onnx", "tensorrt"):
+        raise ValueError(f"unknown backend {backend!r}; choose onnx or tensorrt")
+    if backend == "tensorrt":
+        from .tensorrt_build import check_can_build
+
+        check_can_build()  # fail before the slow part: no GPU or no TensorRT here
+    checkpoint, out = Path(checkpoint), Path(out)
+    config = read_config(checkpoint)
+    bb = backbone or load_backbone(config.source)
+    heads = load_heads(checkpoint, bb, config)
+    dtype = DTYPES[precision][0]
+    bb.model.to(dtype)
+    heads.to(dtype)
+    shape = bb.shape
+    thresholds = config.thresholds
+    by_target: dict[str, list] = {}
+    try:
+        calib = read_scores(checkpoint, "calibration")
+        for t in TARGETS:
+            by_target[_target_key(t)] = [None if x == float("inf") else x for x in calibrate_thresholds(calib, t)]
+    except FileNotFoundError:
+        pass
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        specs = []
+        bounds = segment_bounds(config.exits, shape.num_layers)
+        for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
+            seg = Segment(bb, heads, i, layers, config.confidence, with_logits).eval()
+            path = tmp / f"segment_{i:02d}.onnx"
+            inputs, outputs = export_segment(seg, path, precision, shape.vocab_size)
+            ex = None
+            if i < len(config.exits):
+                ex = ExitSpec(config.exits[i], config.confidence, thresholds[i])
+            size = path.stat().st_size + sum(p.stat().st_size for p in tmp.glob(path.name + ".data"))
+            specs.append(SegmentSpec(i, tuple(layers), path.name, sha256(path), size, tuple(inputs),
+                                     tuple(outputs), ex))
+        tok = _tokenizer_info(bb.tokenizer, tmp)
+        manifest = Manifest(
+            model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
+                            shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),
+            tokenizer=tok, segments=tuple(specs),
+            calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
+                                        config.calibration.get("heldout", {})),
+            precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context}},
+            exporter_version=EXPORTER_VERSION)
+        if backend == "tensorrt":
+            from .tensorrt_build import build_engines
+
+            manifest = build_engines(tmp, manifest, workspace_gb=workspace_gb)
+        manifest.save(tmp)
+        if out.exists():
+            if not (out / "manifest.json").is_file() and any(out.iterdir()):
+                raise FileExistsError(f"{out} exists and is not a LAMA export; refusing to overwrite it")
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

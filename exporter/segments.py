@@ -1,0 +1,91 @@
+"""Split the early-exit model into segments, one per exit point, as exportable modules.
+
+Segment i runs decoder layers [a_i, b_i) on the positions it is given, with its own KV
+cache in and out, then its exit head on the *last* position only (the runtime decides
+per token; the head on every position would multiply its cost by the sequence length).
+The head's top-1 token and confidence are computed in the graph, so the runtime reads two
+small numbers per segment instead of a vocabulary of logits. Segment 0 also embeds the
+tokens; the last segment ends with the model's own norm + LM head.
+
+Tensor names are defined once here (`io_specs`) and recorded in the manifest by role.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from runtime.manifest import TensorSpec
+
+from .backbone import Backbone
+from .families import LayerCache, causal_mask
+from .heads import ExitHeads, confidence
+
+
+def segment_bounds(exits: list[int], num_layers: int) -> list[tuple[int, int]]:
+    edges = [0] + list(exits) + [num_layers]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class Segment(nn.Module):
+    def __init__(self, backbone: Backbone, heads: ExitHeads | None, index: int, layers: tuple[int, int],
+                 confidence_kind: str = "top1", with_logits: bool = False):
+        super().__init__()
+        self.family = backbone.family
+        self.first, self.end = layers
+        self.index = index
+        self.is_first = index == 0
+        self.is_last = heads is None or index == len(heads.exits)
+        self.heads = heads
+        self.confidence_kind = confidence_kind
+        self.with_logits = with_logits
+        # register the layers so .half()/.to() reach them; forward still goes through the family adapter
+        self.layers = nn.ModuleList(backbone.family.layers[i] for i in range(self.first, self.end))
+
+    def forward(self, x, attention_mask, position_ids, *past_flat):
+        # x: input_ids (B, S) for segment 0, else hidden (B, S, D)
+        dtype = self.layers[0].parameters().__next__().dtype
+        hidden = self.family.embed(x, position_ids) if self.is_first else x
+        seq = hidden.shape[1]
+        mask = causal_mask(attention_mask, seq, dtype)
+        pos_emb = self.family.position_embeddings(hidden, position_ids)
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        cache = LayerCache(self.first, past)
+        for i in range(self.first, self.end):
+            hidden = self.family.run_layer(i, hidden, mask, position_ids, pos_emb, cache)
+        last = hidden[:, -1, :]  # (B, D): the head only runs where the runtime needs a decision
+        logits = self.family.logits(last) if self.is_last else self.heads.logits(self.index, last)
+        token, conf = confidence(logits, self.confidence_kind)
+        outs = [token, conf.float()]
+        if self.with_logits:
+            outs.append(logits.float())
+        if not self.is_last:
+            outs.append(hidden)
+        for k, v in cache.presents():
+            outs += [k, v]
+        return tuple(outs)
+
+
+def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of a segment graph, in the positional order of Segment.forward."""
+    D = seg.family.shape().hidden_size
+    shape = seg.family.shape()
+    kv = ("batch", shape.num_kv_heads, "past", shape.head_dim)
+    kv_out = ("batch", shape.num_kv_heads, "total", shape.head_dim)
+    inputs = [TensorSpec("input_ids", "input_ids", "int64", ("batch", "sequence")) if seg.is_first
+              else TensorSpec("hidden", "hidden", dtype, ("batch", "sequence", D)),
+              TensorSpec("attention_mask", "attention_mask", "int64", ("batch", "total")),
+              TensorSpec("position_ids", "position_ids", "int64", ("batch", "sequence"))]
+    for layer in range(seg.first, seg.end):
+        inputs += [TensorSpec("past_key", f"past_key.{layer}", dtype, kv, layer),
+                   TensorSpec("past_value", f"past_value.{layer}", dtype, kv, layer)]
+    outputs = [TensorSpec("token", "token", "int64", ("batch",)),
+               TensorSpec("confidence", "confidence", "float32", ("batch",))]
+    if seg.with_logits:
+        outputs.append(TensorSpec("logits", "logits", "float32", ("batch", shape.vocab_size)))
+    if not seg.is_last:
+        outputs.append(TensorSpec("hidden_out", "hidden_out", dtype, ("batch", "sequence", D)))
+    for layer in range(seg.first, seg.end):
+        outputs += [TensorSpec("present_key", f"present_key.{layer}", dtype, kv_out, layer),
+                    TensorSpec("present_value", f"present_value.{layer}", dtype, kv_out, layer)]
+    return inputs, outputs

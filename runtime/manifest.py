@@ -1,0 +1,172 @@
+"""The manifest: the one contract between the exporter (host) and the runtime (device).
+
+Standard library only. The exporter fills these dataclasses and writes `manifest.json`;
+the runtime reads it back and never imports the exporter. The format carries a name and
+a schema version from day one; readers keep a list of versions they understand and
+reject others with a message that names both.
+
+Tensor names are not hard-coded in the runtime: each segment lists its inputs and outputs
+by *role* (``input_ids``, ``hidden``, ``attention_mask``, ``position_ids``, ``past_key``,
+``past_value``, ``hidden_out``, ``present_key``, ``present_value``, ``token``,
+``confidence``, ``logits``), and per-layer roles carry the global layer index.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT = "lama-manifest"
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST_FILE = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """The export folder or its manifest is not something this runtime can run."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    role: str
+    name: str
+    dtype: str  # numpy dtype name: "int64", "float32", "float16"
+    shape: tuple  # ints and named dims ("batch", "sequence", "past", "total")
+    layer: int | None = None  # global layer index for per-layer roles (KV cache)
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    exit_layer: int  # decoder layers computed before this exit
+    confidence: str  # "top1" | "margin" | "gate"
+    threshold: float | None  # None = this exit never fires
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    index: int
+    layers: tuple[int, int]  # [first, end) decoder layers
+    file: str
+    sha256: str
+    size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    exit: ExitSpec | None  # None for the last segment (the model's own head)
+    engine: dict | None = None  # TensorRT engine: file, sha256, size, tensorrt_version, compute_capability
+
+    def input(self, role: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.role == role), None)
+
+    def output(self, role: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.role == role), None)
+
+    def per_layer(self, specs: tuple[TensorSpec, ...], role: str) -> list[TensorSpec]:
+        return sorted((t for t in specs if t.role == role), key=lambda t: t.layer)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    base_model: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    files: tuple[str, ...]  # copied beside the manifest; tokenizer.json is what the runtime reads
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    pad_id: int | None
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    confidence: str
+    policy: dict  # {"kind": "target", "target": .95, "delta": None} or {"kind": "budget", ...}
+    thresholds: tuple  # per exit, None = never: what the runtime uses by default
+    by_target: dict  # "0.9" -> thresholds: alternatives a device can switch to without re-export
+    report: dict  # held-out figures the exporter measured
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    segments: tuple[SegmentSpec, ...]
+    calibration: CalibrationInfo
+    precision: str  # "fp32" | "fp16"
+    dims: dict  # named dims -> {"min", "opt", "max"} (TensorRT profiles, runtime checks)
+    kv_layout: str = "batch,kv_heads,position,head_dim"
+    exporter_version: str = ""
+    format: str = FORMAT
+    schema_version: int = SCHEMA_VERSION
+
+    # -- IO ----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_FILE
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
+        if d.get("format") != FORMAT:
+            raise ManifestError(f"{where}: not a LAMA manifest (format={d.get('format')!r}, expected {FORMAT!r})")
+        v = d.get("schema_version")
+        if v not in SUPPORTED_VERSIONS:
+            raise ManifestError(f"{where}: manifest schema version {v} is not supported by this runtime "
+                                f"(supported: {list(SUPPORTED_VERSIONS)}); re-export with a matching exporter "
+                                f"or upgrade the runtime")
+        try:
+            segs = tuple(
+                SegmentSpec(**{**s, "layers": tuple(s["layers"]),
+                               "inputs": tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in s["inputs"]),
+                               "outputs": tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in s["outputs"]),
+                               "exit": ExitSpec(**s["exit"]) if s.get("exit") else None})
+                for s in d["segments"])
+            tok = d["tokenizer"]
+            cal = d["calibration"]
+            return cls(
+                model=ModelInfo(**d["model"]),
+                tokenizer=TokenizerInfo(**{**tok, "files": tuple(tok["files"]), "eos_ids": tuple(tok["eos_ids"])}),
+                segments=segs,
+                calibration=CalibrationInfo(**{**cal, "thresholds": tuple(cal["thresholds"])}),
+                precision=d["precision"], dims=d["dims"], kv_layout=d.get("kv_layout", ""),
+                exporter_version=d.get("exporter_version", ""), format=d["format"], schema_version=v)
+        except (KeyError, TypeError) as e:
+            raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(f"{folder}: no {MANIFEST_FILE} found; is this a `lama export` folder?")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, str(path))
+
+    # -- helpers -----------------------------------------------------------------------
+    @property
+    def exits(self) -> list[ExitSpec]:
+        return [s.exit for s in self.segments if s.exit is not None]
+
+    def thresholds_for(self, target: float) -> list[float | None]:
+        key = _target_key(target)
+        if key not in self.calibration.by_target:
+            raise ManifestError(f"no thresholds for target {target} in this export; "
+                                f"available: {sorted(self.calibration.by_target)}")
+        return list(self.calibration.by_target[key])
+
+
+def _target_key(target: float) -> str:
+    return f"{float(target):g}"
