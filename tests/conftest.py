@@ -58,14 +58,20 @@ requires_stories = pytest.mark.skipif(
 requires_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"text data not found in {DATA}")
 
 
-class CharTokenizer:
-    """Stand-in tokenizer for tiny random models: one id per character (mod vocab)."""
+def char_tokenizer():
+    """A real fast tokenizer for the tiny models: one token per printable character (97 ids).
 
-    def __init__(self, vocab: int = 97):
-        self.vocab = vocab
+    Built with `tokenizers` so it saves a tokenizer.json the runtime can read, like a real one.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
 
-    def __call__(self, text, add_special_tokens=False, **kw):
-        return {"input_ids": [ord(c) % self.vocab for c in text]}
+    vocab = {chr(32 + i): i for i in range(95)}
+    vocab["\n"] = 95
+    vocab["<unk>"] = 96
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
 SAMPLE_TEXT = (
@@ -79,4 +85,27 @@ SAMPLE_TEXT = (
 def tiny_backbone(family: str, seed: int = 0, layers: int = 4):
     from exporter.backbone import Backbone
 
-    return Backbone.from_model(tiny_model(family, seed, layers), CharTokenizer())
+    return Backbone.from_model(tiny_model(family, seed, layers), char_tokenizer())
+
+
+def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed: int = 0, train_steps: int = 0):
+    """A checkpoint of a tiny model (saved with save_pretrained so it reloads by path)."""
+    import torch
+
+    from exporter.checkpoint import CheckpointConfig, save_checkpoint, to_json_thresholds
+    from exporter.heads import ExitHeads
+    from exporter.recipes import ModelSource
+
+    bb = tiny_backbone(family, seed)
+    model_dir = Path(folder) / "model"
+    bb.model.save_pretrained(model_dir)
+    bb.tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(seed)
+    heads = ExitHeads("adapter", list(exits), bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=4)
+    for h in heads.heads:  # random, non-trivial adapters: the heads must differ from the logit lens
+        torch.nn.init.normal_(h.up.weight, std=0.5)
+    thresholds = [float("inf")] * len(exits) if thresholds is None else thresholds
+    cfg = CheckpointConfig(source=ModelSource(str(model_dir)), exits=list(exits), num_layers=bb.shape.num_layers,
+                           head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
+                           policy={"kind": "target", "target": 0.95, "delta": None})
+    return save_checkpoint(Path(folder) / "ckpt", cfg, heads), bb

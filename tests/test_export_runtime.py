@@ -1,0 +1,209 @@
+"""The exported segment chain against the PyTorch model, KV-cache policies, and bad inputs."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, make_checkpoint
+
+from exporter import api
+from runtime import ManifestError, Runtime
+
+PROMPT = "It is a truth universally acknowledged"
+NEW = 32
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """One export per family (with logits, for the parity check), shared by the tests."""
+    out = {}
+    for fam in FAMILIES:
+        d = tmp_path_factory.mktemp(fam)
+        ckpt, bb = make_checkpoint(d, fam)
+        out[fam] = (api.export(ckpt, out=d / "onnx", with_logits=True, backbone=bb), bb)
+    return out
+
+
+def torch_greedy(model, ids: list[int], n: int):
+    """Reference: greedy decoding with a full forward pass per token (no cache at all)."""
+    ids = list(ids)
+    logits = None
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids, logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_chain_matches_pytorch(exported, family):
+    folder, bb = exported[family]
+    rt = Runtime.load(folder)
+    prompt = rt.encode(PROMPT).tolist()
+    ref_ids, ref_last_logits = torch_greedy(bb.model, prompt, NEW)
+    cache = rt.new_cache()
+    th = rt.resolve_thresholds("never")
+    x, tokens, logits = np.array(prompt), [], None
+    for _ in range(NEW):
+        tok, j, _, logits = rt.step(x, cache, th, want_logits=True)
+        assert j == len(rt.manifest.segments) - 1  # nothing exits
+        tokens.append(tok)
+        x = np.array([tok])
+    assert tokens == ref_ids[len(prompt):]
+    # logits of the last step, decoded with a cache through every segment, vs. a full forward pass
+    assert np.abs(logits[0] - ref_last_logits.numpy()).max() < 1e-3
+    assert list(rt.generate(prompt, NEW, thresholds="never").tokens) == tokens
+
+
+def force_exit(rt, j):
+    """Thresholds that make the token leave at segment j (the last segment = full model)."""
+    n = len(rt.manifest.exits)
+    return [float("inf")] * j + [0.0] * (n - j)
+
+
+def run_tokens(rt, tokens, exits_pattern=None):
+    """Teacher-force `tokens` through the chain (4-token prefill, then one by one), leaving at
+    the segment `exits_pattern[i]` for step i (None: never exit). Returns the cache."""
+    cache = rt.new_cache()
+    steps = [tokens[:4]] + [[t] for t in tokens[4:]]
+    last = len(rt.manifest.segments) - 1
+    for i, ids in enumerate(steps):
+        j = last if exits_pattern is None else exits_pattern[i]
+        _, got, _, _ = rt.step(np.array(ids), cache, force_exit(rt, j))
+        assert got == j
+    return cache
+
+
+def assert_cache_close(cache, ref, full_length=None):
+    for st, rs in zip(cache.segments, ref.segments):
+        n = st.length if full_length is None else full_length
+        assert st.length == n
+        for a, b in zip(st.keys + st.values, rs.keys + rs.values):
+            assert np.abs(a - b[:, :, :n]).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_defer_cache_equals_full_model_cache(exported, family):
+    folder, _ = exported[family]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 95, size=40).tolist()
+    ref = run_tokens(Runtime.load(folder), tokens)
+    rt = Runtime.load(folder, kv_policy="defer")
+    segs = len(rt.manifest.segments)
+    pattern = rng.integers(0, segs, size=37).tolist()  # any sequence of exits
+    pattern[-1] = 1  # end on an early exit, so positions are still waiting
+    cache = run_tokens(rt, tokens, pattern)
+    # every computed position equals the full model's; the rest is pending, not lost
+    assert_cache_close(cache, ref)
+    assert any(st.length < len(tokens) for st in cache.segments)
+    assert all(st.pending_end == len(tokens) for st in cache.segments[1:2])
+    # one token through the whole model computes every deferred position: caches complete and exact
+    pattern2 = pattern[:-1] + [segs - 1]
+    assert_cache_close(run_tokens(rt, tokens, pattern2), ref, full_length=len(tokens))
+
+
+def test_defer_catches_up_exactly(exported):
+    folder, _ = exported["llama"]
+    rt = Runtime.load(folder)
+    tokens = list(range(10, 40))
+    full = run_tokens(rt, tokens)
+    last = len(rt.manifest.segments) - 1
+    pattern = [last] + [0] * (len(tokens) - 5)  # prefill, then every token leaves at the first exit
+    cache = run_tokens(rt, tokens[:-1], pattern)
+    assert cache.segments[-1].length == 4 and cache.segments[1].pending.shape[1] == len(tokens) - 5
+    cache = run_tokens(rt, tokens, pattern + [last])  # one deep token runs all deferred positions
+    assert all(st.pending is None for st in cache.segments)
+    assert_cache_close(cache, full, full_length=len(tokens))
+
+
+def test_copy_policy_is_an_approximation(exported):
+    folder, _ = exported["gpt2"]
+    tokens = list(range(5, 35))
+    ref = run_tokens(Runtime.load(folder), tokens)
+    rt = Runtime.load(folder, kv_policy="copy")
+    last = len(rt.manifest.segments) - 1
+    cache = run_tokens(rt, tokens, [last] + [0] * (len(tokens) - 5) + [last])
+    assert all(st.length == len(tokens) for st in cache.segments)
+    assert np.abs(cache.segments[1].keys[0] - ref.segments[1].keys[0]).max() < 1e-4  # the true input
+    assert np.abs(cache.segments[-1].keys[-1] - ref.segments[-1].keys[-1]).max() > 1e-3  # deeper: copies
+
+
+def test_threshold_zero_exits_first_and_never_is_full(exported):
+    folder, _ = exported["gpt_neox"]
+    rt = Runtime.load(folder)
+    r0 = rt.generate(PROMPT, 8, thresholds=[0.0, 0.0, 0.0])
+    assert {rec.exit_index for rec in r0.records} == {0}
+    rf = rt.generate(PROMPT, 8, thresholds="never")
+    assert {rec.exit_index for rec in rf.records} == {len(rt.manifest.segments) - 1}
+    assert rf.mean_layers == rt.manifest.model.num_layers
+
+
+def test_runtime_imports_without_torch():
+    code = ("import sys, runtime; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- bad inputs ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def export_copy(exported, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(exported["llama"][0], dst)
+    return dst
+
+
+def test_missing_segment_file(export_copy):
+    (export_copy / "segment_02.onnx").unlink()
+    with pytest.raises(ManifestError, match="segment 2 file segment_02.onnx is missing"):
+        Runtime.load(export_copy)
+
+
+def test_corrupted_onnx(export_copy):
+    p = export_copy / "segment_01.onnx"
+    p.write_bytes(b"not a graph" + p.read_bytes()[11:])
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        Runtime.load(export_copy)
+    with pytest.raises(ManifestError, match="onnxruntime cannot load this graph"):
+        Runtime.load(export_copy, verify=False)
+
+
+def test_other_schema_version(export_copy):
+    m = json.loads((export_copy / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (export_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"schema version 99 is not supported.*supported: \[1\]"):
+        Runtime.load(export_copy)
+
+
+def test_not_an_export(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        Runtime.load(tmp_path)
+
+
+def test_prompt_too_long_and_empty(exported):
+    rt = Runtime.load(exported["llama"][0])
+    with pytest.raises(ValueError, match="context is 256"):
+        rt.generate("x" * 300, 4)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        rt.generate("", 4)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        rt.generate([], 4)
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    ckpt, bb = make_checkpoint(tmp_path, "gpt2")
+    import exporter.onnx_export as ox
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ox, "_tokenizer_info", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        api.export(ckpt, out=tmp_path / "out", backbone=bb)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
