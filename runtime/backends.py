@@ -25,6 +25,8 @@ class OnnxRuntimeBackend:
     """onnxruntime InferenceSession with settings that suit a chain of small graphs."""
 
     name = "onnxruntime"
+    GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                               "MIGraphXExecutionProvider", "DmlExecutionProvider"})
 
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
@@ -39,8 +41,10 @@ class OnnxRuntimeBackend:
         providers = providers or ["CPUExecutionProvider"]
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
+            hint = (" (GPU providers need the onnxruntime-gpu package in place of onnxruntime)"
+                    if set(unknown) & self.GPU_PROVIDERS else "")
             raise ManifestError(f"onnxruntime providers {unknown} are not available here "
-                                f"(available: {ort.get_available_providers()})")
+                                f"(available: {ort.get_available_providers()}){hint}")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -49,6 +53,19 @@ class OnnxRuntimeBackend:
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
+        self.check_providers(providers, self.providers, path.name)
+
+    @classmethod
+    def check_providers(cls, requested: list[str], active: list[str], where: str = "session") -> None:
+        """onnxruntime-gpu lists its GPU providers even where the CUDA/cuDNN libraries are missing,
+        and then quietly runs on the CPU (../shared/KNOWN.md): refuse that instead of being slow."""
+        lost = [p for p in requested if p in cls.GPU_PROVIDERS and p not in active]
+        if lost:
+            raise ManifestError(
+                f"{where}: onnxruntime was asked for {lost} but fell back to {active}: the provider could not be "
+                f"initialized, usually because the CUDA / cuDNN (or TensorRT) libraries that onnxruntime-gpu was "
+                f"built against are missing or mismatched (onnxruntime logs the reason when the session is "
+                f"created). Install them, or run on the CPU by leaving providers unset")
 
     @staticmethod
     def available(provider: str = "CPUExecutionProvider") -> bool:
@@ -68,7 +85,9 @@ def open_backend(folder: Path, seg: SegmentSpec, providers: list[str] | str | No
     if providers == "tensorrt" or providers == ["tensorrt"]:
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(folder, seg)
+        # the present KV stays in GPU memory and comes back as the next past: no host round trip
+        present = {t.name for t in seg.outputs if t.role in ("present_key", "present_value")}
+        return TensorRTBackend(folder, seg, device_outputs=present)
     if isinstance(providers, str):
         providers = [providers]
     return OnnxRuntimeBackend(folder / seg.file, providers, threads)

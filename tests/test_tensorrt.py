@@ -1,0 +1,644 @@
+"""TensorRT: clear failures where it cannot run, and the backend's plumbing everywhere.
+
+CI has no GPU and cannot install tensorrt (../shared/KNOWN.md), so most tests here run the
+real build and backend code against *fakes*: a `tensorrt` stand-in whose "engine" is the
+segment's ONNX graph run by onnxruntime, and a cuda-python stand-in whose "device memory" is
+host memory with every pointer checked against live allocations. That exercises profiles,
+manifest records, version checks, buffers, shapes and the device-resident KV path; what only
+real hardware can show (kernels, numerics in fp16, speed) is in the `gpu` tests at the end,
+skipped with the reason when TensorRT or a GPU is absent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import make_checkpoint
+
+from exporter import api
+from runtime import ManifestError, Runtime
+from runtime import tensorrt_backend as tb
+from runtime.backends import OnnxRuntimeBackend
+
+PROMPT = "It is a truth universally acknowledged"
+MIXED = [0.1, 0.08, 0.12]  # on the tiny llama: tokens leave at every exit, deferred KV catches up
+NEEDS = "building TensorRT engines needs an NVIDIA GPU and the tensorrt package"
+
+
+# -- fakes ------------------------------------------------------------------------------------
+class FakeCudart:
+    """cuda-python's runtime module: (err, value) tuples; device memory is host memory."""
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+
+    class cudaMemcpyKind(enum.IntEnum):
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaDeviceAttr(enum.IntEnum):
+        cudaDevAttrComputeCapabilityMajor = 75
+        cudaDevAttrComputeCapabilityMinor = 76
+
+    def __init__(self, devices: int = 1, cc=(8, 9)):
+        self.devices, self.cc = devices, cc
+        self.live: dict[int, np.ndarray] = {}
+        self.mallocs = self.frees = self.to_device_bytes = self.to_host_bytes = 0
+
+    ok = property(lambda self: self.cudaError_t.cudaSuccess)
+
+    def cudaGetDeviceCount(self):
+        return (self.ok, self.devices) if self.devices else (self.cudaError_t.cudaErrorInsufficientDriver, None)
+
+    def cudaGetDevice(self):
+        return self.ok, 0
+
+    def cudaDeviceGetAttribute(self, attr, dev):
+        return self.ok, self.cc[0] if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else self.cc[1]
+
+    def cudaGetDeviceProperties(self, dev):
+        return self.ok, type("Prop", (), {"name": b"Fake GPU\x00\x00"})()
+
+    def cudaMalloc(self, n):
+        buf = np.zeros(max(n, 1), np.uint8)
+        self.live[buf.ctypes.data] = buf
+        self.mallocs += 1
+        return self.ok, buf.ctypes.data
+
+    def cudaFree(self, ptr):
+        assert ptr in self.live, "free of a pointer that is not allocated"
+        del self.live[ptr]
+        self.frees += 1
+        return (self.ok,)
+
+    def check(self, ptr: int, n: int):
+        assert ptr in self.live and self.live[ptr].nbytes >= n, "device access outside a live allocation"
+
+    def cudaStreamCreate(self):
+        return self.ok, 7
+
+    def cudaStreamSynchronize(self, stream):
+        return (self.ok,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            self.check(dst, n)
+            self.to_device_bytes += n
+        else:
+            self.check(src, n)
+            self.to_host_bytes += n
+        ctypes.memmove(dst, src, n)
+        return (self.ok,)
+
+    def cudaMemcpy(self, dst, src, n, kind):
+        return self.cudaMemcpyAsync(dst, src, n, kind, 0)
+
+    def read(self, ptr, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.check(ptr, n)
+        return np.frombuffer((ctypes.c_uint8 * n).from_address(ptr), np.uint8).view(dtype).reshape(shape).copy()
+
+
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class FakeTensorRT:
+    """The slice of the tensorrt module the backend uses. The serialized "engine" is a JSON
+    header (version, profile) plus the ONNX graph, run by onnxruntime."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level=None):
+            pass
+
+    class TensorIOMode(enum.Enum):
+        INPUT = 1
+        OUTPUT = 2
+
+    class MemoryPoolType(enum.Enum):
+        WORKSPACE = 0
+
+    class BuilderFlag(enum.Enum):
+        FP16 = 0
+
+    def __init__(self, cuda: FakeCudart, version: str = "10.9.0.34"):
+        self.cuda, self.__version__ = cuda, version
+        self.built = []  # (onnx name, flags, workspace, profile) per build
+        fake = self
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                assert flags == 0
+                return type("Network", (), {"inputs": [], "path": None})()
+
+            def create_builder_config(self):
+                return FakeConfig()
+
+            def create_optimization_profile(self):
+                return FakeProfile()
+
+            def build_serialized_network(self, network, config):
+                profile = config.profiles[0].shapes
+                if set(profile) != set(network.inputs):
+                    return None
+                fake.built.append((network.path.name, config.flags, config.workspace, profile))
+                header = json.dumps({"version": fake.__version__, "profile": profile}).encode()
+                return header + b"\n" + network.path.read_bytes()
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                self.network, self.num_errors = network, 0
+
+            def parse_from_file(self, path):
+                import onnx
+                from pathlib import Path
+
+                model = onnx.load(path)
+                self.network.inputs = [i.name for i in model.graph.input]
+                self.network.num_inputs = len(self.network.inputs)
+                self.network.get_input = lambda i: type("T", (), {"name": self.network.inputs[i]})()
+                self.network.path = Path(path)
+                return True
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                header, graph = data.split(b"\n", 1)
+                header = json.loads(header)
+                if header["version"] != fake.__version__:
+                    return None
+                return FakeEngine(fake.cuda, graph, header["profile"])
+
+        self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+
+class FakeConfig:
+    def __init__(self):
+        self.flags, self.workspace, self.profiles = set(), None, []
+
+    def set_memory_pool_limit(self, pool, n):
+        self.workspace = n
+
+    def set_flag(self, flag):
+        self.flags.add(flag.name)
+
+    def add_optimization_profile(self, p):
+        self.profiles.append(p)
+
+
+class FakeProfile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name, lo, opt, hi):
+        self.shapes[name] = [list(lo), list(opt), list(hi)]
+
+
+class FakeEngine:
+    def __init__(self, cuda, graph: bytes, profile: dict):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.cuda, self.profile = cuda, profile
+        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        self.io = [(i.name, FakeTensorRT.TensorIOMode.INPUT, ORT_TYPES[i.type]) for i in self.session.get_inputs()]
+        self.io += [(o.name, FakeTensorRT.TensorIOMode.OUTPUT, ORT_TYPES[o.type]) for o in self.session.get_outputs()]
+        self.num_io_tensors = len(self.io)
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def _io(self, name):
+        return next(x for x in self.io if x[0] == name)
+
+    def get_tensor_mode(self, name):
+        return self._io(name)[1]
+
+    def get_tensor_dtype(self, name):
+        return self._io(name)[2]
+
+    def get_tensor_profile_shape(self, name, index):
+        assert index == 0
+        return self.profile[name]
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.engine.profile[name]
+        if not all(a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def _compute(self):
+        feeds = {n: self.engine.cuda.read(self.addresses[n], self.shapes[n], t)
+                 for n, mode, t in self.engine.io if mode == FakeTensorRT.TensorIOMode.INPUT}
+        return dict(zip([o.name for o in self.engine.session.get_outputs()], self.engine.session.run(None, feeds)))
+
+    def get_tensor_shape(self, name):
+        return self._compute()[name].shape  # shapes follow from the input shapes, as in TensorRT
+
+    def execute_async_v3(self, stream):
+        assert isinstance(stream, int)
+        for name, out in self._compute().items():
+            self.engine.cuda.check(self.addresses[name], out.nbytes)
+            ctypes.memmove(self.addresses[name], out.ctypes.data, out.nbytes)
+        return True
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Install the fakes; returns (tensorrt, cudart) so a test can change version or GPU."""
+    cudart = FakeCudart()
+    trt = FakeTensorRT(cudart)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    return trt, cudart
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trt")
+    ckpt, bb = make_checkpoint(d, "llama")
+    return api.export(ckpt, out=d / "onnx", backbone=bb), ckpt
+
+
+@pytest.fixture
+def engines(onnx_export, fake_gpu, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(onnx_export[0], folder)
+    tb.build_engines_on_device(folder, limits={"sequence": 64}, log=lambda m: None)
+    return folder
+
+
+# -- no GPU, no tensorrt: clear errors ----------------------------------------------------------
+def test_check_can_build_without_tensorrt(monkeypatch):
+    from exporter.tensorrt_build import check_can_build
+
+    def missing():
+        raise ImportError("No module named 'tensorrt'")
+
+    monkeypatch.setattr(tb, "import_tensorrt", missing)
+    with pytest.raises(RuntimeError, match=f"{NEEDS}.*use --backend onnx.*tensorrt package cannot be imported"):
+        check_can_build()
+
+
+def test_check_can_build_without_gpu(monkeypatch):
+    from exporter.tensorrt_build import check_can_build
+
+    cudart = FakeCudart(devices=0)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: FakeTensorRT(cudart))
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    with pytest.raises(RuntimeError, match=f"{NEEDS}.*no CUDA GPU is visible.*InsufficientDriver"):
+        check_can_build()
+    assert not tb.TensorRTBackend.available()
+    assert "no CUDA GPU" in tb.TensorRTBackend.unavailable_reason()
+
+
+def test_check_can_build_old_tensorrt(monkeypatch):
+    from exporter.tensorrt_build import check_can_build
+
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: FakeTensorRT(FakeCudart(), version="8.6.1"))
+    with pytest.raises(RuntimeError, match="TensorRT 8.6.1 is too old"):
+        check_can_build()
+
+
+def test_cli_export_tensorrt_without_gpu_fails_cleanly(onnx_export, tmp_path, monkeypatch, capsys):
+    """The real environment here: no tensorrt, no GPU. The command fails fast, says why and
+    what to do instead, and leaves no output folder behind."""
+    from exporter import cli
+
+    if tb.TensorRTBackend.available():
+        pytest.skip("this machine can build TensorRT engines")
+    _, ckpt = onnx_export
+    out = tmp_path / "runs" / "trt"
+    assert cli.main(["export", str(ckpt), "--out", str(out), "--backend", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert NEEDS in err and "use --backend onnx" in err
+    assert not out.exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_runtime_tensorrt_without_gpu_is_a_manifest_error(engines, monkeypatch):
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart(devices=0))
+    with pytest.raises(ManifestError, match="running TensorRT engines needs an NVIDIA GPU.*leave providers unset"):
+        Runtime.load(engines, providers="tensorrt")
+
+
+def test_no_engine_in_manifest(onnx_export, fake_gpu):
+    with pytest.raises(ManifestError, match=r"has no TensorRT engine.*python -m runtime.tensorrt_backend"):
+        Runtime.load(onnx_export[0], providers="tensorrt")
+
+
+# -- engine portability checks ------------------------------------------------------------------
+def test_engine_compatibility_check():
+    engine = {"tensorrt_version": "10.9.0.34", "compute_capability": "8.7"}
+    tb.check_engine_compatible(engine, "10.9.0.34", "8.7")
+    with pytest.raises(ManifestError, match=r"built with TensorRT 10.9.0.34, this device has TensorRT 10.13.0.*"
+                                            r"not portable.*python -m runtime.tensorrt_backend runs/x"):
+        tb.check_engine_compatible(engine, "10.13.0", "8.7", folder="runs/x")
+    with pytest.raises(ManifestError, match=r"built for compute capability 8.7, this GPU is 9.0.*not portable"):
+        tb.check_engine_compatible(engine, "10.9.0.34", "9.0")
+    with pytest.raises(ManifestError, match=r"TensorRT None.*compute capability None"):
+        tb.check_engine_compatible({}, "10.9.0.34", "9.0")
+
+
+def test_engine_from_other_device_is_refused(engines, fake_gpu):
+    trt, cudart = fake_gpu
+    cudart.cc = (9, 0)
+    with pytest.raises(ManifestError, match="built for compute capability 8.9, this GPU is 9.0.*not portable"):
+        Runtime.load(engines, providers="tensorrt")
+    cudart.cc = (8, 9)
+    trt.__version__ = "10.13.0.35"
+    with pytest.raises(ManifestError, match="built with TensorRT 10.9.0.34, this device has TensorRT 10.13.0.35"):
+        Runtime.load(engines, providers="tensorrt")
+    # the advertised fix works: rebuild on this device, then it loads
+    assert tb.main([str(engines), "--max-sequence", "64"]) == 0
+    Runtime.load(engines, providers="tensorrt")
+
+
+def test_corrupted_or_missing_engine(engines, fake_gpu):
+    p = engines / "segment_01.engine"
+    p.write_bytes(p.read_bytes()[:-1] + b"x")
+    with pytest.raises(ManifestError, match="segment_01.engine does not match its sha256"):
+        Runtime.load(engines, providers="tensorrt")
+    p.unlink()
+    with pytest.raises(ManifestError, match="engine file segment_01.engine is missing"):
+        Runtime.load(engines, providers="tensorrt")
+
+
+# -- profiles and the manifest record ------------------------------------------------------------
+def test_profile_dims(onnx_export):
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(onnx_export[0])
+    ctx = m.model.max_context
+    dims = tb.profile_dims(m)
+    assert dims["batch"] == (1, 1, 8)
+    # None max = the context; past + sequence never exceeds it (the tiny model's context is 256)
+    assert dims["sequence"] == (1, 1, ctx) and dims["past"] == (0, ctx - 1, ctx - 1) and dims["total"] == (1, ctx, ctx)
+    small = tb.profile_dims(m, {"batch": 1, "sequence": 16, "past": 100})
+    assert small["batch"] == (1, 1, 1) and small["sequence"] == (1, 1, 16)
+    assert small["past"] == (0, 100, 100) and small["total"] == (1, 101, 116)
+    with pytest.raises(ValueError, match="unknown dims"):
+        tb.profile_dims(m, {"heads": 4})
+    shapes = tb.input_profiles(m.segments[1], small)
+    kv = shapes["past_key.1"]
+    assert kv == ((1, m.model.num_kv_heads, 0, m.model.head_dim), (1, m.model.num_kv_heads, 100, m.model.head_dim),
+                  (1, m.model.num_kv_heads, 100, m.model.head_dim))
+    assert shapes["hidden"][2] == (1, 16, m.model.hidden_size)
+
+
+def test_build_records_engines_in_manifest(engines, fake_gpu):
+    from runtime.manifest import Manifest
+
+    trt, _ = fake_gpu
+    m = Manifest.load(engines)  # the JSON round trip keeps the engine records
+    for seg in m.segments:
+        e = seg.engine
+        assert e["file"] == f"segment_{seg.index:02d}.engine" and (engines / e["file"]).stat().st_size == e["size"]
+        assert e["tensorrt_version"] == "10.9.0.34" and e["compute_capability"] == "8.9"
+        assert e["device"] == "Fake GPU" and e["build_seconds"] >= 0 and not e["fp16_flag"]
+        assert set(e["profile"]) == {t.name for t in seg.inputs}
+    name, flags, workspace, profile = trt.built[0]
+    assert name == "segment_00.onnx" and flags == set() and workspace == 2 << 30
+    assert profile["input_ids"] == [[1, 1], [1, 1], [8, 64]]
+
+
+def test_export_with_tensorrt_backend(onnx_export, fake_gpu, tmp_path):
+    """`lama export --backend tensorrt` end to end with the fakes: fp16 sets the builder flag."""
+    trt, _ = fake_gpu
+    _, ckpt = onnx_export
+    from conftest import tiny_backbone
+
+    out = api.export(ckpt, out=tmp_path / "trt16", backend="tensorrt", precision="fp16", workspace_gb=0.5,
+                     backbone=tiny_backbone("llama"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(s["engine"]["fp16_flag"] and s["engine"]["workspace_gb"] == 0.5 for s in m["segments"])
+    assert all(flags == {"FP16"} and ws == 1 << 29 for _, flags, ws, _ in trt.built)
+    assert sorted(p.name for p in out.glob("*.engine")) == [f"segment_{i:02d}.engine" for i in range(4)]
+
+
+# -- the backend's plumbing ---------------------------------------------------------------------
+def test_tensorrt_chain_matches_onnxruntime(engines, fake_gpu):
+    _, cudart = fake_gpu
+    ref = Runtime.load(engines)
+    rt = Runtime.load(engines, providers="tensorrt")
+    for thresholds in ("never", [0.0, 0.0, 0.0], MIXED, [float("inf"), 0.0, float("inf")]):
+        a = ref.generate(PROMPT, 16, thresholds=thresholds)
+        b = rt.generate(PROMPT, 16, thresholds=thresholds)
+        assert b.tokens == a.tokens
+        assert [r.exit_index for r in b.records] == [r.exit_index for r in a.records]
+        assert np.allclose([r.confidence for r in b.records], [r.confidence for r in a.records], atol=1e-6)
+        if thresholds is MIXED:
+            assert len({r.exit_index for r in a.records}) == 4  # really mixes the exits
+    # the buffer pools recycle: allocations stay bounded while tokens go on
+    before = cudart.mallocs
+    rt.generate(PROMPT, 24, thresholds="never")
+    assert cudart.mallocs - before <= 2 * 3 * sum(len(b.outputs) for b in rt.backends)
+
+
+def test_kv_stays_on_device(engines, fake_gpu):
+    """Runtime's tensorrt backends return the present KV as DeviceArrays and take them back as
+    the next past: per decoded token, only ids/hidden states cross to the device, never the KV."""
+    _, cudart = fake_gpu
+    rt = Runtime.load(engines, providers="tensorrt")
+    cache = rt.new_cache()
+    th = rt.resolve_thresholds("never")
+    rt.step(rt.encode(PROMPT), cache, th)
+    assert all(isinstance(k, tb.DeviceArray) for st in cache.segments for k in st.keys + st.values)
+    sent, got = cudart.to_device_bytes, cudart.to_host_bytes
+    for t in range(5):
+        rt.step(np.array([t + 10]), cache, th)
+    m = rt.manifest.model
+    cache_bytes = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * cache.position  # the whole KV cache
+    assert cudart.to_device_bytes - sent < cache_bytes / 2  # over 5 tokens: not even half of it once
+    assert cudart.to_host_bytes - got < cache_bytes / 2
+    # the cache reads back as numpy, equal to onnxruntime's
+    ref = rt.__class__.load(engines)
+    ref_cache = ref.new_cache()
+    ref.step(ref.encode(PROMPT), ref_cache, th)
+    for t in range(5):
+        ref.step(np.array([t + 10]), ref_cache, th)
+    for st, rs in zip(cache.segments, ref_cache.segments):
+        for a, b in zip(st.keys + st.values, rs.keys + rs.values):
+            assert np.abs(np.asarray(a) - b).max() < 1e-5
+
+
+def test_backend_run_returns_numpy_by_default(engines, fake_gpu):
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(engines)
+    seg = m.segments[1]
+    be = tb.TensorRTBackend(engines, seg)
+    x = np.random.default_rng(0).standard_normal((1, 3, m.model.hidden_size)).astype(np.float32)
+    kv = np.zeros((1, m.model.num_kv_heads, 0, m.model.head_dim), np.float32)
+    feeds = {"hidden": x, "attention_mask": np.ones((1, 3), np.int64), "position_ids": np.arange(3)[None],
+             "unused_extra": np.zeros(1)}
+    feeds.update({t.name: kv for t in seg.inputs if t.role in ("past_key", "past_value")})
+    out = be.run(feeds)
+    assert all(isinstance(v, np.ndarray) for v in out.values())
+    ort_out = OnnxRuntimeBackend(engines / seg.file).run(feeds)
+    for k, v in ort_out.items():
+        assert np.allclose(out[k], v, atol=1e-6), k
+    # a device array fed back equals the host array it came from
+    dev = be.run(feeds, device_outputs={"present_key.1", "present_value.1"})
+    assert isinstance(dev["present_key.1"], tb.DeviceArray) and dev["present_key.1"].shape == (1, 2, 3, 8)
+    feeds2 = {**feeds, "hidden": x[:, :1], "attention_mask": np.ones((1, 4), np.int64),
+              "position_ids": np.array([[3]]), "past_key.1": dev["present_key.1"], "past_value.1": dev["present_value.1"]}
+    host2 = be.run({**feeds2, "past_key.1": out["present_key.1"], "past_value.1": out["present_value.1"]})
+    again = be.run(feeds2)
+    assert all(np.array_equal(again[k], host2[k]) for k in host2)
+    with pytest.raises(ValueError, match="input 'position_ids' is missing"):
+        be.run({k: v for k, v in feeds.items() if k != "position_ids"})
+    with pytest.raises(ValueError, match=r"outside the engine's profile.*--max-sequence"):
+        be.run({**feeds, "hidden": np.zeros((1, 65, m.model.hidden_size), np.float32),
+                "attention_mask": np.ones((1, 65), np.int64), "position_ids": np.arange(65)[None]})
+    be.close()
+
+
+def test_device_buffers_are_released(fake_gpu):
+    _, cudart = fake_gpu
+    cuda = tb.Cuda(cudart)
+    pool = tb.DevicePool(cuda, keep=2)
+    a = tb.DeviceArray(pool.acquire(1000), (250,), np.float32, pool)
+    ptr = a.ptr
+    del a
+    assert [b.ptr for b in pool.free] == [ptr]  # back in the pool, not freed
+    b = tb.DeviceArray(pool.acquire(900), (225,), np.float32, pool)
+    assert b.ptr == ptr and pool.allocations == 1  # reused
+    bufs = [pool.acquire(10) for _ in range(4)]
+    for buf in bufs:
+        pool.release(buf)
+    assert len(pool.free) == 2 and cudart.frees == 2
+    pool.close()
+    del b
+    assert set(cudart.live) == set()
+
+
+def test_gpu_bench_runs(onnx_export, fake_gpu, tmp_path):
+    """The GPU benchmark script end to end (with the fakes standing in for TensorRT)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main([str(onnx_export[0]), "--tokens", "6", "--repeat", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"]["name"] == "Fake GPU" and len(report["build"]["segments"]) == 4
+    for backend in ("ort-cpu", "tensorrt", "tensorrt-host-kv"):
+        for mode in ("full", "target"):
+            run = report["runs"][backend][mode]
+            assert run["tokens_per_s"] > 0
+            assert all(v["identical"] for v in run["parity_vs_ort_cpu"].values())
+    assert "ort-cuda" in report["skipped"] or "ort-cuda" in report["runs"]
+    assert not any(onnx_export[0].glob("*.engine"))  # built in a copy
+
+
+# -- onnxruntime GPU providers ------------------------------------------------------------------
+def test_onnxruntime_gpu_provider_not_installed(onnx_export):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(ManifestError, match=r"\['CUDAExecutionProvider'\] are not available.*onnxruntime-gpu"):
+        Runtime.load(onnx_export[0], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_onnxruntime_silent_cpu_fallback_is_refused(onnx_export, monkeypatch):
+    """What onnxruntime-gpu does without CUDA libraries: it lists the CUDA provider, creates the
+    session on the CPU and only warns. Simulated by listing CUDA on the CPU build, which then
+    falls back the same way."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    with pytest.raises(ManifestError, match=r"asked for \['CUDAExecutionProvider'\] but fell back to "
+                                            r"\['CPUExecutionProvider'\].*CUDA / cuDNN"):
+        Runtime.load(onnx_export[0], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_check_providers():
+    check = OnnxRuntimeBackend.check_providers
+    check(["CPUExecutionProvider"], ["CPUExecutionProvider"])
+    check(["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ManifestError, match="TensorrtExecutionProvider"):
+        check(["TensorrtExecutionProvider", "CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_runtime_stays_torch_free_with_tensorrt_module():
+    code = ("import sys, runtime, runtime.tensorrt_backend, exporter.tensorrt_build; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not tb.TensorRTBackend.available(),
+                         reason=f"needs TensorRT and a CUDA GPU: {tb.TensorRTBackend.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def real_engines(onnx_export, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("real") / "export"
+    shutil.copytree(onnx_export[0], folder)
+    tb.build_engines_on_device(folder, workspace_gb=1.0, limits={"batch": 1, "sequence": 128})
+    return folder
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tensorrt_tokens_match_onnxruntime_cpu(real_engines):
+    ref = Runtime.load(real_engines)
+    rt = Runtime.load(real_engines, providers="tensorrt")
+    for thresholds in ("never", MIXED):
+        a = ref.generate(PROMPT, 24, thresholds=thresholds)
+        b = rt.generate(PROMPT, 24, thresholds=thresholds)
+        assert b.tokens == a.tokens
+        assert [r.exit_index for r in b.records] == [r.exit_index for r in a.records]
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tensorrt_tokens_per_second(real_engines, capsys):
+    rt = Runtime.load(real_engines, providers="tensorrt")
+    rt.generate(PROMPT, 4)  # warm up
+    t0 = time.perf_counter()
+    r = rt.generate(PROMPT, 64, thresholds="never", stop_at_eos=False)
+    assert len(r.tokens) == 64 and r.tokens_per_second > 0
+    with capsys.disabled():
+        print(f"\nTensorRT full chain: {r.tokens_per_second:.1f} tokens/s "
+              f"({time.perf_counter() - t0:.2f} s for 64 tokens)")
