@@ -207,14 +207,14 @@ def profile_dims(manifest: Manifest, limits: dict | None = None) -> dict[str, tu
 
 
 def input_profiles(seg: SegmentSpec, dims: dict[str, tuple[int, int, int]]) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """Each input of the segment -> (min shape, opt shape, max shape)."""
+    """Each input of the graph -> (min shape, opt shape, max shape)."""
     shapes = {}
     for t in seg.inputs:
         corners = ([], [], [])
         for d in t.shape:
             if isinstance(d, str):
                 if d not in dims:
-                    raise ManifestError(f"segment {seg.index} input {t.name}: dim {d!r} has no min/opt/max in the manifest")
+                    raise ManifestError(f"{_label(seg)} input {t.name}: dim {d!r} has no min/opt/max in the manifest")
                 values = dims[d]
             else:
                 values = (int(d),) * 3
@@ -251,23 +251,33 @@ def build_engine(trt, onnx_path: Path, shapes: dict, fp16: bool, workspace_bytes
     return bytes(serialized)
 
 
+def _label(graph) -> str:
+    """"segment 2" for segments, "graph head.onnx" for other graphs (gate-mode exit heads)."""
+    index = getattr(graph, "index", None)
+    return f"segment {index}" if index is not None else f"graph {graph.file}"
+
+
 def build_engines(folder: str | Path, manifest: Manifest, workspace_gb: float = 2.0, limits: dict | None = None,
                   log=None) -> Manifest:
-    """Build `segment_XX.engine` beside each segment graph in `folder`; return the manifest with
-    each segment's `engine` filled in (the caller saves it)."""
+    """Build an engine beside each graph in `folder` (`segment_XX.engine`); return the manifest
+    with each graph's `engine` filled in (the caller saves it)."""
     folder = Path(folder)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    heads = tuple(getattr(manifest, "heads", ()) or ())
+    if heads and not all(hasattr(h, "engine") for h in heads):
+        raise RuntimeError("this export runs its exit heads as separate graphs (gate mode), and the manifest has no "
+                           "place yet for their TensorRT engines; use --backend onnx for gate-mode exports")
     trt, cuda = load_tensorrt()
     dims = profile_dims(manifest, limits)
     cc, device = cuda.compute_capability(), cuda.device_name()
     fp16 = manifest.precision == "fp16"
-    segments = []
-    for seg in manifest.segments:
-        shapes = input_profiles(seg, dims)
+
+    def build(graph):
+        shapes = input_profiles(graph, dims)
         t0 = time.perf_counter()
-        data = build_engine(trt, folder / seg.file, shapes, fp16, int(workspace_gb * (1 << 30)))
+        data = build_engine(trt, folder / graph.file, shapes, fp16, int(workspace_gb * (1 << 30)))
         seconds = time.perf_counter() - t0
-        path = folder / f"segment_{seg.index:02d}.engine"
+        path = folder / (Path(graph.file).stem + ".engine")
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(path)
@@ -276,9 +286,11 @@ def build_engines(folder: str | Path, manifest: Manifest, workspace_gb: float = 
                   "build_seconds": round(seconds, 3), "fp16_flag": bool(fp16 and hasattr(trt.BuilderFlag, "FP16")),
                   "workspace_gb": workspace_gb,
                   "profile": {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()}}
-        log(f"segment {seg.index}: engine built in {seconds:.1f} s ({engine['size'] / 1e6:.1f} MB)")
-        segments.append(replace(seg, engine=engine))
-    return replace(manifest, segments=tuple(segments))
+        log(f"{_label(graph)}: engine built in {seconds:.1f} s ({engine['size'] / 1e6:.1f} MB)")
+        return replace(graph, engine=engine)
+
+    out = replace(manifest, segments=tuple(build(seg) for seg in manifest.segments))
+    return replace(out, heads=tuple(build(h) for h in heads)) if heads else out
 
 
 def build_engines_on_device(folder: str | Path, workspace_gb: float = 2.0, limits: dict | None = None,
@@ -410,8 +422,9 @@ class TensorRTBackend:
 
     def __init__(self, folder: str | Path, seg: SegmentSpec, device_outputs=()):
         folder = Path(folder)
-        where = f"{folder}: segment {seg.index}"
-        if seg.engine is None:
+        self.label = _label(seg)
+        where = f"{folder}: {self.label}"
+        if getattr(seg, "engine", None) is None:
             raise ManifestError(f"{where} has no TensorRT engine in the manifest; build them on this device with "
                                 f"`{REBUILD.format(folder=folder)}`")
         try:
@@ -427,7 +440,6 @@ class TensorRTBackend:
         if seg.engine.get("sha256") and _sha256(path) != seg.engine["sha256"]:
             raise ManifestError(f"{where}: engine file {path.name} does not match its sha256 in the manifest; "
                                 f"rebuild with `{REBUILD.format(folder=folder)}`")
-        self.index = seg.index
         self.runtime = trt.Runtime(_logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -459,7 +471,7 @@ class TensorRTBackend:
     def _check_shape(self, name: str, shape: tuple) -> None:
         lo, _, hi = self.profile[name]
         if len(shape) != len(lo) or any(not (a <= s <= b) for s, a, b in zip(shape, lo, hi)):
-            raise ValueError(f"segment {self.index} input {name} has shape {tuple(shape)}, outside the engine's "
+            raise ValueError(f"{self.label} input {name} has shape {tuple(shape)}, outside the engine's "
                              f"profile (min {tuple(lo)}, max {tuple(hi)}); rebuild the engines with larger limits "
                              f"(python -m runtime.tensorrt_backend DIR --max-sequence N --max-batch N)")
 
@@ -470,11 +482,11 @@ class TensorRTBackend:
         hold = []  # host arrays must live until the copies finished
         for name, dtype in self.inputs.items():
             if name not in feeds:
-                raise ValueError(f"segment {self.index}: input {name!r} is missing from the feeds")
+                raise ValueError(f"{self.label}: input {name!r} is missing from the feeds")
             x = feeds[name]
             if isinstance(x, DeviceArray):
                 if x.dtype != dtype:
-                    raise ValueError(f"segment {self.index} input {name}: device array is {x.dtype}, engine wants {dtype}")
+                    raise ValueError(f"{self.label} input {name}: device array is {x.dtype}, engine wants {dtype}")
                 ptr, shape = x.ptr, x.shape
                 hold.append(x)
             else:
@@ -485,13 +497,13 @@ class TensorRTBackend:
                 hold.append(arr)
             self._check_shape(name, shape)
             if not self.context.set_input_shape(name, tuple(shape)):
-                raise ValueError(f"segment {self.index}: TensorRT rejected shape {tuple(shape)} for input {name}")
+                raise ValueError(f"{self.label}: TensorRT rejected shape {tuple(shape)} for input {name}")
             self.context.set_tensor_address(name, ptr)
         results, copies = {}, []
         for name, dtype in self.outputs.items():
             shape = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise RuntimeError(f"segment {self.index}: output {name} has unresolved shape {shape}")
+                raise RuntimeError(f"{self.label}: output {name} has unresolved shape {shape}")
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if name in keep:
                 buf = self.pool.acquire(nbytes)
@@ -502,7 +514,7 @@ class TensorRTBackend:
                 copies.append((results[name], buf))
             self.context.set_tensor_address(name, buf.ptr)
         if not self.context.execute_async_v3(int(self.stream)):
-            raise RuntimeError(f"segment {self.index}: TensorRT execution failed (see its log)")
+            raise RuntimeError(f"{self.label}: TensorRT execution failed (see its log)")
         for host, buf in copies:
             self.cuda.to_host(host, buf.ptr, self.stream)
         self.cuda.sync(self.stream)

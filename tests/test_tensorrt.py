@@ -359,6 +359,24 @@ def test_no_engine_in_manifest(onnx_export, fake_gpu):
         Runtime.load(onnx_export[0], providers="tensorrt")
 
 
+def test_graphs_without_engine_records(onnx_export, fake_gpu):
+    """Gate-mode exit heads are separate graphs (GraphSpec) that have no engine record: building
+    refuses clearly, and opening one with the tensorrt backend says there is no engine."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from runtime.manifest import Manifest
+
+    head = SimpleNamespace(file="head.onnx", inputs=(), outputs=())
+    with pytest.raises(ManifestError, match="graph head.onnx has no TensorRT engine"):
+        tb.TensorRTBackend(onnx_export[0], head)
+    m = Manifest.load(onnx_export[0])
+    if "heads" not in {f.name for f in dataclasses.fields(m)}:
+        pytest.skip("this manifest has no separate head graphs")
+    with pytest.raises(RuntimeError, match="gate mode.*use --backend onnx"):
+        tb.build_engines(onnx_export[0], dataclasses.replace(m, heads=(head,)))
+
+
 # -- engine portability checks ------------------------------------------------------------------
 def test_engine_compatibility_check():
     engine = {"tensorrt_version": "10.9.0.34", "compute_capability": "8.7"}
@@ -513,8 +531,9 @@ def test_backend_run_returns_numpy_by_default(engines, fake_gpu):
     # a device array fed back equals the host array it came from
     dev = be.run(feeds, device_outputs={"present_key.1", "present_value.1"})
     assert isinstance(dev["present_key.1"], tb.DeviceArray) and dev["present_key.1"].shape == (1, 2, 3, 8)
-    feeds2 = {**feeds, "hidden": x[:, :1], "attention_mask": np.ones((1, 4), np.int64),
-              "position_ids": np.array([[3]]), "past_key.1": dev["present_key.1"], "past_value.1": dev["present_value.1"]}
+    assert np.array_equal(np.asarray(dev["present_key.1"]), out["present_key.1"])
+    feeds2 = {**feeds, "hidden": x[:, :1], "attention_mask": np.ones((1, 4), np.int64), "position_ids": np.array([[3]]),
+              "past_key.1": dev["present_key.1"], "past_value.1": dev["present_value.1"]}
     host2 = be.run({**feeds2, "past_key.1": out["present_key.1"], "past_value.1": out["present_value.1"]})
     again = be.run(feeds2)
     assert all(np.array_equal(again[k], host2[k]) for k in host2)
