@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create benchmarks/.venv-optimum: the optimum/onnxruntime baseline (row b of benchmarks/run.py).
+#
+# optimum's ONNX exporter (optimum-onnx 0.1.0) needs transformers<4.58, while the project pins
+# transformers 5.24, so the baseline lives in its own environment (see ../shared/KNOWN.md).
+# benchmarks/run.py drives it through benchmarks/optimum_worker.py with this venv's python.
+#
+#   bash benchmarks/setup_optimum.sh            # create or update
+#   PYTHON=python3.11 bash benchmarks/setup_optimum.sh
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="${VENV:-$here/.venv-optimum}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+# torch first: where pip's find-links hold the CPU wheel (torch 2.13.0+cpu, as here) pip takes it;
+# elsewhere PyPI's default (CUDA) build of the same version comes, which is much larger.
+"$venv/bin/python" -m pip install -q "torch==2.13.0"
+"$venv/bin/python" -m pip install -q \
+    "transformers==4.57.6" "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" \
+    "tokenizers==0.22.2" "huggingface_hub==0.36.2" "onnxruntime==1.32.0" \
+    "gguf==0.19.0" "sentencepiece>=0.2" "psutil>=5.9"
+"$venv/bin/python" - <<'EOF'
+import importlib.metadata as md
+for p in ("torch", "transformers", "optimum", "optimum-onnx", "onnxruntime", "tokenizers", "huggingface_hub"):
+    print(f"{p}=={md.version(p)}")
+from optimum.onnxruntime import ORTModelForCausalLM  # noqa: F401  (fails here if the set is broken)
+print("optimum venv ready")
+EOF
