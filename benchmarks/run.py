@@ -270,9 +270,9 @@ class Worker:
         if not line:
             self.close()
             self.stderr.seek(0)
-            tail = self.stderr.read().strip()[-800:]
+            lines = [x for x in self.stderr.read().strip().splitlines() if x.strip()]
             why = "timed out" if not ready else f"exited with code {self.proc.returncode}"
-            raise RuntimeError(f"worker {why}: {tail}")
+            raise RuntimeError(f"worker {why}: {lines[-1] if lines else 'no error output'}")
         return json.loads(line)
 
     def close(self) -> None:
@@ -469,6 +469,7 @@ def benchmark(args) -> dict:
     return {
         "model": args.model, "source": asdict(config.source), "checkpoint": str(ckpt), "export": str(export_dir),
         "exits": config.exits, "num_layers": config.num_layers, "head": config.head, "confidence": config.confidence,
+        "train_config": cfg,
         "settings": {"prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "budget_unit": args.budget_unit,
                      "exit_check_cost_layers": calib_scores.check_cost,
@@ -548,6 +549,11 @@ def _f(x, fmt: str, none: str = "–") -> str:
     return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _train_summary(t: dict) -> str:
+    keys = ("train_tokens", "steps", "batch_tokens", "calib_tokens", "heldout_tokens", "rank", "loss")
+    return ", ".join(f"{k} {t[k]}" for k in keys if k in t) or "unknown"
+
+
 def markdown(res: dict, command: str) -> str:
     s = res["settings"]
     base = next((r.get("speedup_baseline") for r in res["rows"] if r.get("speedup_baseline")), None)
@@ -562,7 +568,8 @@ def markdown(res: dict, command: str) -> str:
         f"tokens/s and first-token latency are medians of {s['repeats']} timed passes (one warm-up generation "
         f"excluded; the rows take turns pass by pass); {s['threads']} thread(s) for torch and onnxruntime in "
         f"every row. Exits after layers {res['exits']} of {res['num_layers']}, "
-        f"{res['head']} heads, confidence `{res['confidence']}`. Wall time of the whole run: "
+        f"{res['head']} heads, confidence `{res['confidence']}`; the checkpoint's training: "
+        + _train_summary(res.get("train_config") or {}) + ". Wall time of the whole run: "
         f"{res['wall_seconds'] / 60:.1f} min ("
         + ("checkpoint reused" if res["train_seconds"] is None else f"training {res['train_seconds']:.0f} s")
         + ", " + ("export reused" if res["export_seconds"] is None else f"export {res['export_seconds']:.0f} s")
