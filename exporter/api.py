@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from .calibrate import CalibrationReport, calibrate_thresholds, check_target, report
-from .checkpoint import (CheckpointConfig, read_config, read_scores, save_checkpoint, to_json_thresholds)
+from .checkpoint import (CheckpointConfig, read_config, read_scores, save_checkpoint, score_kind, scores_file,
+                         to_json_thresholds)
+from .scores import ExitScores
 from .recipes import Recipe, TrainConfig, load_recipe, recipe_for_model
 
 
@@ -37,6 +39,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
 
     from .backbone import load_backbone
     from .data import default_data_dir, make_splits, read_texts
+    from .gates import ExitGates, train_gates
     from .heads import ExitHeads
     from .train import cache_features, check_exits, default_exits, exit_scores, train_heads
 
@@ -58,25 +61,33 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     t0 = time.perf_counter()
     feats = cache_features(bb, splits["train"], exits, desc="caching train hidden states")
     cache_s = time.perf_counter() - t0
-    before = exit_scores(bb, heads, feats, recipe.confidence).agree.mean(axis=0)
+    before = exit_scores(bb, heads, feats).agree.mean(axis=0)
     rep = train_heads(bb, heads, feats, cfg)
-    after = exit_scores(bb, heads, feats, recipe.confidence).agree.mean(axis=0)
+    after = exit_scores(bb, heads, feats).agree
+    gates = None
+    if cfg.gates:
+        gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width)
+        train_gates(gates, feats.exits, torch.from_numpy(after), steps=cfg.gate_steps, seed=cfg.seed)
     del feats
-    scores = {}
-    for split in ("calib", "heldout"):
+    kinds = {"head": recipe.confidence, **({"gate": "gate"} if gates is not None else {})}
+    scores: dict[str, ExitScores] = {}
+    for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         f = cache_features(bb, splits[split], exits, desc=f"caching {split} hidden states")
-        scores[split] = exit_scores(bb, heads, f, recipe.confidence)
-    thresholds = calibrate_thresholds(scores["calib"], target)
+        for kind, conf in kinds.items():
+            scores[scores_file(name, kind)] = exit_scores(bb, heads, f, conf, gates)
+    calib, held = scores[scores_file("calibration")], scores[scores_file("heldout")]
+    thresholds = calibrate_thresholds(calib, target)
     config = CheckpointConfig(
         source=recipe.source, exits=exits, num_layers=n_layers, head=cfg.head, rank=cfg.rank,
-        confidence=recipe.confidence, thresholds=to_json_thresholds(thresholds),
+        confidence=recipe.confidence, head_confidence=recipe.confidence, gate_width=cfg.gate_width if gates is not None else None,
+        thresholds=to_json_thresholds(thresholds),
         policy={"kind": "target", "target": target, "delta": None},
-        calibration=_reports(scores["calib"], scores["heldout"], thresholds, target, None),
+        calibration=_reports(calib, held, thresholds, target, None),
         train={"config": dataclasses.asdict(cfg), "report": dataclasses.asdict(rep),
                "feature_cache_seconds": cache_s,
-               "agreement_before": before.round(4).tolist(), "agreement_after": after.round(4).tolist()},
+               "agreement_before": before.round(4).tolist(), "agreement_after": after.mean(axis=0).round(4).tolist()},
     )
-    return save_checkpoint(out, config, heads, scores["calib"], scores["heldout"])
+    return save_checkpoint(out, config, heads, scores, gates)
 
 
 def _reports(calib, heldout, thresholds, target, delta) -> dict:
@@ -87,16 +98,24 @@ def _reports(calib, heldout, thresholds, target, delta) -> dict:
 
 
 def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: float | None = None,
-              budget: float | None = None) -> dict[str, CalibrationReport]:
-    """Choose new thresholds from the stored calibration scores: an agreement target
-    (optionally with a statistical guarantee) or an EERO compute budget."""
+              budget: float | None = None, confidence: str | None = None) -> dict[str, CalibrationReport]:
+    """Choose new thresholds from the stored scores: an agreement target (optionally with a
+    statistical guarantee) or an EERO compute budget. `confidence` switches the score the
+    thresholds apply to ("gate" for the trained gates, or the head's "top1"/"margin" kind
+    it was trained with)."""
     if (target is None) == (budget is None):
         raise ValueError("give exactly one of target (agreement, e.g. 0.95) or budget (compute share, e.g. 0.5)")
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)
-    calib = read_scores(checkpoint, "calibration")
+    if confidence is not None:
+        if score_kind(confidence) == "head" and confidence != config.head_confidence:
+            raise ValueError(f"the stored head scores use confidence {config.head_confidence!r}; "
+                             f"choose it or 'gate' (or retrain with confidence {confidence!r})")
+        config.confidence = confidence
+    kind = score_kind(config.confidence)
+    calib = read_scores(checkpoint, "calibration", kind)
     try:
-        heldout = read_scores(checkpoint, "heldout")
+        heldout = read_scores(checkpoint, "heldout", kind)
     except FileNotFoundError:
         heldout = None
     if budget is not None:

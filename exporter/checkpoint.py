@@ -4,8 +4,10 @@ A folder:
     lama.json                 format, version, base model source, exits, head kind, thresholds,
                               calibration reports, training report
     heads.safetensors         only the trained head weights (the backbone stays where it came from)
+    gates.safetensors         exit gates, if trained
     calibration_scores.npz    per-token exit confidences/agreement on calibration text
     heldout_scores.npz        the same on held-out text, for honest reports
+    *_scores_gate.npz         the same with the gates' scores as confidence
 
 Keeping the scores lets `lama calibrate` pick new thresholds (another target, a guarantee,
 a budget) in a second, without loading the model again. Writes go to a temporary folder
@@ -20,15 +22,22 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .recipes import ModelSource, TrainConfig
+from .recipes import ModelSource
 from .scores import ExitScores
 
 FORMAT = "lama-checkpoint"
 VERSION = 1
 CONFIG = "lama.json"
 HEADS = "heads.safetensors"
-CALIB_SCORES = "calibration_scores.npz"
-HELDOUT_SCORES = "heldout_scores.npz"
+GATES = "gates.safetensors"
+SPLITS = ("calibration", "heldout")
+
+
+def scores_file(split: str, kind: str = "head") -> str:
+    """calibration_scores.npz (head confidence) / calibration_scores_gate.npz (gate score)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    return f"{split}_scores.npz" if kind == "head" else f"{split}_scores_{kind}.npz"
 
 
 @dataclass
@@ -38,7 +47,9 @@ class CheckpointConfig:
     num_layers: int
     head: str
     rank: int
-    confidence: str = "top1"
+    confidence: str = "top1"  # "top1" | "margin" | "gate": the score the thresholds apply to
+    head_confidence: str = "top1"  # the head score stored in *_scores.npz
+    gate_width: int | None = None  # gates trained (hidden width) or None
     thresholds: list[float | None] = field(default_factory=list)  # None = never exit
     policy: dict = field(default_factory=dict)  # how thresholds were chosen: target/delta or budget
     calibration: dict = field(default_factory=dict)  # CalibrationReport dicts by split
@@ -68,25 +79,22 @@ def to_json_thresholds(thresholds: list[float]) -> list[float | None]:
     return [None if t == float("inf") else float(t) for t in thresholds]
 
 
-def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, calib: ExitScores | None = None,
-                    heldout: ExitScores | None = None) -> Path:
+def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, scores: dict[str, ExitScores] | None = None,
+                    gates=None) -> Path:
+    """Write heads (+ gates) and score files ({file name from scores_file(): ExitScores})."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        state = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
-        save_file(state, tmp / HEADS)
-        if calib is not None:
-            calib.save(tmp / CALIB_SCORES)
-        if heldout is not None:
-            heldout.save(tmp / HELDOUT_SCORES)
+        save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, tmp / HEADS)
+        if gates is not None:
+            save_file({k: v.detach().contiguous() for k, v in gates.state_dict().items()}, tmp / GATES)
+        for name, s in (scores or {}).items():
+            s.save(tmp / name)
         (tmp / CONFIG).write_text(config.to_json())
         if out.exists():
-            for name in (CALIB_SCORES, HELDOUT_SCORES):  # keep scores a re-calibration did not rewrite
-                if not (tmp / name).exists() and (out / name).exists():
-                    shutil.copy2(out / name, tmp / name)
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
@@ -103,12 +111,16 @@ def read_config(path: str | Path) -> CheckpointConfig:
     return CheckpointConfig.from_json(cfg_file.read_text(), str(cfg_file))
 
 
-def read_scores(path: str | Path, split: str = "calibration") -> ExitScores:
-    name = {"calibration": CALIB_SCORES, "heldout": HELDOUT_SCORES}[split]
-    f = Path(path) / name
+def read_scores(path: str | Path, split: str = "calibration", kind: str = "head") -> ExitScores:
+    f = Path(path) / scores_file(split, kind)
     if not f.is_file():
-        raise FileNotFoundError(f"{f} is missing: re-run `lama train` to compute {split} scores")
+        raise FileNotFoundError(f"{f} is missing: re-run `lama train`"
+                                + (" with gates enabled" if kind == "gate" else "") + f" to compute {split} scores")
     return ExitScores.load(f)
+
+
+def score_kind(confidence: str) -> str:
+    return "gate" if confidence == "gate" else "head"
 
 
 def load_heads(path: str | Path, backbone, config: CheckpointConfig | None = None):
@@ -131,5 +143,16 @@ def load_heads(path: str | Path, backbone, config: CheckpointConfig | None = Non
     return heads
 
 
-def train_config(config: CheckpointConfig) -> TrainConfig:
-    return TrainConfig(**{k: v for k, v in config.train.get("config", {}).items()})
+def load_gates(path: str | Path, backbone, config: CheckpointConfig | None = None):
+    from safetensors.torch import load_file
+
+    from .gates import ExitGates
+
+    path = Path(path)
+    config = config or read_config(path)
+    if not config.gate_width or not (path / GATES).is_file():
+        raise FileNotFoundError(f"{path} has no trained gates: train with gates enabled to use confidence 'gate'")
+    gates = ExitGates(len(config.exits), backbone.shape.hidden_size, config.gate_width)
+    gates.load_state_dict(load_file(path / GATES))
+    gates.eval()
+    return gates

@@ -32,14 +32,14 @@ def cmd_train(a: argparse.Namespace) -> None:
     print("agreement with the full model per exit, before -> after training:")
     print("  " + ", ".join(f"L{e}: {b:.3f}->{x:.3f}" for e, b, x in
                            zip(cfg.exits, cfg.train["agreement_before"], cfg.train["agreement_after"])))
-    _print_reports(api.calibrate(out, target=cfg.policy["target"]))
+    _print_reports({k: v for k, v in api.calibrate(out, target=cfg.policy["target"]).items()})
     print(f"checkpoint: {out}")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from . import api
 
-    reports = api.calibrate(a.checkpoint, target=a.target, delta=a.delta, budget=a.budget)
+    reports = api.calibrate(a.checkpoint, target=a.target, delta=a.delta, budget=a.budget, confidence=a.confidence)
     if a.json:
         print(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
     else:
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", type=float, help="agreement with the full model, in (0, 1], e.g. 0.95")
     g.add_argument("--budget", type=float, help="average compute as a share of the full model (EERO), e.g. 0.5")
     c.add_argument("--delta", type=float, help="guarantee mode: target holds with probability >= 1 - delta")
+    c.add_argument("--confidence", choices=["top1", "margin", "gate"],
+                   help="score the thresholds apply to (default: keep the checkpoint's); gate = trained exit gates")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_calibrate)
 

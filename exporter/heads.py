@@ -74,6 +74,16 @@ class ExitHeads(nn.Module):
             return self._lm_head(self._final_norm(self.heads[k](hidden)))
         return self.heads[k](hidden)
 
+    # Gate mode splits logits(k, h) in two: the cheap part runs in the segment graph,
+    # the vocabulary-sized part only for the token that leaves.
+    def head_input(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.heads[k](hidden) if self.kind == "adapter" else hidden
+
+    def head_output(self, k: int | None, head_input: torch.Tensor) -> torch.Tensor:
+        if self.kind == "adapter":
+            return self._lm_head(self._final_norm(head_input))
+        return self.heads[k](head_input)
+
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from runtime.manifest import (CalibrationInfo, ExitSpec, Manifest, ModelInfo, SegmentSpec, TokenizerInfo,
-                              _target_key)
+from runtime.manifest import (CalibrationInfo, ExitSpec, GraphSpec, Manifest, ModelInfo, SegmentSpec,
+                              TokenizerInfo, _target_key)
 
 from .checkpoint import read_config, read_scores
-from .segments import Segment, io_specs, segment_bounds
+from .segments import HeadGraph, Segment, io_specs, segment_bounds
 
 EXPORTER_VERSION = "0.1.0"
 OPSET = 17
@@ -42,7 +42,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _dummy_inputs(seg: Segment, inputs, dtype: torch.dtype, vocab: int):
+def _dummy_inputs(inputs, dtype: torch.dtype, vocab: int):
     b, s, p = TRACE["batch"], TRACE["sequence"], TRACE["past"]
     g = torch.Generator().manual_seed(0)
     out = []
@@ -51,6 +51,8 @@ def _dummy_inputs(seg: Segment, inputs, dtype: torch.dtype, vocab: int):
             out.append(torch.randint(0, vocab, (b, s), generator=g))
         elif spec.role == "hidden":
             out.append(torch.randn(b, s, spec.shape[2], generator=g).to(dtype))
+        elif spec.role == "exit_hidden":
+            out.append(torch.randn(b, spec.shape[1], generator=g).to(dtype))
         elif spec.role == "attention_mask":
             out.append(torch.ones(b, p + s, dtype=torch.int64))
         elif spec.role == "position_ids":
@@ -64,15 +66,15 @@ def _dynamic_axes(specs) -> dict:
     return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in specs}
 
 
-def export_segment(seg: Segment, path: Path, dtype_name: str, vocab: int) -> tuple[list, list]:
+def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Path, dtype_name: str,
+                 vocab: int) -> list:
+    """Trace `module` to ONNX, check it, and return the inputs the graph actually takes."""
     import onnx
 
-    dtype = DTYPES[dtype_name][0]
-    inputs, outputs = io_specs(seg, DTYPES[dtype_name][1])
-    args = _dummy_inputs(seg, inputs, dtype, vocab)
+    args = _dummy_inputs(inputs, DTYPES[dtype_name][0], vocab)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(seg, args, str(path), input_names=[t.name for t in inputs],
+        torch.onnx.export(module, args, str(path), input_names=[t.name for t in inputs],
                           output_names=[t.name for t in outputs],
                           dynamic_axes=_dynamic_axes(inputs + outputs), opset_version=OPSET, dynamo=False)
     model = onnx.load(str(path))
@@ -81,7 +83,12 @@ def export_segment(seg: Segment, path: Path, dtype_name: str, vocab: int) -> tup
     onnx.checker.check_model(str(path))
     # TorchScript export drops inputs the graph does not use: record only what the graph takes
     graph_inputs = {i.name for i in model.graph.input}
-    return [t for t in inputs if t.name in graph_inputs], outputs
+    return [t for t in inputs if t.name in graph_inputs]
+
+
+def _file_facts(path: Path) -> tuple[str, int]:
+    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    return sha256(path), size
 
 
 def _tokenizer_info(tokenizer, folder: Path) -> TokenizerInfo:
@@ -96,7 +103,7 @@ def _tokenizer_info(tokenizer, folder: Path) -> TokenizerInfo:
 
 def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, backbone=None) -> Path:
-    from .checkpoint import load_heads
+    from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone
     from .calibrate import calibrate_thresholds
 
@@ -119,7 +126,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     thresholds = config.thresholds
     by_target: dict[str, list] = {}
     try:
-        calib = read_scores(checkpoint, "calibration")
+        calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
         for t in TARGETS:
             by_target[_target_key(t)] = [None if x == float("inf") else x for x in calibrate_thresholds(calib, t)]
     except FileNotFoundError:
@@ -127,17 +134,28 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        specs = []
+        specs, head_specs = [], []
+        gated = config.confidence == "gate"
+        gates = load_gates(checkpoint, bb, config).to(dtype) if gated else None
+        dname = DTYPES[precision][1]
+        if gated:  # adapter heads share one head graph; full heads get one each
+            for k in ([None] if config.head == "adapter" else range(len(config.exits))):
+                hg = HeadGraph(heads, k, with_logits).eval()
+                path = tmp / ("head.onnx" if k is None else f"head_{k:02d}.onnx")
+                h_in, h_out = hg.io_specs(dname, shape.hidden_size, shape.vocab_size)
+                h_in = export_graph(hg, h_in, h_out, path, precision, shape.vocab_size)
+                head_specs.append(GraphSpec(path.name, *_file_facts(path), tuple(h_in), tuple(h_out)))
         bounds = segment_bounds(config.exits, shape.num_layers)
         for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
-            seg = Segment(bb, heads, i, layers, config.confidence, with_logits).eval()
+            seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates).eval()
             path = tmp / f"segment_{i:02d}.onnx"
-            inputs, outputs = export_segment(seg, path, precision, shape.vocab_size)
+            inputs, outputs = io_specs(seg, dname)
+            inputs = export_graph(seg, inputs, outputs, path, precision, shape.vocab_size)
             ex = None
             if i < len(config.exits):
-                ex = ExitSpec(config.exits[i], config.confidence, thresholds[i])
-            size = path.stat().st_size + sum(p.stat().st_size for p in tmp.glob(path.name + ".data"))
-            specs.append(SegmentSpec(i, tuple(layers), path.name, sha256(path), size, tuple(inputs),
+                head = (0 if config.head == "adapter" else i) if gated else None
+                ex = ExitSpec(config.exits[i], config.confidence, thresholds[i], head)
+            specs.append(SegmentSpec(i, tuple(layers), path.name, *_file_facts(path), tuple(inputs),
                                      tuple(outputs), ex))
         tok = _tokenizer_info(bb.tokenizer, tmp)
         manifest = Manifest(
@@ -147,6 +165,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
             calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
                                         config.calibration.get("heldout", {})),
             precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context}},
+            heads=tuple(head_specs),
             exporter_version=EXPORTER_VERSION)
         if backend == "tensorrt":
             from .tensorrt_build import build_engines

@@ -36,6 +36,9 @@ class TrainConfig:
     batch_tokens: int = 512
     lr: float = 2e-3
     seed: int = 0
+    gates: bool = True  # also train exit gates (exporter/gates.py): cheap checks for large vocabularies
+    gate_width: int = 32
+    gate_steps: int = 300
 
 
 @dataclass

@@ -29,7 +29,7 @@ def segment_bounds(exits: list[int], num_layers: int) -> list[tuple[int, int]]:
 
 class Segment(nn.Module):
     def __init__(self, backbone: Backbone, heads: ExitHeads | None, index: int, layers: tuple[int, int],
-                 confidence_kind: str = "top1", with_logits: bool = False):
+                 confidence_kind: str = "top1", with_logits: bool = False, gates=None):
         super().__init__()
         self.family = backbone.family
         self.first, self.end = layers
@@ -39,6 +39,11 @@ class Segment(nn.Module):
         self.heads = heads
         self.confidence_kind = confidence_kind
         self.with_logits = with_logits
+        # gate mode: the graph outputs the gate score and the head's input; the head runs on demand
+        self.gated = confidence_kind == "gate" and not self.is_last
+        if self.gated and gates is None:
+            raise ValueError("confidence 'gate' needs the checkpoint's trained gates")
+        self.gates = gates
         # register the layers so .half()/.to() reach them; forward still goes through the family adapter
         self.layers = nn.ModuleList(backbone.family.layers[i] for i in range(self.first, self.end))
 
@@ -54,11 +59,15 @@ class Segment(nn.Module):
         for i in range(self.first, self.end):
             hidden = self.family.run_layer(i, hidden, mask, position_ids, pos_emb, cache)
         last = hidden[:, -1, :]  # (B, D): the head only runs where the runtime needs a decision
-        logits = self.family.logits(last) if self.is_last else self.heads.logits(self.index, last)
-        token, conf = confidence(logits, self.confidence_kind)
-        outs = [token, conf.float()]
-        if self.with_logits:
-            outs.append(logits.float())
+        if self.gated:
+            outs = [self.gates.score(self.index, last), self.heads.head_input(self.index, last)]
+        else:
+            logits = self.family.logits(last) if self.is_last else self.heads.logits(self.index, last)
+            # the last segment has no gate: its confidence is never compared with a threshold
+            token, conf = confidence(logits, "top1" if self.confidence_kind == "gate" else self.confidence_kind)
+            outs = [token, conf.float()]
+            if self.with_logits:
+                outs.append(logits.float())
         if not self.is_last:
             outs.append(hidden)
         for k, v in cache.presents():
@@ -79,13 +88,46 @@ def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpe
     for layer in range(seg.first, seg.end):
         inputs += [TensorSpec("past_key", f"past_key.{layer}", dtype, kv, layer),
                    TensorSpec("past_value", f"past_value.{layer}", dtype, kv, layer)]
-    outputs = [TensorSpec("token", "token", "int64", ("batch",)),
-               TensorSpec("confidence", "confidence", "float32", ("batch",))]
-    if seg.with_logits:
-        outputs.append(TensorSpec("logits", "logits", "float32", ("batch", shape.vocab_size)))
+    if seg.gated:
+        outputs = [TensorSpec("confidence", "confidence", "float32", ("batch",)),
+                   TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", D))]
+    else:
+        outputs = head_outputs(shape.vocab_size, seg.with_logits)
     if not seg.is_last:
         outputs.append(TensorSpec("hidden_out", "hidden_out", dtype, ("batch", "sequence", D)))
     for layer in range(seg.first, seg.end):
         outputs += [TensorSpec("present_key", f"present_key.{layer}", dtype, kv_out, layer),
                     TensorSpec("present_value", f"present_value.{layer}", dtype, kv_out, layer)]
     return inputs, outputs
+
+
+def head_outputs(vocab: int, with_logits: bool) -> list[TensorSpec]:
+    outs = [TensorSpec("token", "token", "int64", ("batch",)),
+            TensorSpec("confidence", "confidence", "float32", ("batch",))]
+    if with_logits:
+        outs.append(TensorSpec("logits", "logits", "float32", ("batch", vocab)))
+    return outs
+
+
+class HeadGraph(nn.Module):
+    """An exit head on its own, run only for the token that leaves (gate mode).
+
+    Adapter heads share one graph: the segment already applied the tiny adapter, so what is
+    left is the model's own norm + LM head, one copy for all exits. Full heads get one graph
+    each.
+    """
+
+    def __init__(self, heads: ExitHeads, index: int | None, with_logits: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.index = index
+        self.with_logits = with_logits
+
+    def forward(self, exit_hidden):
+        logits = self.heads.head_output(self.index, exit_hidden)
+        token, conf = confidence(logits, "top1")
+        return (token, conf.float(), logits.float()) if self.with_logits else (token, conf.float())
+
+    def io_specs(self, dtype: str, hidden_size: int, vocab: int):
+        return ([TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", hidden_size))],
+                head_outputs(vocab, self.with_logits))

@@ -119,17 +119,39 @@ def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: T
                        head_bytes=heads.num_bytes())
 
 
+def layer_macs(backbone: Backbone) -> int:
+    """Multiply-adds per token of one decoder layer (its matmul weights; attention over the
+    context comes on top and grows with it)."""
+    return sum(p.numel() for p in backbone.family.layers[0].parameters() if p.dim() >= 2)
+
+
+def check_cost(backbone: Backbone, heads: ExitHeads, kind: str, gates=None) -> float:
+    """Cost of one exit check in decoder layers: a gate, or a full-vocabulary head."""
+    if kind == "gate":
+        return gates.macs() / layer_macs(backbone)
+    head = backbone.family.lm_head.weight.numel() + (2 * heads.rank * backbone.shape.hidden_size
+                                                     if heads.kind == "adapter" else 0)
+    return head / layer_macs(backbone)
+
+
 @torch.no_grad()
 def exit_scores(backbone: Backbone, heads: ExitHeads, features: Features, kind: str = "top1",
-                chunk: int = 2048) -> ExitScores:
-    """Each exit's confidence and agreement with the full model, for every cached token."""
+                gates=None, chunk: int = 2048) -> ExitScores:
+    """Each exit's confidence (head top-1/margin, or its gate's score) and its head's agreement
+    with the full model, for every cached token."""
+    if kind == "gate" and gates is None:
+        raise ValueError("confidence 'gate' needs trained gates (train with gates enabled)")
     n = features.final.shape[0]
     conf = np.zeros((n, len(heads.exits)), dtype=np.float32)
     agree = np.zeros((n, len(heads.exits)), dtype=bool)
     for s in range(0, n, chunk):
         full = backbone.family.logits(features.final[s:s + chunk].float()).argmax(-1)
         for k in range(len(heads.exits)):
-            tok, score = confidence(heads.logits(k, features.exits[k][s:s + chunk].float()), kind)
+            h = features.exits[k][s:s + chunk].float()
+            tok, score = confidence(heads.logits(k, h), "top1" if kind == "gate" else kind)
+            if kind == "gate":
+                score = gates.score(k, h)
             conf[s:s + chunk, k] = score.numpy()
             agree[s:s + chunk, k] = (tok == full).numpy()
-    return ExitScores(conf, agree, features.sequence, list(heads.exits), backbone.shape.num_layers)
+    return ExitScores(conf, agree, features.sequence, list(heads.exits), backbone.shape.num_layers,
+                      check_cost(backbone, heads, kind, gates))

@@ -41,6 +41,22 @@ class ExitSpec:
     exit_layer: int  # decoder layers computed before this exit
     confidence: str  # "top1" | "margin" | "gate"
     threshold: float | None  # None = this exit never fires
+    head: int | None = None  # gate mode: index into Manifest.heads, run only when the gate says exit
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A graph that is not a segment: an exit head run on demand (gate mode)."""
+
+    file: str
+    sha256: str
+    size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    engine: dict | None = None  # TensorRT engine, as in SegmentSpec
+
+    def output(self, role: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.role == role), None)
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ class Manifest:
     calibration: CalibrationInfo
     precision: str  # "fp32" | "fp16"
     dims: dict  # named dims -> {"min", "opt", "max"} (TensorRT profiles, runtime checks)
+    heads: tuple[GraphSpec, ...] = ()
     kv_layout: str = "batch,kv_heads,position,head_dim"
     exporter_version: str = ""
     format: str = FORMAT
@@ -125,13 +142,17 @@ class Manifest:
             raise ManifestError(f"{where}: manifest schema version {v} is not supported by this runtime "
                                 f"(supported: {list(SUPPORTED_VERSIONS)}); re-export with a matching exporter "
                                 f"or upgrade the runtime")
+        def tensors(items) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in items)
+
         try:
             segs = tuple(
-                SegmentSpec(**{**s, "layers": tuple(s["layers"]),
-                               "inputs": tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in s["inputs"]),
-                               "outputs": tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in s["outputs"]),
+                SegmentSpec(**{**s, "layers": tuple(s["layers"]), "inputs": tensors(s["inputs"]),
+                               "outputs": tensors(s["outputs"]),
                                "exit": ExitSpec(**s["exit"]) if s.get("exit") else None})
                 for s in d["segments"])
+            heads = tuple(GraphSpec(**{**h, "inputs": tensors(h["inputs"]), "outputs": tensors(h["outputs"])})
+                          for h in d.get("heads", ()))
             tok = d["tokenizer"]
             cal = d["calibration"]
             return cls(
@@ -139,7 +160,7 @@ class Manifest:
                 tokenizer=TokenizerInfo(**{**tok, "files": tuple(tok["files"]), "eos_ids": tuple(tok["eos_ids"])}),
                 segments=segs,
                 calibration=CalibrationInfo(**{**cal, "thresholds": tuple(cal["thresholds"])}),
-                precision=d["precision"], dims=d["dims"], kv_layout=d.get("kv_layout", ""),
+                precision=d["precision"], dims=d["dims"], heads=heads, kv_layout=d.get("kv_layout", ""),
                 exporter_version=d.get("exporter_version", ""), format=d["format"], schema_version=v)
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None

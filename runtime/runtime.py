@@ -30,10 +30,12 @@ Thresholds = list[float | None] | float | str | None
 
 
 class Runtime:
-    def __init__(self, folder: Path, manifest: Manifest, backends: list[Backend], tokenizer, kv_policy: str):
+    def __init__(self, folder: Path, manifest: Manifest, backends: list[Backend], tokenizer, kv_policy: str,
+                 head_backends: list[Backend] = ()):
         self.folder = folder
         self.manifest = manifest
         self.backends = backends
+        self.head_backends = list(head_backends)  # gate mode: exit heads, run only for leaving tokens
         self.tokenizer = tokenizer
         self.kv_policy = kv_policy
         self.dtype = np.dtype("float16" if manifest.precision == "fp16" else "float32")
@@ -51,10 +53,11 @@ class Runtime:
         if kv_policy not in ("defer", "copy"):
             raise ValueError(f"unknown KV policy {kv_policy!r}; choose defer or copy")
         backends = [open_backend(folder, s, providers, threads) for s in manifest.segments]
+        heads = [open_backend(folder, h, providers, threads) for h in manifest.heads]
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        return cls(folder, manifest, backends, tokenizer, kv_policy)
+        return cls(folder, manifest, backends, tokenizer, kv_policy, heads)
 
     # -- thresholds ----------------------------------------------------------------------
     def resolve_thresholds(self, thresholds: Thresholds) -> list[float]:
@@ -107,15 +110,17 @@ class Runtime:
             out = backend.run(self._feeds(seg, x, cache, j, end))
             cache.store(j, [out[s.name] for s in seg.per_layer(seg.outputs, "present_key")],
                         [out[s.name] for s in seg.per_layer(seg.outputs, "present_value")])
-            token, conf = int(out["token"][0]), float(out["confidence"][0])
+            conf = float(out["confidence"][0])
             if seg.exit is None:
                 cache.position = end
-                return token, j, conf, out.get("logits")
+                return int(out["token"][0]), j, conf, out.get("logits")
             hidden = out["hidden_out"]
             if conf >= thresholds[j]:
                 cache.defer(j, hidden, start)
                 cache.position = end
-                return token, j, conf, out.get("logits")
+                if seg.exit.head is not None:  # gate said exit: now, and only now, run the head
+                    out = self.head_backends[seg.exit.head].run({"exit_hidden": out["exit_hidden"]})
+                return int(out["token"][0]), j, conf, out.get("logits")
         raise RuntimeError("the last segment has an exit; the manifest is inconsistent")
 
     # -- generation ----------------------------------------------------------------------

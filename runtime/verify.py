@@ -21,12 +21,14 @@ def verify_files(folder: Path, manifest: Manifest, checksums: bool = True) -> No
         raise ManifestError(f"{folder}: the manifest lists no segments")
     if manifest.segments[-1].exit is not None:
         raise ManifestError(f"{folder}: the last segment must be the model's own head (it has an exit)")
-    for seg in manifest.segments:
-        path = folder / seg.file
+    graphs = [(f"segment {seg.index} file {seg.file}", seg) for seg in manifest.segments]
+    graphs += [(f"exit head graph {head.file}", head) for head in manifest.heads]
+    for what, graph in graphs:
+        path = folder / graph.file
         if not path.is_file():
-            raise ManifestError(f"{folder}: segment {seg.index} file {seg.file} is missing")
-        if checksums and _sha256(path) != seg.sha256:
-            raise ManifestError(f"{folder}: segment {seg.index} file {seg.file} does not match its sha256 in "
-                                f"the manifest (corrupted or modified after export)")
+            raise ManifestError(f"{folder}: {what} is missing")
+        if checksums and _sha256(path) != graph.sha256:
+            raise ManifestError(f"{folder}: {what} does not match its sha256 in the manifest "
+                                f"(corrupted or modified after export)")
     if not (folder / "tokenizer.json").is_file():
         raise ManifestError(f"{folder}: tokenizer.json is missing")

@@ -27,6 +27,7 @@ from exporter import api
 from runtime import ManifestError, Runtime
 from runtime import tensorrt_backend as tb
 from runtime.backends import OnnxRuntimeBackend
+from runtime.manifest import Manifest
 
 PROMPT = "It is a truth universally acknowledged"
 MIXED = [0.1, 0.08, 0.12]  # on the tiny llama: tokens leave at every exit, deferred KV catches up
@@ -359,22 +360,39 @@ def test_no_engine_in_manifest(onnx_export, fake_gpu):
         Runtime.load(onnx_export[0], providers="tensorrt")
 
 
-def test_graphs_without_engine_records(onnx_export, fake_gpu):
-    """Gate-mode exit heads are separate graphs (GraphSpec) that have no engine record: building
-    refuses clearly, and opening one with the tensorrt backend says there is no engine."""
-    import dataclasses
-    from types import SimpleNamespace
+@pytest.fixture(scope="module")
+def gated_export(tmp_path_factory):
+    """Gate mode: segments output the gate score, the exit head is a separate graph (untrained
+    random gates are enough to exercise the plumbing)."""
+    import torch
 
-    from runtime.manifest import Manifest
+    from exporter.checkpoint import read_config, save_checkpoint
+    from exporter.gates import ExitGates
+    from exporter.checkpoint import load_heads
 
-    head = SimpleNamespace(file="head.onnx", inputs=(), outputs=())
+    d = tmp_path_factory.mktemp("trt_gate")
+    ckpt, bb = make_checkpoint(d, "llama")
+    cfg = read_config(ckpt)
+    cfg.confidence, cfg.gate_width, cfg.thresholds = "gate", 8, [0.5, 0.5, 0.5]
+    torch.manual_seed(0)
+    save_checkpoint(ckpt, cfg, load_heads(ckpt, bb, cfg), None, ExitGates(3, bb.shape.hidden_size, 8))
+    return api.export(ckpt, out=d / "onnx", backbone=bb)
+
+
+def test_gate_mode_head_graphs_get_engines(gated_export, fake_gpu, tmp_path):
+    """The on-demand exit head graph gets its own engine record, and the TensorRT chain
+    reproduces onnxruntime's tokens and exits in gate mode."""
+    folder = tmp_path / "export"
+    shutil.copytree(gated_export, folder)
+    m = tb.build_engines_on_device(folder, limits={"sequence": 64}, log=lambda m: None)
+    assert m.heads and all(h.engine and (folder / h.engine["file"]).is_file() for h in m.heads)
+    assert Manifest.load(folder).heads[0].engine == m.heads[0].engine
+    ref, rt = Runtime.load(folder), Runtime.load(folder, providers="tensorrt")
+    for thresholds in ("never", [0.0, 0.0, 0.0], None):
+        a, b = ref.generate(PROMPT, 12, thresholds=thresholds), rt.generate(PROMPT, 12, thresholds=thresholds)
+        assert b.tokens == a.tokens and [r.exit_index for r in b.records] == [r.exit_index for r in a.records]
     with pytest.raises(ManifestError, match="graph head.onnx has no TensorRT engine"):
-        tb.TensorRTBackend(onnx_export[0], head)
-    m = Manifest.load(onnx_export[0])
-    if "heads" not in {f.name for f in dataclasses.fields(m)}:
-        pytest.skip("this manifest has no separate head graphs")
-    with pytest.raises(RuntimeError, match="gate mode.*use --backend onnx"):
-        tb.build_engines(onnx_export[0], dataclasses.replace(m, heads=(head,)))
+        tb.TensorRTBackend(gated_export, Manifest.load(gated_export).heads[0])
 
 
 # -- engine portability checks ------------------------------------------------------------------
