@@ -69,17 +69,23 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
         gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width)
         train_gates(gates, feats.exits, torch.from_numpy(after), steps=cfg.gate_steps, seed=cfg.seed)
     del feats
-    kinds = {"head": recipe.confidence, **({"gate": "gate"} if gates is not None else {})}
+    # the recipe's confidence picks the score the thresholds apply to; head scores are always kept
+    head_conf = "top1" if recipe.confidence == "gate" else recipe.confidence
+    if recipe.confidence == "gate" and gates is None:
+        raise ValueError("the recipe asks for confidence 'gate' but gate training is off (gates=false)")
+    kinds = {"head": head_conf, **({"gate": "gate"} if gates is not None else {})}
     scores: dict[str, ExitScores] = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         f = cache_features(bb, splits[split], exits, desc=f"caching {split} hidden states")
         for kind, conf in kinds.items():
             scores[scores_file(name, kind)] = exit_scores(bb, heads, f, conf, gates)
-    calib, held = scores[scores_file("calibration")], scores[scores_file("heldout")]
+    kind = score_kind(recipe.confidence)
+    calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
     thresholds = calibrate_thresholds(calib, target)
     config = CheckpointConfig(
         source=recipe.source, exits=exits, num_layers=n_layers, head=cfg.head, rank=cfg.rank,
-        confidence=recipe.confidence, head_confidence=recipe.confidence, gate_width=cfg.gate_width if gates is not None else None,
+        confidence=recipe.confidence, head_confidence=head_conf,
+        gate_width=cfg.gate_width if gates is not None else None,
         thresholds=to_json_thresholds(thresholds),
         policy={"kind": "target", "target": target, "delta": None},
         calibration=_reports(calib, held, thresholds, target, None),

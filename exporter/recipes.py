@@ -41,6 +41,9 @@ class TrainConfig:
     gate_steps: int = 300
 
 
+CONFIDENCES = ("top1", "margin", "gate")  # gate = learned exit gates (exporter/gates.py)
+
+
 @dataclass
 class Recipe:
     name: str
@@ -50,6 +53,10 @@ class Recipe:
     confidence: str = "top1"
     target: float = 0.95
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"recipe {self.name!r}: unknown confidence {self.confidence!r}; choose one of {CONFIDENCES}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,7 +8,8 @@ import torch
 from conftest import SAMPLE_TEXT, tiny_backbone
 
 from exporter import api
-from exporter.checkpoint import load_gates, read_config, read_scores
+from exporter.calibrate import calibrate_thresholds
+from exporter.checkpoint import load_gates, read_config, read_scores, to_json_thresholds
 from exporter.data import make_splits
 from exporter.gates import ExitGates, train_gates
 from exporter.heads import ExitHeads
@@ -61,13 +62,17 @@ def gated(tmp_path_factory):
     bb.tokenizer.save_pretrained(model_dir)
     text = d / "t.txt"
     text.write_text(SAMPLE_TEXT)
-    recipe = Recipe(name="tiny", source=ModelSource(str(model_dir)), exits=EXITS, train=CFG)
+    recipe = Recipe(name="tiny", source=ModelSource(str(model_dir)), exits=EXITS, confidence="gate", train=CFG)
     ckpt = api.train(recipe, out=d / "ck", data=[text], backbone=bb, target=0.9)
     return d, ckpt, bb
 
 
 def test_gate_scores_and_thresholds_roundtrip(gated):
     d, ckpt, bb = gated
+    # a recipe with confidence "gate" calibrates the gates' scores right after training
+    trained = read_config(ckpt)
+    assert trained.confidence == "gate" and trained.head_confidence == "top1"
+    assert trained.thresholds == to_json_thresholds(calibrate_thresholds(read_scores(ckpt, "calibration", "gate"), 0.9))
     reports = api.calibrate(ckpt, target=0.8, confidence="gate")
     cfg = read_config(ckpt)
     assert cfg.confidence == "gate" and cfg.head_confidence == "top1" and cfg.gate_width == 16
