@@ -15,7 +15,8 @@ held-out ones, for three policies:
              at the cheapest exit instead; agreement 1 at the plain oracle's compute.
 
 Writes budget_curve.json, budget_curve.md and (with matplotlib) budget_curve.png into --out
-(default CHECKPOINT/reports/budget).
+(default CHECKPOINT/reports/budget). `--scores gate` uses the exit gates' scores instead of the
+heads' confidence (exporter/gates.py): the same comparison with checks that cost ~nothing.
 """
 
 from __future__ import annotations
@@ -170,13 +171,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="agreement targets for threshold calibration")
     parser.add_argument("--beta", type=float, default=0.04, help="EERO temperature")
     parser.add_argument("--delta", type=float, default=None, help="risk level passed to calibrate_thresholds")
+    parser.add_argument("--scores", choices=("head", "gate"), default="head",
+                        help="head: the heads' confidence (each check costs a head); gate: the exit gates' "
+                             "scores (*_scores_gate.npz, checks cost a fraction of a layer)")
     args = parser.parse_args(argv)
 
-    for name in (CALIBRATION_FILE, HELDOUT_FILE):
+    files = [name if args.scores == "head" else name.replace(".npz", "_gate.npz")
+             for name in (CALIBRATION_FILE, HELDOUT_FILE)]
+    for name in files:
         if not (args.checkpoint / name).is_file():
-            parser.error(f"{args.checkpoint / name} not found (write it with ExitScores.save)")
-    cal = ExitScores.load(args.checkpoint / CALIBRATION_FILE)
-    held = ExitScores.load(args.checkpoint / HELDOUT_FILE)
+            parser.error(f"{args.checkpoint / name} not found (write it with ExitScores.save"
+                         + (", or train with gates" if args.scores == "gate" else "") + ")")
+    cal, held = (ExitScores.load(args.checkpoint / name) for name in files)
     if list(cal.exit_layers) != list(held.exit_layers) or cal.num_layers != held.num_layers:
         parser.error("calibration and held-out scores come from different exit layouts")
     out = args.out or args.checkpoint / "reports" / "budget"
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run(cal, held, args.budgets, args.targets, beta=args.beta, delta=args.delta)
     report["checkpoint"] = str(args.checkpoint)
+    report["scores"] = args.scores
     (out / "budget_curve.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "budget_curve.md").write_text(markdown(report, str(args.checkpoint)))
     if not plot(report, out / "budget_curve.png"):

