@@ -1,0 +1,77 @@
+"""Copy the latest benchmark outputs into README.md (between the results markers).
+
+    python scripts/readme_results.py
+
+The README's figures are never typed by hand: each block below is a file that a command in
+`benchmarks/` (or `lama train`) wrote, and the command is quoted with it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+SECTIONS = [
+    ("Training and calibration on a real model (stories260K, from `../shared/hf-cache`)",
+     "stories260k/train.txt",
+     "`lama train stories260k --out runs/stories260k` (the recipe `models/stories260k.json`; 5 layers, "
+     "exits after layers 1-4). The tables are per exit at target 0.95: on the calibration tokens the "
+     "thresholds were fitted on, and on held-out text that neither training nor calibration saw. "
+     "Compute saved counts decoder layers only (not the checks)."),
+    ("Side by side: PyTorch, optimum/onnxruntime, our chain, calibrated and budgeted exits, oracle",
+     "stories260k/results.md", None),
+    ("Threshold calibration vs. the EERO budget vs. the oracle (stories260K)",
+     "stories260k/budget-gate/budget_curve.md",
+     "`python benchmarks/budget_curve.py runs/bench/stories260k/ckpt --scores gate --targets 0.6 0.7 0.8 0.9 "
+     "0.95 0.99 --out benchmarks/results/stories260k/budget-gate`; the same with the heads' top-1 "
+     "confidence (each check costs a head, 0.77 layers here) is in `budget-head/`.\n\n"
+     "![budget curve](benchmarks/results/stories260k/budget-gate/budget_curve.png)"),
+    ("Exit gates vs. a full head at every exit (SmolLM2-135M)",
+     "smollm2-135m/exit_cost.md", "![agreement vs compute](benchmarks/results/smollm2-135m/exit_cost.png)"),
+    ("Side by side on SmolLM2-135M (gate mode)",
+     "smollm2-135m/results.md", None),
+]
+
+
+def demote(text: str) -> str:
+    """Headings of an included file go below the README's section level."""
+    return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 3) + " ", text, flags=re.M)
+
+
+def block() -> str:
+    parts = []
+    for title, rel, intro in SECTIONS:
+        path = RESULTS / rel
+        if not path.is_file():
+            print(f"skipped {rel}: not found", file=sys.stderr)
+            continue
+        body = path.read_text().strip()
+        if rel.endswith(".txt"):
+            body = "```\n" + body + "\n```"
+        else:
+            body = demote(body)
+        parts.append(f"### {title}\n\n" + (intro + "\n\n" if intro else "") + f"(from `benchmarks/results/{rel}`)\n\n"
+                     + body)
+    return "\n\n".join(parts)
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"README.md has no {START} ... {END} markers", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + START + "\n\n" + block() + "\n\n" + END + tail)
+    print("README.md results updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
