@@ -9,7 +9,6 @@ serves both prefill (past 0) and decode.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import warnings
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from runtime.manifest import (CalibrationInfo, ExitSpec, GraphSpec, Manifest, ModelInfo, SegmentSpec,
                               TokenizerInfo, _target_key)
+from runtime.verify import sha256
 
 from .checkpoint import read_config, read_scores
 from .segments import HeadGraph, Segment, io_specs, segment_bounds
@@ -32,14 +32,6 @@ TRACE = {"batch": 2, "sequence": 5, "past": 3}
 DIMS = {"batch": {"min": 1, "opt": 1, "max": 8}, "sequence": {"min": 1, "opt": 1, "max": None},
         "past": {"min": 0, "opt": 256, "max": None}}
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dummy_inputs(inputs, dtype: torch.dtype, vocab: int):

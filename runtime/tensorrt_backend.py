@@ -24,7 +24,6 @@ accepts as inputs (the past KV) without a round trip through host memory.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 import weakref
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import Manifest, ManifestError, SegmentSpec
+from .verify import sha256
 
 REBUILD = "python -m runtime.tensorrt_backend {folder}"
 MIN_TENSORRT = 10  # int64 I/O tensors, name-based tensor API, execute_async_v3
@@ -147,14 +147,6 @@ _LOGGERS: dict = {}
 def _logger(trt):
     """One logger per process, as TensorRT expects."""
     return _LOGGERS.setdefault(id(trt), trt.Logger(trt.Logger.WARNING))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- compatibility ------------------------------------------------------------------------
@@ -278,7 +270,7 @@ def build_engines(folder: str | Path, manifest: Manifest, workspace_gb: float = 
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(path)
-        engine = {"file": path.name, "sha256": _sha256(path), "size": path.stat().st_size,
+        engine = {"file": path.name, "sha256": sha256(path), "size": path.stat().st_size,
                   "tensorrt_version": str(trt.__version__), "compute_capability": cc, "device": device,
                   "build_seconds": round(seconds, 3), "fp16_flag": bool(fp16 and hasattr(trt.BuilderFlag, "FP16")),
                   "workspace_gb": workspace_gb,
@@ -434,7 +426,7 @@ class TensorRTBackend:
         if not path.is_file():
             raise ManifestError(f"{where}: engine file {path.name} is missing; rebuild with "
                                 f"`{REBUILD.format(folder=folder)}`")
-        if seg.engine.get("sha256") and _sha256(path) != seg.engine["sha256"]:
+        if seg.engine.get("sha256") and sha256(path) != seg.engine["sha256"]:
             raise ManifestError(f"{where}: engine file {path.name} does not match its sha256 in the manifest; "
                                 f"rebuild with `{REBUILD.format(folder=folder)}`")
         self.runtime = trt.Runtime(_logger(trt))

@@ -8,7 +8,8 @@ from pathlib import Path
 from .manifest import Manifest, ManifestError
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Streamed, so multi-GB graphs and engines never sit in memory whole."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -27,7 +28,7 @@ def verify_files(folder: Path, manifest: Manifest, checksums: bool = True) -> No
         path = folder / graph.file
         if not path.is_file():
             raise ManifestError(f"{folder}: {what} is missing")
-        if checksums and _sha256(path) != graph.sha256:
+        if checksums and sha256(path) != graph.sha256:
             raise ManifestError(f"{folder}: {what} does not match its sha256 in the manifest "
                                 f"(corrupted or modified after export)")
     if not (folder / "tokenizer.json").is_file():
