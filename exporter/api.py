@@ -41,13 +41,17 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     from .data import default_data_dir, make_splits, read_texts
     from .gates import ExitGates, train_gates
     from .heads import ExitHeads
-    from .train import cache_features, check_exits, default_exits, exit_scores, train_heads
+    from .train import cache_features, check_exits, default_exits, exit_scores, gate_scores, train_heads
 
     recipe = model if isinstance(model, Recipe) else resolve_recipe(model)
     cfg = dataclasses.replace(recipe.train, **{k: v for k, v in train_overrides.items() if v is not None})
     if head is not None:
         cfg = dataclasses.replace(cfg, head=head)
     target = recipe.target if target is None else target
+    # the recipe's confidence picks the score the thresholds apply to; head scores are always kept
+    head_conf = "top1" if recipe.confidence == "gate" else recipe.confidence
+    if recipe.confidence == "gate" and not cfg.gates:  # before any training time is spent
+        raise ValueError("the recipe asks for confidence 'gate' but gate training is off (gates=false)")
     check_target(target)
     texts = read_texts(data or [default_data_dir()])
     torch.manual_seed(cfg.seed)
@@ -69,16 +73,12 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
         gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width)
         train_gates(gates, feats.exits, torch.from_numpy(after), steps=cfg.gate_steps, seed=cfg.seed)
     del feats
-    # the recipe's confidence picks the score the thresholds apply to; head scores are always kept
-    head_conf = "top1" if recipe.confidence == "gate" else recipe.confidence
-    if recipe.confidence == "gate" and gates is None:
-        raise ValueError("the recipe asks for confidence 'gate' but gate training is off (gates=false)")
-    kinds = {"head": head_conf, **({"gate": "gate"} if gates is not None else {})}
     scores: dict[str, ExitScores] = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         f = cache_features(bb, splits[split], exits, desc=f"caching {split} hidden states")
-        for kind, conf in kinds.items():
-            scores[scores_file(name, kind)] = exit_scores(bb, heads, f, conf, gates)
+        scores[scores_file(name)] = exit_scores(bb, heads, f, head_conf)
+        if gates is not None:  # same tokens and agreements, scored by the gates
+            scores[scores_file(name, "gate")] = gate_scores(scores[scores_file(name)], bb, heads, f, gates)
     kind = score_kind(recipe.confidence)
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
     thresholds = calibrate_thresholds(calib, target)

@@ -32,7 +32,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     print("agreement with the full model per exit, before -> after training:")
     print("  " + ", ".join(f"L{e}: {b:.3f}->{x:.3f}" for e, b, x in
                            zip(cfg.exits, cfg.train["agreement_before"], cfg.train["agreement_after"])))
-    _print_reports({k: v for k, v in api.calibrate(out, target=cfg.policy["target"]).items()})
+    _print_reports(api.calibrate(out, target=cfg.policy["target"]))
     print(f"checkpoint: {out}")
 
 

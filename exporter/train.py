@@ -9,6 +9,7 @@ logits being recomputed from the cached last hidden state by the frozen final no
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -139,19 +140,31 @@ def exit_scores(backbone: Backbone, heads: ExitHeads, features: Features, kind: 
                 gates=None, chunk: int = 2048) -> ExitScores:
     """Each exit's confidence (head top-1/margin, or its gate's score) and its head's agreement
     with the full model, for every cached token."""
-    if kind == "gate" and gates is None:
-        raise ValueError("confidence 'gate' needs trained gates (train with gates enabled)")
+    if kind == "gate":
+        if gates is None:
+            raise ValueError("confidence 'gate' needs trained gates (train with gates enabled)")
+        return gate_scores(exit_scores(backbone, heads, features, "top1", chunk=chunk), backbone, heads, features,
+                           gates, chunk)
     n = features.final.shape[0]
     conf = np.zeros((n, len(heads.exits)), dtype=np.float32)
     agree = np.zeros((n, len(heads.exits)), dtype=bool)
     for s in range(0, n, chunk):
         full = backbone.family.logits(features.final[s:s + chunk].float()).argmax(-1)
         for k in range(len(heads.exits)):
-            h = features.exits[k][s:s + chunk].float()
-            tok, score = confidence(heads.logits(k, h), "top1" if kind == "gate" else kind)
-            if kind == "gate":
-                score = gates.score(k, h)
+            tok, score = confidence(heads.logits(k, features.exits[k][s:s + chunk].float()), kind)
             conf[s:s + chunk, k] = score.numpy()
             agree[s:s + chunk, k] = (tok == full).numpy()
     return ExitScores(conf, agree, features.sequence, list(heads.exits), backbone.shape.num_layers,
-                      check_cost(backbone, heads, kind, gates))
+                      check_cost(backbone, heads, kind))
+
+
+@torch.no_grad()
+def gate_scores(head_scores: ExitScores, backbone: Backbone, heads: ExitHeads, features: Features, gates,
+                chunk: int = 2048) -> ExitScores:
+    """The same tokens and agreements as `head_scores` (from `features`), scored by the gates:
+    the vocabulary-sized heads need not run again."""
+    conf = np.zeros(head_scores.confidence.shape, dtype=np.float32)
+    for s in range(0, conf.shape[0], chunk):
+        for k in range(conf.shape[1]):
+            conf[s:s + chunk, k] = gates.score(k, features.exits[k][s:s + chunk].float()).numpy()
+    return dataclasses.replace(head_scores, confidence=conf, check_cost=check_cost(backbone, heads, "gate", gates))
