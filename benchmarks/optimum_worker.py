@@ -175,7 +175,7 @@ def _load_lama(spec: dict):
         t0 = time.perf_counter()
         first = None
         records = []
-        for rec in rt.generate(ids, n, thresholds=th, stop_at_eos=False, stream=True):
+        for rec in rt.stream(ids, n, thresholds=th, stop_at_eos=False):
             if first is None:
                 first = time.perf_counter()
             records.append(rec)

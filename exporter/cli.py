@@ -1,7 +1,9 @@
-"""`lama` command line: a thin layer over `exporter.api` and `runtime`.
+"""The host commands of `lama` (train, calibrate, export): a thin layer over `exporter.api`.
 
-Imports are deferred to each command so `lama generate` works on a device that has only
-the runtime installed (no torch), and `lama --help` is instant.
+The `lama` program itself lives in `runtime/cli.py`, with the device commands (generate,
+chat, inspect), so a device without torch has it too; it adds these commands when the
+exporter's dependencies are installed. `python -m exporter.cli ...` runs the same program.
+Imports are deferred to each command so `lama --help` is instant.
 """
 
 from __future__ import annotations
@@ -54,28 +56,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     print(f"exported to {out}")
 
 
-def cmd_generate(a: argparse.Namespace) -> None:
-    from runtime import GenerationResult, Runtime
-
-    rt = Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy)
-    thresholds = None
-    if a.full:
-        thresholds = "never"
-    elif a.target is not None:
-        thresholds = a.target
-    records = []
-    for rec in rt.generate(a.prompt, max_new_tokens=a.max_new_tokens, thresholds=thresholds,
-                           temperature=a.temperature, seed=a.seed, stream=True):
-        print(rec.text, end="", flush=True)
-        records.append(rec)
-    print()
-    result = GenerationResult.from_records(rt.encode(a.prompt).tolist(), records, "", rt.manifest.model.num_layers)
-    print(result.summary(), file=sys.stderr)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lama", description="Self-supervised early exits for LLMs, exported per segment.")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_host_commands(sub) -> None:
 
     t = sub.add_parser("train", help="train exit heads on the frozen model's own predictions, then calibrate")
     t.add_argument("model", help="recipe name in models/ (e.g. smollm2-135m), recipe file, hub id or local folder")
@@ -105,32 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path)
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
-    e.add_argument("--with-logits", action="store_true", help="also output full logits per segment (for sampling)")
+    e.add_argument("--with-logits", action="store_true",
+                   help="also output full logits (every export samples over the heads' top-64 logits; "
+                        "this widens sampling to the whole vocabulary)")
     e.add_argument("--workspace-gb", type=float, default=2.0, help="TensorRT builder workspace limit")
     e.set_defaults(func=cmd_export)
 
-    r = sub.add_parser("generate", help="run an exported model on this device (no torch needed)")
-    r.add_argument("model_dir", type=Path)
-    r.add_argument("prompt")
-    r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--target", type=float, help="use thresholds for another target from the calibration table")
-    r.add_argument("--full", action="store_true", help="never exit early (the full model)")
-    r.add_argument("--kv-policy", choices=["defer", "copy"], default="defer")
-    r.add_argument("--providers", nargs="+", help="onnxruntime providers, or 'tensorrt' for native engines")
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(func=cmd_generate)
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # clear one-line errors, no traceback
-        print(f"lama {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from runtime.cli import main as lama_main
+
+    return lama_main(argv)
 
 
 if __name__ == "__main__":

@@ -83,14 +83,30 @@ def _file_facts(path: Path) -> tuple[str, int]:
     return sha256(path), size
 
 
-def _tokenizer_info(tokenizer, folder: Path) -> TokenizerInfo:
+def _eos_ids(tokenizer, model) -> tuple[int, ...]:
+    """Every id that ends a sequence: the tokenizer's EOS and generation_config's (often a list,
+    e.g. a chat model's end-of-turn token besides the EOS), in that order, without repeats."""
+    ids = [tokenizer.eos_token_id]
+    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # what HF generate stops on
+    ids += e if isinstance(e, (list, tuple)) else [e]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _tokenizer_info(tokenizer, folder: Path, model=None) -> TokenizerInfo:
+    from runtime.chat import TEMPLATE_FILE
+
+    before = {p.name for p in folder.iterdir()}
     tokenizer.save_pretrained(str(folder))
     if not (folder / "tokenizer.json").is_file():
         raise RuntimeError("the tokenizer could not be saved as tokenizer.json (a fast tokenizer is needed)")
-    eos = tokenizer.eos_token_id
-    return TokenizerInfo(files=tuple(sorted(p.name for p in folder.iterdir() if p.is_file())),
-                         bos_id=tokenizer.bos_token_id, eos_ids=() if eos is None else (int(eos),),
-                         pad_id=tokenizer.pad_token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template and not (folder / TEMPLATE_FILE).is_file():
+        # transformers >= 4.47 writes chat_template.jinja itself; older ones put it in tokenizer_config.json
+        (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    return TokenizerInfo(files=tuple(sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in before)),
+                         bos_id=tokenizer.bos_token_id, eos_ids=_eos_ids(tokenizer, model),
+                         pad_id=tokenizer.pad_token_id,
+                         chat_template=TEMPLATE_FILE if (folder / TEMPLATE_FILE).is_file() else None)
 
 
 def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
@@ -149,7 +165,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 ex = ExitSpec(config.exits[i], config.confidence, thresholds[i], head)
             specs.append(SegmentSpec(i, tuple(layers), path.name, *_file_facts(path), tuple(inputs),
                                      tuple(outputs), ex))
-        tok = _tokenizer_info(bb.tokenizer, tmp)
+        tok = _tokenizer_info(bb.tokenizer, tmp, bb.model)
         manifest = Manifest(
             model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
                             shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),

@@ -4,7 +4,9 @@ Segment i runs decoder layers [a_i, b_i) on the positions it is given, with its 
 cache in and out, then its exit head on the *last* position only (the runtime decides
 per token; the head on every position would multiply its cost by the sequence length).
 The head's top-1 token and confidence are computed in the graph, so the runtime reads two
-small numbers per segment instead of a vocabulary of logits. Segment 0 also embeds the
+small numbers per segment instead of a vocabulary of logits; the head's TOPK largest logits
+(values + ids) come out too, so the runtime can sample on any export (full logits only with
+`with_logits`). Segment 0 also embeds the
 tokens; the last segment ends with the model's own norm + LM head.
 
 Tensor names are defined once here (`io_specs`) and recorded in the manifest by role.
@@ -20,6 +22,14 @@ from runtime.manifest import TensorSpec
 from .backbone import Backbone
 from .families import LayerCache, causal_mask
 from .heads import ExitHeads, confidence
+
+
+TOPK = 64  # logits every head outputs for sampling; recorded in the manifest as topk_values' shape
+
+
+def topk_outputs(logits: torch.Tensor) -> list[torch.Tensor]:
+    values, indices = torch.topk(logits.float(), min(TOPK, logits.shape[-1]), dim=-1)
+    return [values, indices]
 
 
 def segment_bounds(exits: list[int], num_layers: int) -> list[tuple[int, int]]:
@@ -65,7 +75,7 @@ class Segment(nn.Module):
             logits = self.family.logits(last) if self.is_last else self.heads.logits(self.index, last)
             # the last segment has no gate: its confidence is never compared with a threshold
             token, conf = confidence(logits, "top1" if self.confidence_kind == "gate" else self.confidence_kind)
-            outs = [token, conf.float()]
+            outs = [token, conf.float(), *topk_outputs(logits)]
             if self.with_logits:
                 outs.append(logits.float())
         if not self.is_last:
@@ -103,7 +113,9 @@ def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpe
 
 def head_outputs(vocab: int, with_logits: bool) -> list[TensorSpec]:
     outs = [TensorSpec("token", "token", "int64", ("batch",)),
-            TensorSpec("confidence", "confidence", "float32", ("batch",))]
+            TensorSpec("confidence", "confidence", "float32", ("batch",)),
+            TensorSpec("topk_values", "topk_values", "float32", ("batch", min(TOPK, vocab))),
+            TensorSpec("topk_indices", "topk_indices", "int64", ("batch", min(TOPK, vocab)))]
     if with_logits:
         outs.append(TensorSpec("logits", "logits", "float32", ("batch", vocab)))
     return outs
@@ -126,7 +138,8 @@ class HeadGraph(nn.Module):
     def forward(self, exit_hidden):
         logits = self.heads.head_output(self.index, exit_hidden)
         token, conf = confidence(logits, "top1")
-        return (token, conf.float(), logits.float()) if self.with_logits else (token, conf.float())
+        outs = (token, conf.float(), *topk_outputs(logits))
+        return (*outs, logits.float()) if self.with_logits else outs
 
     def io_specs(self, dtype: str, hidden_size: int, vocab: int):
         return ([TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", hidden_size))],

@@ -8,7 +8,8 @@ reject others with a message that names both.
 Tensor names are not hard-coded in the runtime: each segment lists its inputs and outputs
 by *role* (``input_ids``, ``hidden``, ``attention_mask``, ``position_ids``, ``past_key``,
 ``past_value``, ``hidden_out``, ``present_key``, ``present_value``, ``token``,
-``confidence``, ``logits``), and per-layer roles carry the global layer index.
+``confidence``, ``topk_values``, ``topk_indices``, ``logits``), and per-layer roles carry the
+global layer index. The head's top-k size is the second dimension of ``topk_values``.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ class ModelInfo:
 class TokenizerInfo:
     files: tuple[str, ...]  # copied beside the manifest; tokenizer.json is what the runtime reads
     bos_id: int | None
-    eos_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]  # every id that ends a sequence (tokenizer + generation_config)
     pad_id: int | None
+    chat_template: str | None = None  # file beside the manifest holding the Jinja2 chat template
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ def tiny_model(family: str, seed: int = 0, layers: int = 4):
                          bos_token_id=0, eos_token_id=0)
     else:
         raise ValueError(family)
+    # the char tokenizer has no special tokens: the configs' default EOS ids (2, 0) would be
+    # printable characters here, and the export records generation_config's EOS ids
+    cfg.bos_token_id = cfg.eos_token_id = None
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     model.eval()
@@ -109,3 +112,19 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
                            head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
                            policy={"kind": "target", "target": 0.95, "delta": None})
     return save_checkpoint(Path(folder) / "ckpt", cfg, heads), bb
+
+
+# SmolLM2-135M-Instruct's chat template, copied from the GGUF's metadata (the default model's)
+SMOLLM2_CHAT_TEMPLATE = Path(__file__).parent / "data" / "smollm2_chat_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def chat_export(tmp_path_factory):
+    """A tiny Llama export (default outputs: top-k logits, no full logits) whose tokenizer
+    carries SmolLM2's chat template, so the template travels in the export as it does for SmolLM2."""
+    from exporter import api
+
+    d = tmp_path_factory.mktemp("chat")
+    ckpt, bb = make_checkpoint(d, "llama")
+    bb.tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE.read_text()
+    return api.export(ckpt, out=d / "onnx", backbone=bb), bb

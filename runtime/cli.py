@@ -1,0 +1,240 @@
+"""`lama`: the command line. Device commands live here, with the runtime; host commands are
+found in `exporter.cli` when the exporter's dependencies are installed.
+
+The base install (`pip install lama-ee`: numpy, onnxruntime, tokenizers, jinja2) offers
+`lama generate`, `lama chat`, `lama inspect` and `lama --version` on a device without torch;
+`lama train / calibrate / export` say what to install there instead of failing on an import.
+Imports are deferred to each command so `lama --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HOST_COMMANDS = {"train": "train exit heads, then calibrate", "calibrate": "choose exit thresholds",
+                 "export": "split into per-segment graphs with a manifest"}
+HOST_DEPS = ("torch", "transformers", "onnx")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from .manifest import SCHEMA_VERSION
+
+    try:
+        v = dist_version("lama-ee")
+    except PackageNotFoundError:
+        v = "unknown (not installed)"
+    try:
+        import onnxruntime
+
+        ort = f"onnxruntime {onnxruntime.__version__}"
+    except ImportError:
+        ort = "onnxruntime missing"
+    return f"lama {v} (manifest schema {SCHEMA_VERSION}; {ort}; Python {sys.version.split()[0]})"
+
+
+def missing_host_deps() -> list[str]:
+    return [m for m in HOST_DEPS if importlib.util.find_spec(m) is None]
+
+
+# -- device commands -------------------------------------------------------------------------
+def _load(a: argparse.Namespace):
+    from .runtime import Runtime
+
+    if sys.stderr.isatty() and not a.json:  # loading verifies checksums: seconds for a large export
+        print(f"loading {a.model_dir} ...", end="\r", file=sys.stderr, flush=True)
+    return Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy, threads=a.threads,
+                        chat_template=a.chat_template)
+
+
+def _options(a: argparse.Namespace) -> dict:
+    thresholds = "never" if a.full else a.target
+    return dict(thresholds=thresholds, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop or None,
+                stop_at_eos=not a.ignore_eos, max_time=a.max_time)
+
+
+def _stats(result) -> str:
+    cached = f", {result.cached_tokens} prompt tokens from the kept cache" if result.cached_tokens else ""
+    return f"[{result.summary()}; stop: {result.stop_reason}{cached}]"
+
+
+def _stream(stream, echo: bool):
+    """Print the pieces as they come; Ctrl-C stops this generation (not the program)."""
+    cancelled = False
+    with contextlib.closing(stream):
+        try:
+            for rec in stream:
+                if echo:
+                    print(rec.text, end="", flush=True)
+        except KeyboardInterrupt:
+            cancelled = True
+    if echo:
+        print()
+    result = stream.result()
+    if cancelled:
+        print("[stopped]", file=sys.stderr)
+    return result
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    rt = _load(a)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    opts = _options(a)
+    if a.chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": prompt}]
+        stream = rt.chat_stream(messages, a.max_new_tokens, **opts)
+    else:
+        stream = rt.stream(prompt, a.max_new_tokens, **opts)
+    result = _stream(stream, echo=not a.json)
+    if a.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(_stats(result), file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    rt = _load(a)
+    rt.chat_template  # fail now, before the first question, if the export has none
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty() and not a.json
+    if interactive:
+        print("chat with the model: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply",
+              file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(system)
+            rt.reset()
+            continue
+        messages.append({"role": "user", "content": line})
+        result = _stream(rt.chat_stream(messages, a.max_new_tokens, **_options(a)), echo=not a.json)
+        messages.append({"role": "assistant", "content": result.text})
+        if a.json:  # one JSON line per turn, for scripts
+            print(json.dumps({"role": "assistant", "content": result.text, **{
+                k: v for k, v in result.to_dict().items() if k not in ("text", "records")}}), flush=True)
+        elif not a.quiet:
+            print(_stats(result), file=sys.stderr)
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from .inspect_export import describe, render
+
+    info = describe(a.model_dir)
+    print(json.dumps(info, indent=2) if a.json else render(info))
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _runtime_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("model_dir", type=Path, help="an export folder (manifest.json, segment graphs, tokenizer)")
+    p.add_argument("--providers", nargs="+", help="onnxruntime providers, or 'tensorrt' for native engines")
+    p.add_argument("--threads", type=int, help="onnxruntime threads per session (default: onnxruntime's)")
+    p.add_argument("--kv-policy", choices=["defer", "copy"], default="defer")
+    p.add_argument("--chat-template", type=Path, help="Jinja2 chat template file (default: the export's own)")
+    return p
+
+
+def _generation_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("exits")
+    g.add_argument("--target", type=float, help="use the thresholds of another target from the calibration table")
+    g.add_argument("--full", action="store_true", help="never exit early (the full model)")
+    s = p.add_argument_group("sampling (default: greedy)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    s.add_argument("--seed", type=int, default=0)
+    t = p.add_argument_group("stopping")
+    t.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); cut from the output")
+    t.add_argument("--max-time", type=float, help="seconds per generation")
+    t.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts instead of streaming text")
+    return p
+
+
+def add_device_commands(sub) -> None:
+    run, gen = _runtime_args(), _generation_args()
+    r = sub.add_parser("generate", parents=[run, gen], help="continue a prompt on this device (no torch needed)")
+    r.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--chat", action="store_true", help="send the prompt as a user message with the chat template")
+    r.add_argument("--system", help="system message (with --chat)")
+    r.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", parents=[run, gen],
+                       help="talk with the model (its chat template; the conversation's KV cache is kept)",
+                       description="Interactive on a terminal; otherwise one user message per line of stdin.")
+    c.add_argument("--system", help="system message")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="per reply")
+    c.add_argument("--quiet", action="store_true", help="no statistics after each reply")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("inspect", help="what an export holds: model, segments, exits, thresholds, backends here")
+    i.add_argument("model_dir", type=Path)
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=cmd_inspect)
+
+
+def _host_missing(a: argparse.Namespace) -> None:
+    raise SystemExit(f"lama {a.command}: this needs the host install ({', '.join(a.missing)} missing here): "
+                     f"pip install 'lama-ee[export]'. A device only needs generate, chat and inspect.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lama", description="Self-supervised early exits for LLMs, exported per segment.")
+    p.add_argument("--version", action="version", version=version())
+    sub = p.add_subparsers(dest="command", required=True)
+    missing = missing_host_deps()
+    if not missing:
+        from exporter.cli import add_host_commands
+
+        add_host_commands(sub)
+    else:  # listed, so `lama --help` shows them, but they only explain what to install
+        for name, help_text in HOST_COMMANDS.items():
+            h = sub.add_parser(name, help=f"{help_text} (host install only)", add_help=False)
+            h.add_argument("rest", nargs=argparse.REMAINDER)
+            h.set_defaults(func=_host_missing, missing=missing)
+    add_device_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # clear one-line errors, no traceback
+        print(f"lama {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `lama generate ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""`lama inspect DIR`: what an export holds, in words, without opening a single graph.
+
+Reads the manifest only (and the sizes of the files beside it), so it is instant on any
+device and works on exports whose backend is not installed here. `describe` returns plain
+data (what `--json` prints); `render` turns it into the text a person reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .chat import ChatTemplate
+from .manifest import Manifest, SegmentSpec
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e4 else f"{n} B"
+
+
+def _threshold(t) -> str:
+    return "never" if t is None else f"{t:.4f}"
+
+
+def _sampling(graph) -> str:
+    if graph.output("logits") is not None:
+        return "full logits"
+    topk = graph.output("topk_values")
+    return f"top-{topk.shape[1]} logits" if topk is not None else "greedy only (no logits exported)"
+
+
+def backends_here() -> dict:
+    """Which backends this machine can run, and why not where it cannot."""
+    out: dict = {}
+    try:
+        import onnxruntime as ort
+
+        out["onnxruntime"] = {"available": True, "version": ort.__version__,
+                              "providers": list(ort.get_available_providers())}
+    except ImportError as e:
+        out["onnxruntime"] = {"available": False, "reason": str(e)}
+    from .tensorrt_backend import TensorRTBackend
+
+    reason = TensorRTBackend.unavailable_reason()
+    out["tensorrt"] = {"available": reason is None, **({"reason": reason} if reason else {})}
+    return out
+
+
+def _segment(folder: Path, seg: SegmentSpec, thresholds) -> dict:
+    path = folder / seg.file
+    d = {"index": seg.index, "layers": list(seg.layers), "file": seg.file, "size": seg.size,
+         "present": path.is_file(), "exit": None, "sampling": _sampling(seg)}
+    if seg.exit is not None:
+        d["exit"] = {"after_layer": seg.exit.exit_layer, "confidence": seg.exit.confidence,
+                     "threshold": thresholds[seg.index], "head_graph": seg.exit.head}
+    if seg.engine:
+        d["engine"] = {k: seg.engine.get(k) for k in ("file", "size", "tensorrt_version", "compute_capability")}
+    return d
+
+
+def describe(folder: str | Path) -> dict:
+    folder = Path(folder)
+    m = Manifest.load(folder)
+    cal = m.calibration
+    try:
+        template = ChatTemplate.from_folder(folder, m.tokenizer.chat_template)
+    except ValueError as e:
+        template, template_error = None, str(e)
+    else:
+        template_error = None
+    sizes = [s.size for s in m.segments] + [h.size for h in m.heads]
+    return {
+        "folder": str(folder),
+        "format": f"{m.format} v{m.schema_version}", "exporter_version": m.exporter_version,
+        "model": {"base_model": m.model.base_model, "family": m.model.family, "layers": m.model.num_layers,
+                  "hidden_size": m.model.hidden_size, "vocab_size": m.model.vocab_size,
+                  "max_context": m.model.max_context},
+        "precision": m.precision,
+        "total_size": sum(sizes),
+        "segments": [_segment(folder, s, list(cal.thresholds)) for s in m.segments],
+        "head_graphs": [{"file": h.file, "size": h.size, "present": (folder / h.file).is_file(),
+                         "sampling": _sampling(h)} for h in m.heads],
+        "calibration": {"confidence": cal.confidence, "policy": cal.policy,
+                        "thresholds": list(cal.thresholds), "by_target": cal.by_target, "report": cal.report},
+        "tokenizer": {"files": list(m.tokenizer.files), "bos_id": m.tokenizer.bos_id,
+                      "eos_ids": list(m.tokenizer.eos_ids),
+                      "chat_template": template.origin if template else None,
+                      **({"chat_template_error": template_error} if template_error else {})},
+        "backends": backends_here(),
+    }
+
+
+def _policy(p: dict) -> str:
+    if p.get("kind") == "budget":
+        return "compute budget " + ", ".join(f"{k} {v}" for k, v in p.items() if k != "kind")
+    text = f"agreement target {p.get('target')}"
+    return text + (f" with probability >= {1 - p['delta']:g} (delta {p['delta']})" if p.get("delta") else
+                   " (no guarantee mode: delta not set)")
+
+
+def _report(rep: dict) -> list[str]:
+    if not rep:
+        return ["  (no held-out report in this export)"]
+    lines = [f"  {rep.get('split', 'report')}: {rep.get('tokens', '?')} tokens, overall agreement "
+             f"{rep.get('agreement', float('nan')):.4f}, layers computed {rep.get('layers_fraction', float('nan')):.3f} "
+             f"of the full model, compute incl. checks {rep.get('compute_fraction', float('nan')):.3f}"]
+    for e in rep.get("exits", []):
+        agree = "-" if e.get("agreement") is None else f"{e['agreement']:.3f}"
+        lines.append(f"    exit after layer {e.get('exit_layer')}: threshold {_threshold(e.get('threshold'))}, "
+                     f"coverage {e.get('coverage', 0):.3f}, agreement {agree}")
+    return lines
+
+
+def render(info: dict) -> str:
+    m = info["model"]
+    cal = info["calibration"]
+    out = [f"{info['folder']}: {info['format']}, exported by lama {info['exporter_version'] or '?'}",
+           f"model: {m['base_model']} ({m['family']}), {m['layers']} layers, hidden {m['hidden_size']}, "
+           f"vocab {m['vocab_size']}, context {m['max_context']}",
+           f"precision: {info['precision']}; graphs: {_mb(info['total_size'])} in all", "",
+           "segments:"]
+    for s in info["segments"]:
+        ex = s["exit"]
+        where = (f"exit after layer {ex['after_layer']} ({ex['confidence']}), threshold {_threshold(ex['threshold'])}"
+                 if ex else "the model's own head (final)")
+        missing = "" if s["present"] else "  [FILE MISSING]"
+        out.append(f"  segment {s['index']}: layers {s['layers'][0]}-{s['layers'][1] - 1}, {s['file']} "
+                   f"({_mb(s['size'])}), {where}; sampling: {s['sampling']}{missing}")
+        if s.get("engine"):
+            e = s["engine"]
+            out.append(f"    TensorRT engine {e['file']} ({_mb(e['size'] or 0)}), TensorRT {e['tensorrt_version']}, "
+                       f"compute capability {e['compute_capability']}")
+    for h in info["head_graphs"]:
+        out.append(f"  exit head graph: {h['file']} ({_mb(h['size'])}), run only for tokens that leave; "
+                   f"sampling: {h['sampling']}" + ("" if h["present"] else "  [FILE MISSING]"))
+    out += ["", f"calibration: confidence {cal['confidence']}, {_policy(cal['policy'])}",
+            "  default thresholds: " + ", ".join(_threshold(t) for t in cal["thresholds"])]
+    if cal["by_target"]:
+        out.append("  thresholds by target (use --target T):")
+        for target, ths in sorted(cal["by_target"].items(), key=lambda kv: float(kv[0])):
+            out.append(f"    target {target}: " + ", ".join(_threshold(t) for t in ths))
+    out += _report(cal["report"])
+    tok = info["tokenizer"]
+    chat = tok["chat_template"] or tok.get("chat_template_error") or "none (lama chat needs --chat-template)"
+    out += ["", f"tokenizer: {', '.join(tok['files'])}; bos {tok['bos_id']}, eos {tok['eos_ids']}",
+            f"chat template: {chat}", "", "backends here:"]
+    for name, b in info["backends"].items():
+        if b["available"]:
+            extra = f" {b['version']}, providers: {', '.join(b['providers'])}" if "providers" in b else ""
+            out.append(f"  {name}: available{extra}")
+        else:
+            out.append(f"  {name}: not available ({b['reason'].splitlines()[0][:200]})")
+    return "\n".join(out)
