@@ -11,12 +11,21 @@ No torch, no transformers. A complete session::
 
     full = rt.generate("The old house", thresholds="never")  # the full model, for comparison
     strict = rt.generate("The old house", thresholds=0.99)   # another calibrated target
-    for record in rt.generate("The old house", stream=True):  # token by token
+    warm = rt.generate("The old house", temperature=0.7, top_p=0.9, stop=["\n\n"])  # sampled
+    for record in rt.stream("The old house"):                 # token by token
         print(record.text, end="", flush=True)
+
+    chat = [{"role": "user", "content": "Hello!"}]             # the export's own chat template
+    reply = rt.chat(chat)                                     # the KV cache is kept for the next turn
+
+On a device the same is on the command line: `lama generate`, `lama chat`, `lama inspect`.
 """
 
 from .manifest import Manifest, ManifestError, SCHEMA_VERSION
-from .results import GenerationResult, TokenRecord
+from .chat import ChatTemplate, ChatTemplateError
+from .results import GenerationResult, Stream, TokenRecord
 from .runtime import Runtime
+from .sampling import SamplingParams
 
-__all__ = ["Runtime", "Manifest", "ManifestError", "GenerationResult", "TokenRecord", "SCHEMA_VERSION"]
+__all__ = ["Runtime", "Manifest", "ManifestError", "GenerationResult", "Stream", "TokenRecord", "SCHEMA_VERSION",
+           "ChatTemplate", "ChatTemplateError", "SamplingParams"]

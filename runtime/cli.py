@@ -48,10 +48,15 @@ def missing_host_deps() -> list[str]:
 def _load(a: argparse.Namespace):
     from .runtime import Runtime
 
-    if sys.stderr.isatty() and not a.json:  # loading verifies checksums: seconds for a large export
-        print(f"loading {a.model_dir} ...", end="\r", file=sys.stderr, flush=True)
-    return Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy, threads=a.threads,
-                        chat_template=a.chat_template)
+    show = sys.stderr.isatty() and not a.json  # loading verifies checksums: seconds for a large export
+    note = f"loading {a.model_dir} (checking files) ..."
+    if show:
+        print(note, end="\r", file=sys.stderr, flush=True)
+    rt = Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy, threads=a.threads,
+                      chat_template=a.chat_template)
+    if show:
+        print(" " * len(note), end="\r", file=sys.stderr, flush=True)
+    return rt
 
 
 def _options(a: argparse.Namespace) -> dict:

@@ -143,7 +143,8 @@ class Runtime:
         if "topk_values" not in out:
             raise ManifestError("sampling needs logits, and this export has neither top-k nor full logits "
                                 "(it predates them): re-export, or use greedy decoding (temperature 0)")
-        return dense_logits(out["topk_values"], out["topk_indices"], self.manifest.model.vocab_size)
+        values, indices = np.asarray(out["topk_values"]), np.asarray(out["topk_indices"])  # from the GPU if there
+        return dense_logits(values, indices, self.manifest.model.vocab_size)
 
     # -- generation ----------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | np.ndarray, add_special_tokens: bool = True) -> np.ndarray:

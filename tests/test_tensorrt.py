@@ -637,6 +637,16 @@ def test_check_providers():
         check(["TensorrtExecutionProvider", "CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
+def test_sampling_reads_topk_logits_from_the_device(engines, fake_gpu):
+    """The heads' top-k logits stay on the GPU like the KV; sampling copies them back when it needs them."""
+    rt = Runtime.load(engines, providers="tensorrt")
+    greedy = rt.generate(PROMPT, 8, thresholds="never")
+    assert rt.generate(PROMPT, 8, thresholds="never", temperature=1.0, top_k=1).tokens == greedy.tokens
+    ref = Runtime.load(engines)  # onnxruntime on the same graphs
+    opts = dict(thresholds="never", temperature=1.0, top_p=0.9, seed=4)
+    assert rt.generate(PROMPT, 8, **opts).tokens == ref.generate(PROMPT, 8, **opts).tokens
+
+
 def test_runtime_stays_torch_free_with_tensorrt_module():
     code = ("import sys, runtime, runtime.tensorrt_backend, exporter.tensorrt_build; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
