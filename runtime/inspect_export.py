@@ -2,7 +2,8 @@
 
 Reads the manifest only (and the sizes of the files beside it), so it is instant on any
 device and works on exports whose backend is not installed here. `describe` returns plain
-data (what `--json` prints); `render` turns it into the text a person reads.
+data (what `--json` prints); `render` turns it into the text a person reads. (Not named
+`inspect.py`: a module of that name would shadow the standard library's when run as a script.)
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def describe(folder: str | Path) -> dict:
 
 def _policy(p: dict) -> str:
     if p.get("kind") == "budget":
-        return "compute budget " + ", ".join(f"{k} {v}" for k, v in p.items() if k != "kind")
+        mu = f", mu {p['mu']:.4g}" if isinstance(p.get("mu"), (int, float)) else ""
+        return f"compute budget {p.get('budget')} of the full model (EERO{mu})"
     text = f"agreement target {p.get('target')}"
     return text + (f" with probability >= {1 - p['delta']:g} (delta {p['delta']})" if p.get("delta") else
                    " (no guarantee mode: delta not set)")

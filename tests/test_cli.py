@@ -121,3 +121,17 @@ def test_clear_errors(calibrated, tmp_path):
     (dst / "chat_template.jinja").unlink()
     r = lama("chat", dst, stdin="hi\n", check=False)
     assert r.returncode == 2 and "has no chat template" in r.stderr and "--chat-template" in r.stderr
+
+
+def test_inspect_budget_policy_and_missing_file(calibrated, tmp_path):
+    from runtime.inspect_export import describe, render
+
+    dst = tmp_path / "budget"
+    shutil.copytree(calibrated, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["calibration"]["policy"] = {"kind": "budget", "budget": 0.6, "mu": 0.125}
+    (dst / "manifest.json").write_text(json.dumps(m))
+    (dst / "segment_01.onnx").unlink()
+    text = render(describe(dst))
+    assert "compute budget 0.6 of the full model (EERO, mu 0.125)" in text
+    assert "segment_01.onnx (" in text and "[FILE MISSING]" in text
