@@ -247,37 +247,44 @@ class Runtime:
     def _generate(self, ids: np.ndarray, max_new_tokens: int, reuse: bool, run: "_Run") -> Iterator[TokenRecord]:
         limit = self.manifest.model.max_context
         run.stopping.start = time.perf_counter()  # max_time counts from the first step, not from the call
+        # this generation owns the kept cache until it ends: a second stream started meanwhile
+        # finds none and pre-fills from scratch instead of sharing (and corrupting) this one
         kept, self._kept = self._kept, None
         reused = kept.reuse_for(ids) if (reuse and kept is not None) else None
         cache, run.cached = reused if reused else (self.new_cache(), 0)
         sampler, stopping = run.sampler, run.stopping
-        n = min(max_new_tokens, limit - len(ids))
-        if n == 0:
-            run.stop = "max_new_tokens" if max_new_tokens == 0 else "context"
-            return
         history = ids.tolist()  # the sequence so far: the repetition penalty looks at all of it
-        out_ids: list[int] = []
-        text, shown = "", 0
-        x = ids[run.cached:]
-        for i in range(n):
-            t0 = time.perf_counter()
-            self._kept = None  # a step that fails half-way leaves no broken cache behind
-            token, j, conf, logits = self.step(x, cache, run.thresholds, want_logits=not sampler.greedy)
-            if not sampler.greedy:
-                token = sampler.pick(logits[0], history)
-            dt = time.perf_counter() - t0
-            out_ids.append(token)
-            history.append(token)
-            self._kept = KeptSequence(history, cache)  # holds history[:cache.position]
-            text = self.tokenizer.decode(out_ids)
-            limit_reason = None if i < n - 1 else ("max_new_tokens" if n == max_new_tokens else "context")
-            run.stop, end = stopping.check(token, text, limit_reason)
-            layer = self.manifest.segments[j].layers[1]
-            yield TokenRecord(token, j, layer, conf, dt, text[shown:max(shown, end)], run.stop)
-            shown = max(shown, end)
-            if run.stop:
+        consistent = True  # False while a step runs: one that fails half-way leaves a broken cache
+        try:
+            n = min(max_new_tokens, limit - len(ids))
+            if n == 0:
+                run.stop = "max_new_tokens" if max_new_tokens == 0 else "context"
                 return
-            x = np.array([token], dtype=np.int64)
+            out_ids: list[int] = []
+            text, shown = "", 0
+            x = ids[run.cached:]
+            for i in range(n):
+                t0 = time.perf_counter()
+                consistent = False
+                token, j, conf, logits = self.step(x, cache, run.thresholds, want_logits=not sampler.greedy)
+                consistent = True
+                if not sampler.greedy:
+                    token = sampler.pick(logits[0], history)
+                dt = time.perf_counter() - t0
+                out_ids.append(token)
+                history.append(token)
+                text = self.tokenizer.decode(out_ids)
+                limit_reason = None if i < n - 1 else ("max_new_tokens" if n == max_new_tokens else "context")
+                run.stop, end = stopping.check(token, text, limit_reason)
+                layer = self.manifest.segments[j].layers[1]
+                yield TokenRecord(token, j, layer, conf, dt, text[shown:max(shown, end)], run.stop)
+                shown = max(shown, end)
+                if run.stop:
+                    return
+                x = np.array([token], dtype=np.int64)
+        finally:  # finished, closed or failed: hand the cache back for the next call to reuse
+            if consistent and cache.position > 0:
+                self._kept = KeptSequence(history, cache)  # holds history[:cache.position]
 
 
 @dataclass

@@ -186,3 +186,16 @@ def test_truncated_cache_equals_a_fresh_one(chat_export):
         truncate(cache, 99)
     kept = KeptSequence(ids, cache)
     assert kept.reuse_for(ids[:1]) is None  # nothing to reuse: the one token must be fed
+
+
+def test_interleaved_streams_do_not_share_a_cache(chat_export):
+    rt = Runtime.load(chat_export[0])
+    conv = [{"role": "user", "content": "Hello there"}]
+    ref = Runtime.load(chat_export[0])
+    want_a, want_b = ref.chat(conv, 8).tokens, ref.chat(conv, 8).tokens
+    a = rt.chat_stream(conv, 8)
+    next(a)
+    b = rt.chat(conv, 8)  # while `a` is suspended: must not reuse (and mutate) a's cache
+    assert b.cached_tokens == 0 and b.tokens == want_a
+    assert a.result().tokens == want_a
+    assert rt.chat(conv, 8).cached_tokens > 0 and want_b == want_a
