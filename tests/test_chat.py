@@ -91,8 +91,7 @@ def test_template_travels_in_the_export(chat_export):
     rt = Runtime.load(folder)
     assert rt.manifest.tokenizer.chat_template == "chat_template.jinja"
     conv = CONVERSATIONS[1]
-    ref = bb.tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
-    ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+    ref = bb.tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert rt.chat_ids(conv).tolist() == list(ref)
 
 
@@ -198,4 +197,5 @@ def test_interleaved_streams_do_not_share_a_cache(chat_export):
     b = rt.chat(conv, 8)  # while `a` is suspended: must not reuse (and mutate) a's cache
     assert b.cached_tokens == 0 and b.tokens == want_a
     assert a.result().tokens == want_a
-    assert rt.chat(conv, 8).cached_tokens > 0 and want_b == want_a
+    again = rt.chat(conv, 8)  # now the kept cache is a's
+    assert again.cached_tokens == len(again.prompt_tokens) - 1 and again.tokens == want_b == want_a

@@ -138,6 +138,16 @@ def test_every_eos_id_stops(chat_export, tmp_path):
     assert rt.generate(PROMPT, 24, stop_at_eos=False).tokens == tokens
 
 
+def test_export_records_every_eos_id():
+    from types import SimpleNamespace as NS
+
+    from exporter.onnx_export import _eos_ids
+
+    assert _eos_ids(NS(eos_token_id=2), NS(generation_config=NS(eos_token_id=[2, 7]))) == (2, 7)
+    assert _eos_ids(NS(eos_token_id=None), NS(generation_config=NS(eos_token_id=5))) == (5,)
+    assert _eos_ids(NS(eos_token_id=None), None) == ()
+
+
 def test_limits_time_and_cancellation(chat_export):
     rt = Runtime.load(chat_export[0])
     assert rt.generate(PROMPT, 5).stop_reason == "max_new_tokens"
