@@ -127,7 +127,8 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[dict]:
     """Messages as transformers passes them to the template: plain dicts, keys with None dropped,
     reasoning copied under the names templates read."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ChatTemplateError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+        raise ChatTemplateError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                                f"got {type(messages).__name__}")
     if not messages:
         raise ChatTemplateError("the conversation is empty: give at least one message")
     out = []

@@ -59,10 +59,17 @@ def _load(a: argparse.Namespace):
     return rt
 
 
+def unescape(text: str) -> str:
+    """`--stop "\\n\\n"` from a shell arrives as backslashes: read \\n, \\t, \\\\ as Python does
+    (non-ASCII text passes through unchanged)."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 def _options(a: argparse.Namespace) -> dict:
     thresholds = "never" if a.full else a.target
+    stop = [unescape(s) for s in a.stop] if a.stop else None
     return dict(thresholds=thresholds, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop or None,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, stop=stop,
                 stop_at_eos=not a.ignore_eos, max_time=a.max_time)
 
 
@@ -176,7 +183,8 @@ def _generation_args() -> argparse.ArgumentParser:
     s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     s.add_argument("--seed", type=int, default=0)
     t = p.add_argument_group("stopping")
-    t.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); cut from the output")
+    t.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string (repeatable; \\n and \\t are understood); cut from the output")
     t.add_argument("--max-time", type=float, help="seconds per generation")
     t.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
     p.add_argument("--json", action="store_true", help="print JSON for scripts instead of streaming text")

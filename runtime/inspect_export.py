@@ -102,9 +102,10 @@ def _policy(p: dict) -> str:
 def _report(rep: dict) -> list[str]:
     if not rep:
         return ["  (no held-out report in this export)"]
+    nan = float("nan")
     lines = [f"  {rep.get('split', 'report')}: {rep.get('tokens', '?')} tokens, overall agreement "
-             f"{rep.get('agreement', float('nan')):.4f}, layers computed {rep.get('layers_fraction', float('nan')):.3f} "
-             f"of the full model, compute incl. checks {rep.get('compute_fraction', float('nan')):.3f}"]
+             f"{rep.get('agreement', nan):.4f}, layers computed {rep.get('layers_fraction', nan):.3f} "
+             f"of the full model, compute incl. checks {rep.get('compute_fraction', nan):.3f}"]
     for e in rep.get("exits", []):
         agree = "-" if e.get("agreement") is None else f"{e['agreement']:.3f}"
         lines.append(f"    exit after layer {e.get('exit_layer')}: threshold {_threshold(e.get('threshold'))}, "

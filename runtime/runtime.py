@@ -223,6 +223,8 @@ class Runtime:
         stopping = Stopping.build(self.manifest.tokenizer.eos_ids if stop_at_eos else (), options.pop("stop", None),
                                   options.pop("max_time", None), options.pop("cancel", None))
         reuse = bool(options.pop("reuse_cache", False))
+        if "stream" in options:
+            raise TypeError("generate() always returns a GenerationResult: use Runtime.stream(...) for records")
         try:
             params = SamplingParams(**options)
         except TypeError:

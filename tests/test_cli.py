@@ -135,3 +135,9 @@ def test_inspect_budget_policy_and_missing_file(calibrated, tmp_path):
     text = render(describe(dst))
     assert "compute budget 0.6 of the full model (EERO, mu 0.125)" in text
     assert "segment_01.onnx (" in text and "[FILE MISSING]" in text
+
+
+def test_stop_strings_from_a_shell_understand_escapes():
+    from runtime.cli import unescape
+
+    assert unescape("a\\n\\nb") == "a\n\nb" and unescape("é\\t中") == "é\t中" and unescape("x\\\\n") == "x\\n"

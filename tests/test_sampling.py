@@ -99,6 +99,8 @@ def test_sampling_is_seeded_and_varies(chat_export):
     assert a.tokens != rt.generate(PROMPT, 24).tokens
     with pytest.raises(TypeError, match="unknown generation options"):
         rt.generate(PROMPT, 4, temprature=1.0)
+    with pytest.raises(TypeError, match="use Runtime.stream"):
+        rt.generate(PROMPT, 4, stream=True)
 
 
 # -- stopping -----------------------------------------------------------------------------------
