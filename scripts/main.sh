@@ -21,5 +21,9 @@ DATA=()
 if [ -n "${LAMA_DATA:-}" ]; then DATA=(--data "$LAMA_DATA"); fi
 lama train "$MODEL" --out "$RUN/ckpt" "${DATA[@]}"
 lama export "$RUN/ckpt" --out "$RUN/onnx"
+lama inspect "$RUN/onnx"   # what the export holds: segments, exits, thresholds per target, backends here
 lama generate "$RUN/onnx" "$PROMPT" --max-new-tokens 48
 lama generate "$RUN/onnx" "$PROMPT" --max-new-tokens 48 --full   # the same graphs with every exit off, for comparison
+if [ -f "$RUN/onnx/chat_template.jinja" ]; then  # an instruction-tuned model: one turn with its own chat template
+  echo "What is the capital of France?" | lama chat "$RUN/onnx" --max-new-tokens 48
+fi
