@@ -157,9 +157,14 @@ def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
 
 
 def export(checkpoint: str | Path, *, out: str | Path, precision: str = "fp32", backend: str = "onnx",
-           with_logits: bool = False, workspace_gb: float = 2.0, backbone=None) -> Path:
-    """Split the checkpoint into per-segment graphs (+ TensorRT engines) with a manifest."""
+           with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
+           kv_capacity: int | None = None, backbone=None) -> Path:
+    """Split the checkpoint into per-segment graphs (+ TensorRT engines) with a manifest.
+
+    kv: "concat" (past in, past+new out) or "buffer" (GroupQueryAttention on preallocated
+    buffers updated in place; kv_capacity positions, default the model's context); None
+    picks the default for the backend."""
     from .onnx_export import export as _export
 
     return _export(checkpoint, out, precision=precision, backend=backend, with_logits=with_logits,
-                   workspace_gb=workspace_gb, backbone=backbone)
+                   workspace_gb=workspace_gb, kv=kv, kv_capacity=kv_capacity, backbone=backbone)

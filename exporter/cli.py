@@ -52,7 +52,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     from . import api
 
     out = api.export(a.checkpoint, out=a.out, precision=a.precision, backend=a.backend,
-                     with_logits=a.with_logits, workspace_gb=a.workspace_gb)
+                     with_logits=a.with_logits, workspace_gb=a.workspace_gb, kv=a.kv, kv_capacity=a.kv_capacity)
     print(f"exported to {out}")
 
 
@@ -90,6 +90,12 @@ def add_host_commands(sub) -> None:
                    help="also output full logits (every export samples over the heads' top-64 logits; "
                         "this widens sampling to the whole vocabulary)")
     e.add_argument("--workspace-gb", type=float, default=2.0, help="TensorRT builder workspace limit")
+    e.add_argument("--kv", choices=["concat", "buffer"], default=None,
+                   help="KV cache layout: 'buffer' = preallocated buffers updated in place by onnxruntime's "
+                        "GroupQueryAttention (Llama family, onnxruntime CPU; cost flat with context); 'concat' = "
+                        "past in, past+new out (any family, TensorRT). Default: buffer where supported")
+    e.add_argument("--kv-capacity", type=int, default=None,
+                   help="positions each KV buffer holds (--kv buffer; default: the model's context length)")
     e.set_defaults(func=cmd_export)
 
 

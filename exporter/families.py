@@ -110,6 +110,27 @@ class Family:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden))
 
+    # -- KV buffer (GroupQueryAttention) ---------------------------------------------------
+    def check_kv_buffer(self) -> None:
+        """Raise if this family's attention cannot run through GroupQueryAttention."""
+        raise UnsupportedArchitecture(
+            f"--kv buffer (GroupQueryAttention on a preallocated KV buffer) is not implemented for the "
+            f"{self.name} family; export it with --kv concat")
+
+    def rope_cache(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables (length, head_dim/2) for positions 0..length-1, from the model's own rotary module."""
+        rotary = self.base().rotary_emb
+        pos = torch.arange(length).unsqueeze(0)
+        cos, sin = rotary(torch.zeros((), dtype=torch.float32), pos)  # (1, length, head_dim), halves repeated
+        half = cos.shape[-1] // 2
+        return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
+
+    def run_layer_buffer(self, index: int, hidden, past: tuple, seqlens_k, total, rope: tuple):
+        """Decoder layer `index` with its attention on the KV buffers `past` (see gqa.py):
+        returns (hidden, (present_key, present_value)). Families that support it override this."""
+        self.check_kv_buffer()
+        raise NotImplementedError
+
     def shape(self) -> ModelShape:
         c = self.config
         heads = c.num_attention_heads
@@ -131,6 +152,40 @@ class LlamaFamily(Family):
 
     def base(self) -> nn.Module:
         return self.model.model
+
+    def check_kv_buffer(self) -> None:
+        windowed = [i for i, layer in enumerate(self.layers)
+                    if getattr(layer.self_attn, "sliding_window", None) is not None]
+        if windowed or (self.config.model_type == "mistral" and getattr(self.config, "sliding_window", None)):
+            raise UnsupportedArchitecture(
+                "--kv buffer does not support sliding-window attention yet (layers "
+                f"{windowed or 'all'}); export with --kv concat")
+        head_dim = self.shape().head_dim
+        if head_dim % 16:
+            raise UnsupportedArchitecture(f"--kv buffer needs a head size that is a multiple of 16 "
+                                          f"(GroupQueryAttention); this model's is {head_dim}")
+        rope = getattr(self.config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") == "dynamic":
+            raise UnsupportedArchitecture("--kv buffer needs fixed RoPE tables; dynamic RoPE scaling is not supported")
+
+    def run_layer_buffer(self, index, hidden, past, seqlens_k, total, rope):
+        """The decoder layer written out so attention is one GroupQueryAttention node.
+
+        Same computation as the transformers layer (pre-norm, q/k/v projections, attention,
+        o_proj, residual, post-norm MLP, residual); RoPE is applied inside the op from the
+        cos/sin tables `rope`. Returns the hidden states and the (present_key, present_value) buffers.
+        """
+        from .gqa import gqa
+
+        layer = self.layers[index]
+        attn = layer.self_attn
+        h = layer.input_layernorm(hidden)
+        out, pk, pv = gqa(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), past[0], past[1], seqlens_k, total,
+                          *rope, num_heads=self.config.num_attention_heads, kv_heads=self.shape().num_kv_heads,
+                          scale=attn.scaling)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden, (pk, pv)
 
 
 class GPTNeoXFamily(Family):

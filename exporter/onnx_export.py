@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from runtime.manifest import (CalibrationInfo, ExitSpec, GraphSpec, Manifest, ModelInfo, SegmentSpec,
-                              TokenizerInfo, _target_key)
+from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, ExitSpec, GraphSpec, KVCacheInfo, Manifest, ModelInfo,
+                              SegmentSpec, TokenizerInfo, _target_key)
 from runtime.verify import sha256
 
 from .checkpoint import read_config, read_scores
@@ -28,7 +28,7 @@ EXPORTER_VERSION = "0.1.0"
 OPSET = 17
 TARGETS = (0.8, 0.9, 0.95, 0.99)  # thresholds shipped for run-time switching
 EXTERNAL_DATA_BYTES = 1 << 30  # segments above this keep weights in a side file (protobuf's 2 GB limit)
-TRACE = {"batch": 2, "sequence": 5, "past": 3}
+TRACE = {"batch": 2, "sequence": 5, "past": 3, "spare": 4}
 DIMS = {"batch": {"min": 1, "opt": 1, "max": 8}, "sequence": {"min": 1, "opt": 1, "max": None},
         "past": {"min": 0, "opt": 256, "max": None}}
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
@@ -49,6 +49,12 @@ def _dummy_inputs(inputs, dtype: torch.dtype, vocab: int):
             out.append(torch.ones(b, p + s, dtype=torch.int64))
         elif spec.role == "position_ids":
             out.append(torch.arange(p, p + s).unsqueeze(0).repeat(b, 1))
+        elif spec.role == "seqlens_k":  # KV buffer: positions [p, p + s) are written, p + s are valid after
+            out.append(torch.full((b,), p + s - 1, dtype=torch.int32))
+        elif spec.role == "total_sequence_length":
+            out.append(torch.tensor(p + s, dtype=torch.int32))
+        elif spec.shape[2] == "capacity":  # KV buffer, with room to spare
+            out.append(torch.randn(b, spec.shape[1], p + s + TRACE["spare"], spec.shape[3], generator=g).to(dtype))
         else:  # past key / value
             out.append(torch.randn(b, spec.shape[1], p, spec.shape[3], generator=g).to(dtype))
     return tuple(out)
@@ -68,7 +74,8 @@ def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Pat
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=[t.name for t in inputs],
                           output_names=[t.name for t in outputs],
-                          dynamic_axes=_dynamic_axes(inputs + outputs), opset_version=OPSET, dynamo=False)
+                          dynamic_axes=_dynamic_axes(inputs + outputs), opset_version=OPSET, dynamo=False,
+                          custom_opsets={"com.microsoft": 1} if getattr(module, "kv", "") == "buffer" else None)
     model = onnx.load(str(path))
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
@@ -109,8 +116,41 @@ def _tokenizer_info(tokenizer, folder: Path, model=None) -> TokenizerInfo:
                          chat_template=TEMPLATE_FILE if (folder / TEMPLATE_FILE).is_file() else None)
 
 
+def check_kv_options(kv: str | None, backend: str, capacity: int | None) -> None:
+    """Conflicts between --kv, --kv-capacity and --backend, found before anything slow runs."""
+    if kv is not None and kv not in KV_LAYOUTS:
+        raise ValueError(f"unknown KV layout {kv!r}; choose one of {KV_LAYOUTS}")
+    if kv == "buffer" and backend == "tensorrt":
+        raise ValueError("--kv buffer uses onnxruntime's GroupQueryAttention, which TensorRT cannot build; "
+                         "use --kv concat with --backend tensorrt")
+    if capacity is not None and (kv == "concat" or backend == "tensorrt"):
+        raise ValueError("--kv-capacity only applies to --kv buffer")
+
+
+def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_context: int) -> KVCacheInfo:
+    """The KV layout to export: "buffer" where the family and backend support it (it keeps the
+    per-token cost flat with context, benchmarks/kv_buffer_probe.py), unless asked otherwise."""
+    from .families import UnsupportedArchitecture
+
+    check_kv_options(kv, backend, capacity)
+    if kv is None:
+        try:
+            family.check_kv_buffer()
+            kv = "buffer" if backend == "onnx" else "concat"
+        except UnsupportedArchitecture:
+            kv = "concat"
+    if kv == "concat":
+        return KVCacheInfo("concat")
+    family.check_kv_buffer()  # a clear error for families without it
+    capacity = max_context if capacity is None else capacity
+    if not 1 <= capacity <= max_context:
+        raise ValueError(f"--kv-capacity must be between 1 and the model's context ({max_context}), got {capacity}")
+    return KVCacheInfo("buffer", capacity)
+
+
 def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
-           with_logits: bool = False, workspace_gb: float = 2.0, backbone=None) -> Path:
+           with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
+           kv_capacity: int | None = None, backbone=None) -> Path:
     from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone
     from .calibrate import calibrate_thresholds
@@ -119,6 +159,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
         raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
     if backend not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}; choose onnx or tensorrt")
+    check_kv_options(kv, backend, kv_capacity)
     if backend == "tensorrt":
         from .tensorrt_build import check_can_build
 
@@ -126,6 +167,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     checkpoint, out = Path(checkpoint), Path(out)
     config = read_config(checkpoint)
     bb = backbone or load_backbone(config.source)
+    kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
     heads = load_heads(checkpoint, bb, config)
     dtype = DTYPES[precision][0]
     bb.model.to(dtype)
@@ -155,7 +197,8 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 head_specs.append(GraphSpec(path.name, *_file_facts(path), tuple(h_in), tuple(h_out)))
         bounds = segment_bounds(config.exits, shape.num_layers)
         for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
-            seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates).eval()
+            seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates, kv=kv_info.layout,
+                          capacity=kv_info.capacity).eval()
             path = tmp / f"segment_{i:02d}.onnx"
             inputs, outputs = io_specs(seg, dname)
             inputs = export_graph(seg, inputs, outputs, path, precision, shape.vocab_size)
@@ -172,7 +215,10 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
             tokenizer=tok, segments=tuple(specs),
             calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
                                         config.calibration.get("heldout", {})),
-            precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context}},
+            precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context},
+                                       **({"capacity": {"min": 1, "opt": kv_info.capacity, "max": kv_info.capacity}}
+                                          if kv_info.layout == "buffer" else {})},
+            kv_cache=kv_info,
             heads=tuple(head_specs),
             exporter_version=EXPORTER_VERSION)
         if backend == "tensorrt":

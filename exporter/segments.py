@@ -9,6 +9,12 @@ small numbers per segment instead of a vocabulary of logits; the head's TOPK lar
 `with_logits`). Segment 0 also embeds the
 tokens; the last segment ends with the model's own norm + LM head.
 
+Two KV layouts (`kv=`): "concat" takes past K/V and returns present = concat(past, new),
+so the runtime's cache is copied every token; "buffer" runs attention through
+onnxruntime's GroupQueryAttention on a preallocated buffer (B, kv_heads, capacity, head_dim)
+that the runtime binds as both past and present (see gqa.py), with two extra inputs,
+`seqlens_k` (B,) = total length - 1 and `total_sequence_length` (scalar), both int32.
+
 Tensor names are defined once here (`io_specs`) and recorded in the manifest by role.
 """
 
@@ -17,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.manifest import TensorSpec
+from runtime.manifest import KV_LAYOUTS, TensorSpec
 
 from .backbone import Backbone
 from .families import LayerCache, causal_mask
@@ -39,8 +45,21 @@ def segment_bounds(exits: list[int], num_layers: int) -> list[tuple[int, int]]:
 
 class Segment(nn.Module):
     def __init__(self, backbone: Backbone, heads: ExitHeads | None, index: int, layers: tuple[int, int],
-                 confidence_kind: str = "top1", with_logits: bool = False, gates=None):
+                 confidence_kind: str = "top1", with_logits: bool = False, gates=None, kv: str = "concat",
+                 capacity: int | None = None):
         super().__init__()
+        if kv not in KV_LAYOUTS:
+            raise ValueError(f"unknown KV layout {kv!r}; choose one of {KV_LAYOUTS}")
+        self.kv = kv
+        if kv == "buffer":
+            backbone.family.check_kv_buffer()
+            if not capacity or capacity < 1:
+                raise ValueError("--kv buffer needs a positive capacity (the longest context the buffer holds)")
+            dtype = next(backbone.model.parameters()).dtype
+            cos, sin = backbone.family.rope_cache(capacity)
+            # graph constants: GroupQueryAttention rotates q/k itself at positions T-S .. T-1
+            self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
+            self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
         self.family = backbone.family
         self.first, self.end = layers
         self.index = index
@@ -57,17 +76,14 @@ class Segment(nn.Module):
         # register the layers so .half()/.to() reach them; forward still goes through the family adapter
         self.layers = nn.ModuleList(backbone.family.layers[i] for i in range(self.first, self.end))
 
-    def forward(self, x, attention_mask, position_ids, *past_flat):
+    def forward(self, x, attention_mask, position_ids, *rest):
         # x: input_ids (B, S) for segment 0, else hidden (B, S, D)
-        dtype = self.layers[0].parameters().__next__().dtype
+        # rest: concat layout: past K/V per layer; buffer layout: seqlens_k, total_sequence_length, then buffers
         hidden = self.family.embed(x, position_ids) if self.is_first else x
-        seq = hidden.shape[1]
-        mask = causal_mask(attention_mask, seq, dtype)
-        pos_emb = self.family.position_embeddings(hidden, position_ids)
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        cache = LayerCache(self.first, past)
-        for i in range(self.first, self.end):
-            hidden = self.family.run_layer(i, hidden, mask, position_ids, pos_emb, cache)
+        if self.kv == "buffer":
+            hidden, presents = self._layers_buffer(hidden, *rest)
+        else:
+            hidden, presents = self._layers_concat(hidden, attention_mask, position_ids, rest)
         last = hidden[:, -1, :]  # (B, D): the head only runs where the runtime needs a decision
         if self.gated:
             outs = [self.gates.score(self.index, last), self.heads.head_input(self.index, last)]
@@ -80,21 +96,45 @@ class Segment(nn.Module):
                 outs.append(logits.float())
         if not self.is_last:
             outs.append(hidden)
-        for k, v in cache.presents():
+        for k, v in presents:
             outs += [k, v]
         return tuple(outs)
+
+    def _layers_concat(self, hidden, attention_mask, position_ids, past_flat):
+        dtype = self.layers[0].parameters().__next__().dtype
+        mask = causal_mask(attention_mask, hidden.shape[1], dtype)
+        pos_emb = self.family.position_embeddings(hidden, position_ids)
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        cache = LayerCache(self.first, past)
+        for i in range(self.first, self.end):
+            hidden = self.family.run_layer(i, hidden, mask, position_ids, pos_emb, cache)
+        return hidden, cache.presents()
+
+    def _layers_buffer(self, hidden, seqlens_k, total, *buffers):
+        presents = []
+        for n, i in enumerate(range(self.first, self.end)):
+            hidden, kv = self.family.run_layer_buffer(i, hidden, (buffers[2 * n], buffers[2 * n + 1]), seqlens_k,
+                                                      total, (self.rope_cos, self.rope_sin))
+            presents.append(kv)
+        return hidden, presents
 
 
 def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of a segment graph, in the positional order of Segment.forward."""
     D = seg.family.shape().hidden_size
     shape = seg.family.shape()
-    kv = ("batch", shape.num_kv_heads, "past", shape.head_dim)
-    kv_out = ("batch", shape.num_kv_heads, "total", shape.head_dim)
+    if seg.kv == "buffer":  # past and present are one buffer: same shape
+        kv = kv_out = ("batch", shape.num_kv_heads, "capacity", shape.head_dim)
+    else:
+        kv = ("batch", shape.num_kv_heads, "past", shape.head_dim)
+        kv_out = ("batch", shape.num_kv_heads, "total", shape.head_dim)
     inputs = [TensorSpec("input_ids", "input_ids", "int64", ("batch", "sequence")) if seg.is_first
               else TensorSpec("hidden", "hidden", dtype, ("batch", "sequence", D)),
               TensorSpec("attention_mask", "attention_mask", "int64", ("batch", "total")),
               TensorSpec("position_ids", "position_ids", "int64", ("batch", "sequence"))]
+    if seg.kv == "buffer":
+        inputs += [TensorSpec("seqlens_k", "seqlens_k", "int32", ("batch",)),
+                   TensorSpec("total_sequence_length", "total_sequence_length", "int32", ())]
     for layer in range(seg.first, seg.end):
         inputs += [TensorSpec("past_key", f"past_key.{layer}", dtype, kv, layer),
                    TensorSpec("past_value", f"past_value.{layer}", dtype, kv, layer)]

@@ -7,6 +7,7 @@ here (`available()`), so the runtime and the tests can say why a path is skipped
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -78,6 +79,51 @@ class OnnxRuntimeBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
         return dict(zip(self.output_names, outs))
+
+    # -- in-place KV buffers (layout "buffer", runtime/kv_buffer.py) -----------------------
+    def bind_inplace(self, pairs: list[tuple[str, str, np.ndarray]]) -> "InPlaceBinding":
+        """An IOBinding in which each (input, output, array) reads and writes `array` itself.
+
+        The graph's GroupQueryAttention then updates the buffer in place: no copy of the
+        cache per call. The arrays must stay alive (and C-contiguous) as long as the binding.
+        """
+        import onnxruntime as ort
+
+        if self.providers[0] != "CPUExecutionProvider":
+            raise ManifestError(f"the KV buffer layout runs on onnxruntime's CPU provider only (this session "
+                                f"uses {self.providers[0]}); export with --kv concat for other providers")
+        io = self.session.io_binding()
+        bound = {o for _, o, _ in pairs}
+        free = [n for n in self.output_names if n not in bound]
+        for name in free:  # bound first so that they are get_outputs()[0 : len(free)]
+            io.bind_output(name)
+        for i, o, arr in pairs:
+            if not arr.flags.c_contiguous:
+                raise ValueError(f"KV buffer for {i} must be C-contiguous")
+            value = ort.OrtValue.ortvalue_from_numpy(arr)  # a view of the array's memory
+            io.bind_ortvalue_input(i, value)
+            io.bind_ortvalue_output(o, value)
+        return InPlaceBinding(io, free, pairs)
+
+    def run_bound(self, binding: "InPlaceBinding", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with the KV buffers of `binding`; `feeds` are the per-call inputs. Returns the
+        outputs that are not bound (token, confidence, hidden states, ...) as numpy arrays."""
+        io = binding.io
+        for k, v in feeds.items():
+            if k in self.input_names:
+                io.bind_cpu_input(k, v)
+        for name in binding.free:  # re-bind: their shapes change between calls (sequence length)
+            io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        return {name: outs[i].numpy() for i, name in enumerate(binding.free)}
+
+
+@dataclass
+class InPlaceBinding:
+    io: object  # onnxruntime.IOBinding
+    free: list[str]  # outputs onnxruntime allocates per call, in get_outputs() order
+    pairs: list[tuple[str, str, np.ndarray]]  # (input, output, buffer): keeps the buffers alive
 
 
 def open_backend(folder: Path, seg: SegmentSpec, providers: list[str] | str | None = None,

@@ -9,7 +9,9 @@ Tensor names are not hard-coded in the runtime: each segment lists its inputs an
 by *role* (``input_ids``, ``hidden``, ``attention_mask``, ``position_ids``, ``past_key``,
 ``past_value``, ``hidden_out``, ``present_key``, ``present_value``, ``token``,
 ``confidence``, ``topk_values``, ``topk_indices``, ``logits``), and per-layer roles carry the
-global layer index. The head's top-k size is the second dimension of ``topk_values``.
+global layer index. The head's top-k size is the second dimension of ``topk_values``. Exports with
+the KV buffer layout (schema 2, `kv_cache.layout == "buffer"`) add ``seqlens_k`` and
+``total_sequence_length``, and their past/present pairs name one preallocated buffer.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FORMAT = "lama-manifest"
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2  # 2: kv_cache (layout concat | buffer); a v1 manifest reads as layout concat
+SUPPORTED_VERSIONS = (1, 2)
+KV_LAYOUTS = ("concat", "buffer")
 MANIFEST_FILE = "manifest.json"
 
 
@@ -113,6 +116,27 @@ class CalibrationInfo:
 
 
 @dataclass(frozen=True)
+class KVCacheInfo:
+    """How segments take and give back their KV cache.
+
+    "concat": past K/V in, present = concat(past, new) out (the runtime keeps the returned
+    arrays; every token copies the cache). "buffer": attention is onnxruntime's
+    GroupQueryAttention on a preallocated (batch, kv_heads, capacity, head_dim) buffer per
+    layer that the runtime binds as both past and present; inputs seqlens_k and
+    total_sequence_length say where the valid part ends. Needs onnxruntime's CPU provider.
+    """
+
+    layout: str = "concat"
+    capacity: int | None = None  # buffer: positions a buffer holds (the RoPE tables cover them)
+
+    def __post_init__(self) -> None:
+        if self.layout not in KV_LAYOUTS:
+            raise ManifestError(f"unknown KV layout {self.layout!r}; this runtime knows {list(KV_LAYOUTS)}")
+        if self.layout == "buffer" and (not isinstance(self.capacity, int) or self.capacity < 1):
+            raise ManifestError(f"KV layout 'buffer' needs a positive integer capacity, got {self.capacity!r}")
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     tokenizer: TokenizerInfo
@@ -122,6 +146,7 @@ class Manifest:
     dims: dict  # named dims -> {"min", "opt", "max"} (TensorRT profiles, runtime checks)
     heads: tuple[GraphSpec, ...] = ()
     kv_layout: str = "batch,kv_heads,position,head_dim"
+    kv_cache: KVCacheInfo = field(default_factory=KVCacheInfo)
     exporter_version: str = ""
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
@@ -163,6 +188,7 @@ class Manifest:
                 segments=segs,
                 calibration=CalibrationInfo(**{**cal, "thresholds": tuple(cal["thresholds"])}),
                 precision=d["precision"], dims=d["dims"], heads=heads, kv_layout=d.get("kv_layout", ""),
+                kv_cache=KVCacheInfo(**d["kv_cache"]) if "kv_cache" in d else KVCacheInfo(),
                 exporter_version=d.get("exporter_version", ""), format=d["format"], schema_version=v)
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None

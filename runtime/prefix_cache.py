@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kv_buffer import KVBufferCache
 from .kv_cache import KVCache
 
 
@@ -35,6 +36,9 @@ def truncate(cache: KVCache, p: int) -> bool:
     arrays this module cannot slice."""
     if p > cache.position:
         raise ValueError(f"cannot keep {p} positions of a cache that holds {cache.position}")
+    if isinstance(cache, KVBufferCache):  # preallocated buffers: a shorter valid length is the whole cut
+        cache.truncate(p)
+        return True
     arrays = [a for st in cache.segments for a in (*st.keys, *st.values)]
     if p < cache.position and not all(isinstance(a, np.ndarray) for a in arrays):
         return False

@@ -24,6 +24,7 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .kv_cache import KVCache
+from .kv_buffer import KVBufferCache
 from .manifest import Manifest, ManifestError, SegmentSpec
 from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .prefix_cache import KeptSequence
@@ -61,6 +62,11 @@ class Runtime:
         verify_files(folder, manifest, checksums=verify)
         if kv_policy not in ("defer", "copy"):
             raise ValueError(f"unknown KV policy {kv_policy!r}; choose defer or copy")
+        wanted = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
+        if manifest.kv_cache.layout == "buffer" and wanted != ["CPUExecutionProvider"]:
+            raise ManifestError(f"this export uses the KV buffer layout (onnxruntime's GroupQueryAttention on "
+                                f"buffers bound in host memory), which runs on the CPU provider only here, not "
+                                f"on {wanted}; export with --kv concat for GPUs and TensorRT")
         backends = [open_backend(folder, s, providers, threads) for s in manifest.segments]
         heads = [open_backend(folder, h, providers, threads) for h in manifest.heads]
         from tokenizers import Tokenizer
@@ -91,10 +97,29 @@ class Runtime:
         return [float("inf") if t is None else float(t) for t in values]
 
     # -- one step ------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        """Positions a generation may reach: the model's context, or the KV buffers' capacity."""
+        kv = self.manifest.kv_cache
+        return min(self.manifest.model.max_context, kv.capacity) if kv.layout == "buffer" else self.manifest.model.max_context
+
     def new_cache(self) -> KVCache:
         m = self.manifest.model
         layers = [s.layers[1] - s.layers[0] for s in self.manifest.segments]
+        if self.manifest.kv_cache.layout == "buffer":
+            return KVBufferCache.allocate(layers, m.num_kv_heads, m.head_dim, self.max_context, self.dtype,
+                                          self.kv_policy)
         return KVCache.empty(layers, m.num_kv_heads, m.head_dim, self.dtype, self.kv_policy)
+
+    def _run_segment(self, j: int, seg: SegmentSpec, backend: Backend, x: np.ndarray, cache: KVCache,
+                     end: int) -> dict:
+        """Run segment j and keep its new KV: returned arrays (concat), or written in place (buffer)."""
+        if isinstance(cache, KVBufferCache):
+            return cache.run(j, seg, backend, x, end)
+        out = backend.run(self._feeds(seg, x, cache, j, end))
+        cache.store(j, [out[s.name] for s in seg.per_layer(seg.outputs, "present_key")],
+                    [out[s.name] for s in seg.per_layer(seg.outputs, "present_value")])
+        return out
 
     def _feeds(self, seg: SegmentSpec, x: np.ndarray, cache: KVCache, j: int, end: int) -> dict:
         st = cache.segments[j]
@@ -119,9 +144,7 @@ class Runtime:
                 begin = cache.segments[j].length
                 x = cache.segment_input(j, hidden, start).astype(self.dtype, copy=False)
                 start = begin
-            out = backend.run(self._feeds(seg, x, cache, j, end))
-            cache.store(j, [out[s.name] for s in seg.per_layer(seg.outputs, "present_key")],
-                        [out[s.name] for s in seg.per_layer(seg.outputs, "present_value")])
+            out = self._run_segment(j, seg, backend, x, cache, end)
             conf = float(out["confidence"][0])
             if seg.exit is None:
                 cache.position = end
@@ -232,9 +255,10 @@ class Runtime:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         ids = self.encode(prompt)
-        limit = self.manifest.model.max_context
+        limit = self.max_context
         if len(ids) >= limit:
-            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
+            what = "KV buffer capacity" if self.manifest.kv_cache.layout == "buffer" else "model's context"
+            raise ValueError(f"prompt is {len(ids)} tokens; the {what} is {limit}")
         run = _Run(ids.tolist(), stopping, Sampler(params), self.resolve_thresholds(thresholds))
 
         def finish(records: list[TokenRecord]) -> GenerationResult:
@@ -247,7 +271,7 @@ class Runtime:
         return Stream(self._generate(ids, max_new_tokens, reuse, run), finish)
 
     def _generate(self, ids: np.ndarray, max_new_tokens: int, reuse: bool, run: "_Run") -> Iterator[TokenRecord]:
-        limit = self.manifest.model.max_context
+        limit = self.max_context
         run.stopping.start = time.perf_counter()  # max_time counts from the first step, not from the call
         # this generation owns the kept cache until it ends: a second stream started meanwhile
         # finds none and pre-fills from scratch instead of sharing (and corrupting) this one

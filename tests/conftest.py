@@ -26,6 +26,10 @@ def tiny_model(family: str, seed: int = 0, layers: int = 4):
         cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           tie_word_embeddings=True, initializer_range=0.2)
+    elif family == "llama_hd16":  # head size 16: the smallest GroupQueryAttention accepts (KV buffer layout)
+        cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=True, initializer_range=0.2)
     elif family == "gpt_neox":
         cfg = GPTNeoXConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                             num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5,

@@ -1,0 +1,85 @@
+"""A KV cache of preallocated buffers that the segment graphs update in place.
+
+With the manifest's KV layout "buffer" every decoder layer has one key and one value
+buffer of shape (1, kv_heads, capacity, head_dim), allocated once per generation. Each
+segment graph attends through GroupQueryAttention, which is bound (IOBinding) to read its
+past from and write its present into that same memory, so a token costs no cache copy and
+the per-token cost stays flat as the context grows. Segment j's buffers hold valid
+positions [0, length[j]); the graph is told where that part ends by two small inputs,
+``seqlens_k = end - 1`` and ``total_sequence_length = end``, and writes the positions
+[length[j], end) it was given (several at once when it catches up deferred positions).
+
+Pending (deferred) positions work exactly as in `KVCache`: this class only replaces how a
+segment's cache is fed and stored. Forgetting positions (a rollback) is only a smaller
+length: `truncate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .kv_cache import KVCache, SegmentState
+from .manifest import SegmentSpec
+
+
+class ContextTooLong(ValueError):
+    """The context would not fit the KV buffers."""
+
+
+@dataclass
+class KVBufferCache(KVCache):
+    capacity: int = 0
+    bindings: dict = field(default_factory=dict)  # segment index -> the backend's InPlaceBinding
+
+    @classmethod
+    def allocate(cls, layers_per_segment: list[int], num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: np.dtype, policy: str = "defer") -> "KVBufferCache":
+        """Zeroed buffers: the operating system maps their pages when they are first written,
+        so a large capacity costs memory only as the context grows."""
+        if capacity < 1:
+            raise ValueError(f"KV buffer capacity must be positive, got {capacity}")
+        base = KVCache.empty(layers_per_segment, num_kv_heads, head_dim, dtype, policy)  # checks the policy
+        buf = lambda: np.zeros((1, num_kv_heads, capacity, head_dim), dtype=dtype)  # noqa: E731
+        segments = [SegmentState([buf() for _ in range(n)], [buf() for _ in range(n)]) for n in layers_per_segment]
+        return cls(segments, base.policy, capacity=capacity)
+
+    def run(self, j: int, seg: SegmentSpec, backend, x: np.ndarray, end: int) -> dict[str, np.ndarray]:
+        """Run segment j on `x` (its positions [length[j], end)), writing their K/V in place."""
+        st = self.segments[j]
+        if end > self.capacity:
+            raise ContextTooLong(f"the context reached {end} positions but the KV buffers hold {self.capacity}; "
+                                 f"export with a larger --kv-capacity, or shorten "
+                                 f"the prompt / max_new_tokens")
+        if x.shape[1] != end - st.length:
+            raise RuntimeError(f"segment {j} got {x.shape[1]} positions for [{st.length}, {end})")
+        binding = self.bindings.get(j)
+        if binding is None:
+            pairs = []
+            for role, arrays in (("key", st.keys), ("value", st.values)):
+                ins, outs = seg.per_layer(seg.inputs, f"past_{role}"), seg.per_layer(seg.outputs, f"present_{role}")
+                pairs += [(i.name, o.name, a) for i, o, a in zip(ins, outs, arrays)]
+            binding = self.bindings[j] = backend.bind_inplace(pairs)
+        feeds = {seg.inputs[0].name: x,
+                 "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :],
+                 seg.input("seqlens_k").name: np.array([end - 1], dtype=np.int32),
+                 seg.input("total_sequence_length").name: np.array(end, dtype=np.int32)}
+        out = backend.run_bound(binding, feeds)
+        st.length = end
+        return out
+
+    def store(self, j: int, keys, values) -> None:
+        raise RuntimeError("KVBufferCache is written in place by the graphs; use run(), not store()")
+
+    def truncate(self, position: int) -> None:
+        """Forget every position >= `position` (e.g. rejected draft tokens): the buffers keep
+        their bytes, the lengths shrink, pending states beyond it are dropped."""
+        if position < 0:
+            raise ValueError(f"cannot truncate to a negative position ({position})")
+        for st in self.segments:
+            keep = max(0, position - st.length)
+            if st.pending is not None:
+                st.pending = st.pending[:, :keep] if keep else None
+            st.length = min(st.length, position)
+        self.position = min(self.position, position)
