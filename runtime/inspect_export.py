@@ -76,6 +76,7 @@ def describe(folder: str | Path) -> dict:
                   "hidden_size": m.model.hidden_size, "vocab_size": m.model.vocab_size,
                   "max_context": m.model.max_context},
         "precision": m.precision,
+        "kv_cache": {"layout": m.kv_cache.layout, "capacity": m.kv_cache.capacity},
         "total_size": sum(sizes),
         "segments": [_segment(folder, s, list(cal.thresholds)) for s in m.segments],
         "head_graphs": [{"file": h.file, "size": h.size, "present": (folder / h.file).is_file(),
@@ -113,13 +114,21 @@ def _report(rep: dict) -> list[str]:
     return lines
 
 
+def _kv(kv: dict) -> str:
+    if kv["layout"] == "buffer":
+        return (f"buffers of {kv['capacity']} positions per layer, updated in place by GroupQueryAttention "
+                f"(onnxruntime CPU)")
+    return "past in, past+new out (copied every token)"
+
+
 def render(info: dict) -> str:
     m = info["model"]
     cal = info["calibration"]
     out = [f"{info['folder']}: {info['format']}, exported by lama {info['exporter_version'] or '?'}",
            f"model: {m['base_model']} ({m['family']}), {m['layers']} layers, hidden {m['hidden_size']}, "
            f"vocab {m['vocab_size']}, context {m['max_context']}",
-           f"precision: {info['precision']}; graphs: {_mb(info['total_size'])} in all", "",
+           f"precision: {info['precision']}; graphs: {_mb(info['total_size'])} in all",
+           f"KV cache: {_kv(info['kv_cache'])}", "",
            "segments:"]
     for s in info["segments"]:
         ex = s["exit"]

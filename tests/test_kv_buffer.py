@@ -177,3 +177,20 @@ def test_cli_kv_options(tmp_path, llama_exports, capsys):
     assert cli.main(["export", str(ckpt), "--out", str(out), "--kv", "buffer", "--kv-capacity", "32"]) == 0
     assert Manifest.load(out).kv_cache.capacity == 32
     assert cli.main(["generate", str(out), "It is", "--max-new-tokens", "4", "--full"]) == 0
+
+
+def test_kept_cache_reuse_and_inspect(llama_exports):
+    """A second call that shares a prefix reuses the kept buffers (cut by a shorter length)
+    and gives the same tokens as a fresh runtime; `lama inspect` names the layout."""
+    from runtime.inspect_export import describe, render
+
+    _, buffer, _, _ = llama_exports
+    rt = Runtime.load(buffer)
+    first = rt.generate("It is a truth", 6, thresholds="never", stop_at_eos=False)
+    prompt = rt.encode("It is a trick").tolist()  # shares "It is a tr" with the kept sequence
+    again = rt.generate(prompt, 6, thresholds="never", stop_at_eos=False, reuse_cache=True)
+    fresh = Runtime.load(buffer).generate(prompt, 6, thresholds="never", stop_at_eos=False)
+    assert len(first.tokens) == 6 and again.cached_tokens == len("It is a tr")
+    assert again.tokens == fresh.tokens
+    text = render(describe(buffer))
+    assert f"buffers of {CAPACITY} positions" in text
