@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import Runtime
+from runtime import SCHEMA_VERSION, Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "It is a truth universally acknowledged"
@@ -49,7 +49,7 @@ def calibrated(chat_export, tmp_path_factory):
 
 def test_version():
     out = lama("--version").stdout
-    assert out.startswith("lama ") and "manifest schema 1" in out and "onnxruntime" in out
+    assert out.startswith("lama ") and f"manifest schema {SCHEMA_VERSION}" in out and "onnxruntime" in out
 
 
 def test_inspect_lists_segments_and_thresholds(calibrated):
