@@ -186,7 +186,8 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     try:
         specs, head_specs = [], []
         gated = config.confidence == "gate"
-        gates = load_gates(checkpoint, bb, config).to(dtype) if gated else None
+        # gates stay fp32: ExitGates.score runs them on hidden.float() (a tiny MLP; fp16 gains nothing)
+        gates = load_gates(checkpoint, bb, config) if gated else None
         dname = DTYPES[precision][1]
         if gated:  # adapter heads share one head graph; full heads get one each
             for k in ([None] if config.head == "adapter" else range(len(config.exits))):

@@ -17,28 +17,53 @@ os.environ.setdefault("HF_HUB_CACHE", str(HF_CACHE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+WINDOW = 5  # sliding window of the tiny sliding-window configs: the conformance prompts are longer
+
+
+def tiny_config(case: str, layers: int = 4):
+    """A tiny random config per conformance case (a family, or a family variant such as llama3)."""
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+    if case == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=True)
+    if case == "llama_hd16":  # head size 16: the smallest GroupQueryAttention accepts (KV buffer layout)
+        return tf.LlamaConfig(**{**common, "hidden_size": 64}, tie_word_embeddings=True)
+    if case == "llama3":  # Llama 3.x rope scaling; head size 16 so the KV buffer layout applies too
+        return tf.LlamaConfig(**common, head_dim=16, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    if case == "qwen2":  # sliding window on the layers from max_window_layers on, as Qwen2 does
+        return tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=layers // 2)
+    if case == "qwen3":  # q/k norms; head size 16 so the KV buffer layout applies too
+        return tf.Qwen3Config(**common, head_dim=16)
+    if case == "mistral":  # every layer slides
+        return tf.MistralConfig(**common, sliding_window=WINDOW)
+    if case == "gemma3_text":  # local/global layers, two rotary bases, soft-capped logits, (1+w) norms
+        return tf.Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW,
+                                   layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+                                   final_logit_softcapping=30.0)
+    if case == "phi3":  # fused qkv / gate_up, sliding window, longrope (short factors below 64 positions)
+        return tf.Phi3Config(**common, sliding_window=WINDOW, pad_token_id=None, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.3, 1.6],
+            "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 64})
+    if case == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5,
+                                initializer_range=0.2)
+    if case == "gpt2":
+        return tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=layers, n_head=4, n_positions=256,
+                             initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    raise ValueError(case)
+
+
 def tiny_model(family: str, seed: int = 0, layers: int = 4):
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    if family == "llama":
-        cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True, initializer_range=0.2)
-    elif family == "llama_hd16":  # head size 16: the smallest GroupQueryAttention accepts (KV buffer layout)
-        cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True, initializer_range=0.2)
-    elif family == "gpt_neox":
-        cfg = GPTNeoXConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                            num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5,
-                            initializer_range=0.2)
-    elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=layers, n_head=4, n_positions=256, initializer_range=0.2,
-                         bos_token_id=0, eos_token_id=0)
-    else:
-        raise ValueError(family)
+    cfg = tiny_config(family, layers)
     # the char tokenizer has no special tokens: the configs' default EOS ids (2, 0) would be
     # printable characters here, and the export records generation_config's EOS ids
     cfg.bos_token_id = cfg.eos_token_id = None
@@ -48,6 +73,8 @@ def tiny_model(family: str, seed: int = 0, layers: int = 4):
     return model
 
 
+# one line per family in the registry (tests/test_families.py checks that none is missing)
+CONFORMANCE = ["llama", "llama3", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3", "gpt_neox", "gpt2"]
 FAMILIES = ["llama", "gpt_neox", "gpt2"]
 
 
@@ -95,15 +122,17 @@ def tiny_backbone(family: str, seed: int = 0, layers: int = 4):
     return Backbone.from_model(tiny_model(family, seed, layers), char_tokenizer())
 
 
-def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed: int = 0, train_steps: int = 0):
-    """A checkpoint of a tiny model (saved with save_pretrained so it reloads by path)."""
+def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed: int = 0, train_steps: int = 0,
+                    gate_width: int | None = None, layers: int = 4):
+    """A checkpoint of a tiny model (saved with save_pretrained so it reloads by path); with
+    `gate_width`, random exit gates too and confidence 'gate'."""
     import torch
 
     from exporter.checkpoint import CheckpointConfig, save_checkpoint, to_json_thresholds
     from exporter.heads import ExitHeads
     from exporter.recipes import ModelSource
 
-    bb = tiny_backbone(family, seed)
+    bb = tiny_backbone(family, seed, layers)
     model_dir = Path(folder) / "model"
     bb.model.save_pretrained(model_dir)
     bb.tokenizer.save_pretrained(model_dir)
@@ -112,10 +141,16 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
     for h in heads.heads:  # random, non-trivial adapters: the heads must differ from the logit lens
         torch.nn.init.normal_(h.up.weight, std=0.5)
     thresholds = [float("inf")] * len(exits) if thresholds is None else thresholds
+    gates = None
+    if gate_width:
+        from exporter.gates import ExitGates
+
+        gates = ExitGates(len(exits), bb.shape.hidden_size, gate_width)
     cfg = CheckpointConfig(source=ModelSource(str(model_dir)), exits=list(exits), num_layers=bb.shape.num_layers,
                            head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
-                           policy={"kind": "target", "target": 0.95, "delta": None})
-    return save_checkpoint(Path(folder) / "ckpt", cfg, heads), bb
+                           policy={"kind": "target", "target": 0.95, "delta": None},
+                           confidence="gate" if gate_width else "top1", gate_width=gate_width)
+    return save_checkpoint(Path(folder) / "ckpt", cfg, heads, gates=gates), bb
 
 
 # SmolLM2-135M-Instruct's chat template, copied from the GGUF's metadata (the default model's)

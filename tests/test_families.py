@@ -1,0 +1,131 @@
+"""Conformance suite (issue 15): every family in the registry, as a tiny random model built from
+its transformers config, exports to a segment chain that reproduces transformers.
+
+One line per family (conftest.CONFORMANCE; a registered model type without a line fails
+`test_every_registered_family_has_a_line`). Per line: the chain with exits off gives
+transformers' logits (fp32, max abs diff <= 1e-4) over a prompt longer than the sliding window,
+the `defer` caches equal the full model's after random exit patterns, and a gate-mode fp16
+export loads and runs. Each tiny model is exported once per session (two exports per line).
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFORMANCE, WINDOW, make_checkpoint, tiny_config, tiny_model
+from test_export_runtime import assert_cache_close, force_exit, run_tokens
+
+from exporter import api
+from exporter.families import FAMILIES, SLIDING, UnsupportedArchitecture, family_for
+from runtime import Runtime
+
+LAYERS, EXITS = 3, (1,)  # a one-layer segment, then a two-layer one (Gemma 3: sliding | full, sliding)
+LENGTH = 4 * WINDOW + 2  # tokens per check; the prefill alone (half of them) is longer than the window
+_EXPORTS: dict = {}
+
+
+def exported(tmp_path_factory, case: str, kind: str):
+    """(export folder, backbone) for `kind` "fp32" (head mode, full logits) or "gate-fp16"; built once."""
+    if (case, kind) not in _EXPORTS:
+        d = tmp_path_factory.mktemp(f"{case}-{kind}")
+        if kind == "fp32":
+            ckpt, bb = make_checkpoint(d, case, exits=EXITS, layers=LAYERS)
+            folder = api.export(ckpt, out=d / "onnx", with_logits=True, backbone=bb)
+        else:
+            ckpt, bb = make_checkpoint(d, case, exits=EXITS, gate_width=8, layers=LAYERS)
+            folder = api.export(ckpt, out=d / "onnx", precision="fp16", backbone=bb)
+        _EXPORTS[case, kind] = (folder, bb)
+    return _EXPORTS[case, kind]
+
+
+def tokens_for(case: str) -> list[int]:
+    return np.random.default_rng(len(case)).integers(0, 95, size=LENGTH).tolist()
+
+
+def chain_logits(rt: Runtime, tokens: list[int], prefill: int) -> np.ndarray:
+    """Logits of every position from `prefill - 1` on: one prefill, then one token per step."""
+    cache, never = rt.new_cache(), rt.resolve_thresholds("never")
+    out = [rt.step(np.array(tokens[:prefill]), cache, never, want_logits=True)[3][0]]
+    for t in tokens[prefill:]:
+        out.append(rt.step(np.array([t]), cache, never, want_logits=True)[3][0])
+    return np.stack(out)
+
+
+def test_every_registered_family_has_a_line():
+    registered = {t for f in FAMILIES for t in f.model_types}
+    covered = {tiny_config(case).model_type for case in CONFORMANCE}
+    assert registered <= covered, f"model types without a conformance line: {sorted(registered - covered)}"
+
+
+@pytest.mark.parametrize("case", CONFORMANCE)
+def test_chain_reproduces_transformers(tmp_path_factory, case):
+    folder, bb = exported(tmp_path_factory, case, "fp32")
+    tokens, prefill = tokens_for(case), LENGTH // 2
+    with torch.no_grad():
+        ref = bb.model(torch.tensor([tokens])).logits[0].numpy()  # transformers' own masks and rotary
+        _, ours = bb.forward(torch.tensor([tokens]))  # the per-layer walk that training uses
+    assert np.abs(ours[0].numpy() - ref).max() <= 1e-4
+    got = chain_logits(Runtime.load(folder), tokens, prefill)
+    assert np.abs(got - ref[prefill - 1:]).max() <= 1e-4
+    if SLIDING in bb.family.layer_types():  # the window matters: a full mask would give other logits
+        assert LENGTH > WINDOW
+        bb.model.config.sliding_window = LENGTH
+        with torch.no_grad():
+            unwindowed = bb.forward(torch.tensor([tokens]))[1][0].numpy()
+        bb.model.config.sliding_window = WINDOW
+        assert np.abs(unwindowed - ref).max() > 1e-3
+
+
+@pytest.mark.parametrize("case", CONFORMANCE)
+def test_defer_caches_equal_full_model(tmp_path_factory, case):
+    folder, _ = exported(tmp_path_factory, case, "fp32")
+    tokens = tokens_for(case)
+    ref = run_tokens(Runtime.load(folder), tokens)
+    rt = Runtime.load(folder, kv_policy="defer")
+    segs = len(rt.manifest.segments)
+    pattern = np.random.default_rng(1).integers(0, segs, size=len(tokens) - 3).tolist()
+    pattern[-1] = 0  # end on an early exit: deeper positions are pending, not lost
+    assert_cache_close(run_tokens(rt, tokens, pattern), ref)
+    pattern[-1] = segs - 1  # one token through the whole model catches every deferred position up
+    assert_cache_close(run_tokens(rt, tokens, pattern), ref, full_length=len(tokens))
+
+
+@pytest.mark.parametrize("case", CONFORMANCE)
+def test_gate_mode_fp16_export(tmp_path_factory, case):
+    folder, bb = exported(tmp_path_factory, case, "gate-fp16")
+    rt = Runtime.load(folder)
+    assert rt.manifest.precision == "fp16" and rt.manifest.calibration.confidence == "gate"
+    tokens, prefill = tokens_for(case), LENGTH // 2
+    ref = tiny_model(case, layers=LAYERS)  # the same seed: the fp32 weights the fp16 export was made from
+    with torch.no_grad():
+        ref = ref(torch.tensor([tokens])).logits[0].numpy()
+    got = chain_logits(rt, tokens, prefill)  # top-k of the last segment, -inf elsewhere
+    seen = np.isfinite(got)
+    assert seen.sum(-1).min() >= min(64, ref.shape[-1]) // 2
+    assert np.abs(got[seen] - ref[prefill - 1:][seen]).max() < 0.05 * max(1.0, np.abs(ref).max())
+    # a gate that always fires: every token leaves at the first exit through the head graph
+    cache = rt.new_cache()
+    tok, j, _, _ = rt.step(np.array(tokens[:prefill]), cache, force_exit(rt, 0))
+    assert j == 0 and 0 <= tok < ref.shape[-1]
+
+
+def test_phi3_longrope_switches_in_the_graph():
+    """Past original_max_position_embeddings Phi-3 uses its long factors; one traced table must too."""
+    fam = family_for(tiny_model("phi3"))
+    rotary = fam.base().rotary_emb
+    h = torch.zeros(1, 1, 32)
+    for last in (10, 63, 64, 100):  # short, short, long, long
+        pos = torch.arange(last - 5, last).unsqueeze(0)
+        ours = fam.position_embeddings(h, pos)[SLIDING]
+        theirs = rotary(h, pos)
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, atol=1e-6), last
+
+
+def test_dynamic_rope_is_refused():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                              "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedArchitecture, match="rope_type 'dynamic'"):
+        family_for(AutoModelForCausalLM.from_config(cfg))
