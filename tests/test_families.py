@@ -129,3 +129,32 @@ def test_dynamic_rope_is_refused():
                                                               "rope_theta": 10000.0})
     with pytest.raises(UnsupportedArchitecture, match="rope_type 'dynamic'"):
         family_for(AutoModelForCausalLM.from_config(cfg))
+
+
+@pytest.mark.parametrize("case", ["gemma3_text", "qwen3", "llama3", "phi3", "mistral"])
+def test_train_a_local_folder(tmp_path, case):
+    """`lama train <folder>` (api.train on a path) for each new family, from a saved tiny model."""
+    from conftest import SAMPLE_TEXT, char_tokenizer
+
+    from exporter.checkpoint import read_config
+
+    model_dir = tmp_path / "model"
+    tiny_model(case, layers=LAYERS).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    ckpt = api.train(str(model_dir), out=tmp_path / "ck", data=[text], exits=[1], seq_len=32, train_tokens=512,
+                     calib_tokens=256, heldout_tokens=128, steps=3, gate_steps=3, batch_tokens=128)
+    cfg = read_config(ckpt)
+    assert cfg.exits == [1] and cfg.num_layers == LAYERS and len(cfg.thresholds) == 1
+    assert len(cfg.train["agreement_after"]) == 1
+
+
+def test_train_refuses_other_architectures(tmp_path):
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     ffn_dim=32, num_attention_heads=2))
+    opt.save_pretrained(tmp_path / "opt")
+    with pytest.raises(UnsupportedArchitecture, match=r"OPTForCausalLM .*model_type='opt'.*gemma3_text"):
+        api.train(str(tmp_path / "opt"), out=tmp_path / "ck", data=[tmp_path / "opt" / "config.json"])
