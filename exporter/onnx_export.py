@@ -90,16 +90,19 @@ def _file_facts(path: Path) -> tuple[str, int]:
     return sha256(path), size
 
 
-def _eos_ids(tokenizer, model) -> tuple[int, ...]:
-    """Every id that ends a sequence: the tokenizer's EOS and generation_config's (often a list,
-    e.g. a chat model's end-of-turn token besides the EOS), in that order, without repeats."""
+def _eos_ids(tokenizer, model, family=None) -> tuple[int, ...]:
+    """Every id that ends a sequence: the tokenizer's EOS, generation_config's (often a list,
+    e.g. a chat model's end-of-turn token besides the EOS) and the family's end-of-turn tokens
+    (Gemma 3's `<end_of_turn>`, which a GGUF's generation_config lacks), in that order, without repeats."""
     ids = [tokenizer.eos_token_id]
     e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # what HF generate stops on
     ids += e if isinstance(e, (list, tuple)) else [e]
+    vocab = tokenizer.get_vocab() if getattr(family, "end_of_turn_tokens", ()) else {}
+    ids += [vocab.get(t) for t in getattr(family, "end_of_turn_tokens", ())]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def _tokenizer_info(tokenizer, folder: Path, model=None) -> TokenizerInfo:
+def _tokenizer_info(tokenizer, folder: Path, model=None, family=None) -> TokenizerInfo:
     from runtime.chat import TEMPLATE_FILE
 
     before = {p.name for p in folder.iterdir()}
@@ -111,7 +114,7 @@ def _tokenizer_info(tokenizer, folder: Path, model=None) -> TokenizerInfo:
         # transformers >= 4.47 writes chat_template.jinja itself; older ones put it in tokenizer_config.json
         (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
     return TokenizerInfo(files=tuple(sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in before)),
-                         bos_id=tokenizer.bos_token_id, eos_ids=_eos_ids(tokenizer, model),
+                         bos_id=tokenizer.bos_token_id, eos_ids=_eos_ids(tokenizer, model, family),
                          pad_id=tokenizer.pad_token_id,
                          chat_template=TEMPLATE_FILE if (folder / TEMPLATE_FILE).is_file() else None)
 
@@ -209,7 +212,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 ex = ExitSpec(config.exits[i], config.confidence, thresholds[i], head)
             specs.append(SegmentSpec(i, tuple(layers), path.name, *_file_facts(path), tuple(inputs),
                                      tuple(outputs), ex))
-        tok = _tokenizer_info(bb.tokenizer, tmp, bb.model)
+        tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
         manifest = Manifest(
             model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
                             shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),

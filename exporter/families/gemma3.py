@@ -23,6 +23,7 @@ from .base import Family
 class Gemma3Family(Family):
     name = "gemma3_text"
     model_types = ("gemma3_text",)
+    end_of_turn_tokens = ("<end_of_turn>",)
 
     def base(self) -> nn.Module:
         return self.model.model
