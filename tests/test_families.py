@@ -29,10 +29,10 @@ def exported(tmp_path_factory, case: str, kind: str):
         d = tmp_path_factory.mktemp(f"{case}-{kind}")
         if kind == "fp32":
             ckpt, bb = make_checkpoint(d, case, exits=EXITS, layers=LAYERS)
-            folder = api.export(ckpt, out=d / "onnx", with_logits=True, backbone=bb)
+            folder = api.export(ckpt, out=d / "onnx", with_logits=True, kv="concat", backbone=bb)
         else:
             ckpt, bb = make_checkpoint(d, case, exits=EXITS, gate_width=8, layers=LAYERS)
-            folder = api.export(ckpt, out=d / "onnx", precision="fp16", backbone=bb)
+            folder = api.export(ckpt, out=d / "onnx", precision="fp16", kv="concat", backbone=bb)
         _EXPORTS[case, kind] = (folder, bb)
     return _EXPORTS[case, kind]
 
@@ -106,6 +106,31 @@ def test_gate_mode_fp16_export(tmp_path_factory, case):
     cache = rt.new_cache()
     tok, j, _, _ = rt.step(np.array(tokens[:prefill]), cache, force_exit(rt, 0))
     assert j == 0 and 0 <= tok < ref.shape[-1]
+
+
+@pytest.mark.parametrize("case", ["qwen3", "llama3"])
+def test_kv_buffer_layout_variants(tmp_path, case):
+    """The GroupQueryAttention KV buffer (Llama family) with Qwen3's q/k norms and Llama 3 rope tables."""
+    ckpt, bb = make_checkpoint(tmp_path, case, exits=EXITS, layers=LAYERS)
+    folder = api.export(ckpt, out=tmp_path / "onnx", with_logits=True, kv="buffer", kv_capacity=32, backbone=bb)
+    rt = Runtime.load(folder)
+    assert rt.manifest.kv_cache.layout == "buffer"
+    tokens, prefill = tokens_for(case), LENGTH // 2
+    with torch.no_grad():
+        ref = bb.model(torch.tensor([tokens])).logits[0].numpy()
+    assert np.abs(chain_logits(rt, tokens, prefill) - ref[prefill - 1:]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["mistral", "qwen2", "gemma3_text", "phi3"])
+def test_kv_buffer_refused_where_unsupported(tmp_path, case):
+    """Sliding windows (and families without a buffer path) refuse --kv buffer; no --kv gives concat."""
+    ckpt, bb = make_checkpoint(tmp_path, case, exits=EXITS, layers=2)
+    with pytest.raises(UnsupportedArchitecture, match="sliding-window|not implemented for the"):
+        api.export(ckpt, out=tmp_path / "b", kv="buffer", backbone=bb)
+    assert not (tmp_path / "b").exists()
+    from exporter.onnx_export import resolve_kv
+
+    assert resolve_kv(None, "onnx", bb.family, None, 256).layout == "concat"
 
 
 def test_phi3_longrope_switches_in_the_graph():
