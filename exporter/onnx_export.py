@@ -9,6 +9,7 @@ serves both prefill (past 0) and decode.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import warnings
@@ -90,6 +91,16 @@ def _file_facts(path: Path) -> tuple[str, int]:
     return sha256(path), size
 
 
+def _backbone_in(backbone, dtype: torch.dtype):
+    """The caller's backbone, or a copy of it when the export needs another dtype: exporting
+    must not cast a model the caller still uses (an fp16 export used to leave it in fp16)."""
+    from .backbone import Backbone
+
+    if next(backbone.model.parameters()).dtype == dtype:
+        return backbone
+    return Backbone.from_model(copy.deepcopy(backbone.model), backbone.tokenizer, backbone.source)
+
+
 def _eos_ids(tokenizer, model) -> tuple[int, ...]:
     """Every id that ends a sequence: the tokenizer's EOS and generation_config's (often a list,
     e.g. a chat model's end-of-turn token besides the EOS), in that order, without repeats."""
@@ -166,10 +177,10 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
         check_can_build()  # fail before the slow part: no GPU or no TensorRT here
     checkpoint, out = Path(checkpoint), Path(out)
     config = read_config(checkpoint)
-    bb = backbone or load_backbone(config.source)
-    kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
-    heads = load_heads(checkpoint, bb, config)
     dtype = DTYPES[precision][0]
+    bb = _backbone_in(backbone, dtype) if backbone is not None else load_backbone(config.source)
+    kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
+    heads = load_heads(checkpoint, bb, config)  # built on bb: adapter heads share its norm and LM head
     bb.model.to(dtype)
     heads.to(dtype)
     shape = bb.shape
@@ -186,7 +197,9 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     try:
         specs, head_specs = [], []
         gated = config.confidence == "gate"
-        gates = load_gates(checkpoint, bb, config).to(dtype) if gated else None
+        # gates stay float32 in every precision: a few thousand weights, and their score is
+        # then the calibrated one (the graph casts the fp16 hidden state up before the gate)
+        gates = load_gates(checkpoint, bb, config) if gated else None
         dname = DTYPES[precision][1]
         if gated:  # adapter heads share one head graph; full heads get one each
             for k in ([None] if config.head == "adapter" else range(len(config.exits))):

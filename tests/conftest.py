@@ -95,8 +95,12 @@ def tiny_backbone(family: str, seed: int = 0, layers: int = 4):
     return Backbone.from_model(tiny_model(family, seed, layers), char_tokenizer())
 
 
-def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed: int = 0, train_steps: int = 0):
-    """A checkpoint of a tiny model (saved with save_pretrained so it reloads by path)."""
+def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed: int = 0, train_steps: int = 0,
+                    gates: bool = False):
+    """A checkpoint of a tiny model (saved with save_pretrained so it reloads by path).
+
+    gates=True adds random (untrained) exit gates and makes "gate" the confidence.
+    """
     import torch
 
     from exporter.checkpoint import CheckpointConfig, save_checkpoint, to_json_thresholds
@@ -111,11 +115,17 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
     heads = ExitHeads("adapter", list(exits), bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=4)
     for h in heads.heads:  # random, non-trivial adapters: the heads must differ from the logit lens
         torch.nn.init.normal_(h.up.weight, std=0.5)
+    gate_modules = None
+    if gates:
+        from exporter.gates import ExitGates
+
+        gate_modules = ExitGates(len(exits), bb.shape.hidden_size, width=8)
     thresholds = [float("inf")] * len(exits) if thresholds is None else thresholds
     cfg = CheckpointConfig(source=ModelSource(str(model_dir)), exits=list(exits), num_layers=bb.shape.num_layers,
                            head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
-                           policy={"kind": "target", "target": 0.95, "delta": None})
-    return save_checkpoint(Path(folder) / "ckpt", cfg, heads), bb
+                           policy={"kind": "target", "target": 0.95, "delta": None},
+                           confidence="gate" if gates else "top1", gate_width=8 if gates else None)
+    return save_checkpoint(Path(folder) / "ckpt", cfg, heads, gates=gate_modules), bb
 
 
 # SmolLM2-135M-Instruct's chat template, copied from the GGUF's metadata (the default model's)
