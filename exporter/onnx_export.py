@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, ExitSpec, GraphSpec, KVCacheInfo, Manifest, ModelInfo,
-                              SegmentSpec, TokenizerInfo, _target_key)
+from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, GraphSpec, KVCacheInfo, Manifest,
+                              ModelInfo, SegmentSpec, TokenizerInfo, _target_key)
 from runtime.verify import sha256
 
 from .checkpoint import read_config, read_scores
@@ -86,9 +86,16 @@ def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Pat
     return [t for t in inputs if t.name in graph_inputs]
 
 
-def _file_facts(path: Path) -> tuple[str, int]:
-    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-    return sha256(path), size
+def _file_facts(path: Path) -> dict:
+    """sha256 and size of a graph, and the same for each external-data file it reads (read
+    from the graph itself, so whatever onnx wrote is what the manifest lists and checks)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)  # save_model externalises initializers only
+    locations = sorted({ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)})
+    data = tuple(DataFile(loc, sha256(path.parent / loc), (path.parent / loc).stat().st_size) for loc in locations)
+    return {"sha256": sha256(path), "size": path.stat().st_size, "data_files": data}
 
 
 def _backbone_in(backbone, dtype: torch.dtype):
@@ -207,7 +214,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 path = tmp / ("head.onnx" if k is None else f"head_{k:02d}.onnx")
                 h_in, h_out = hg.io_specs(dname, shape.hidden_size, shape.vocab_size)
                 h_in = export_graph(hg, h_in, h_out, path, precision, shape.vocab_size)
-                head_specs.append(GraphSpec(path.name, *_file_facts(path), tuple(h_in), tuple(h_out)))
+                head_specs.append(GraphSpec(path.name, inputs=tuple(h_in), outputs=tuple(h_out), **_file_facts(path)))
         bounds = segment_bounds(config.exits, shape.num_layers)
         for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
             seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates, kv=kv_info.layout,
@@ -219,8 +226,8 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
             if i < len(config.exits):
                 head = (0 if config.head == "adapter" else i) if gated else None
                 ex = ExitSpec(config.exits[i], config.confidence, thresholds[i], head)
-            specs.append(SegmentSpec(i, tuple(layers), path.name, *_file_facts(path), tuple(inputs),
-                                     tuple(outputs), ex))
+            specs.append(SegmentSpec(i, tuple(layers), path.name, inputs=tuple(inputs), outputs=tuple(outputs),
+                                     exit=ex, **_file_facts(path)))
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model)
         manifest = Manifest(
             model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
