@@ -98,6 +98,25 @@ def _file_facts(path: Path) -> dict:
     return {"sha256": sha256(path), "size": path.stat().st_size, "data_files": data}
 
 
+def _threshold_table(checkpoint: Path, config) -> tuple[float | None, dict[str, list]]:
+    """(delta, {target: thresholds}) for TARGETS, from the checkpoint's calibration scores.
+
+    A guarantee-mode calibration (`lama calibrate --delta`) carries its delta into every
+    row, so switching target on the device keeps the guarantee; a missing scores file is an
+    error, never an empty table a device would only discover when it asks for a target.
+    """
+    from .calibrate import calibrate_thresholds
+    from .checkpoint import score_kind, to_json_thresholds
+
+    policy = config.policy or {}
+    delta = policy.get("delta") if policy.get("kind") == "target" else None
+    try:
+        calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot build the per-target threshold table the export ships: {e}") from None
+    return delta, {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in TARGETS}
+
+
 def _backbone_in(backbone, dtype: torch.dtype):
     """The caller's backbone, or a copy of it when the export needs another dtype: exporting
     must not cast a model the caller still uses (an fp16 export used to leave it in fp16)."""
@@ -169,9 +188,8 @@ def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_c
 def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None) -> Path:
-    from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone
-    from .calibrate import calibrate_thresholds
+    from .checkpoint import load_gates, load_heads
 
     if precision not in DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
@@ -192,13 +210,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     heads.to(dtype)
     shape = bb.shape
     thresholds = config.thresholds
-    by_target: dict[str, list] = {}
-    try:
-        calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
-        for t in TARGETS:
-            by_target[_target_key(t)] = [None if x == float("inf") else x for x in calibrate_thresholds(calib, t)]
-    except FileNotFoundError:
-        pass
+    table_delta, by_target = _threshold_table(checkpoint, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -234,7 +246,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                             shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),
             tokenizer=tok, segments=tuple(specs),
             calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
-                                        config.calibration.get("heldout", {})),
+                                        config.calibration.get("heldout", {}), by_target_delta=table_delta),
             precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context},
                                        **({"capacity": {"min": 1, "opt": kv_info.capacity, "max": kv_info.capacity}}
                                           if kv_info.layout == "buffer" else {})},

@@ -126,6 +126,7 @@ class CalibrationInfo:
     thresholds: tuple  # per exit, None = never: what the runtime uses by default
     by_target: dict  # "0.9" -> thresholds: alternatives a device can switch to without re-export
     report: dict  # held-out figures the exporter measured
+    by_target_delta: float | None = None  # the guarantee's delta every by_target row was chosen with
 
 
 @dataclass(frozen=True)

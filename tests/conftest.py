@@ -120,12 +120,30 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
         from exporter.gates import ExitGates
 
         gate_modules = ExitGates(len(exits), bb.shape.hidden_size, width=8)
+    scores = checkpoint_scores(bb, heads, gate_modules)
     thresholds = [float("inf")] * len(exits) if thresholds is None else thresholds
     cfg = CheckpointConfig(source=ModelSource(str(model_dir)), exits=list(exits), num_layers=bb.shape.num_layers,
                            head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
                            policy={"kind": "target", "target": 0.95, "delta": None},
                            confidence="gate" if gates else "top1", gate_width=8 if gates else None)
-    return save_checkpoint(Path(folder) / "ckpt", cfg, heads, gates=gate_modules), bb
+    return save_checkpoint(Path(folder) / "ckpt", cfg, heads, scores, gates=gate_modules), bb
+
+
+def checkpoint_scores(bb, heads, gates=None) -> dict:
+    """Calibration and held-out scores as `lama train` stores them (a few windows of SAMPLE_TEXT):
+    an export builds its per-target threshold table from them."""
+    from exporter.checkpoint import scores_file
+    from exporter.data import make_splits
+    from exporter.train import cache_features, exit_scores, gate_scores
+
+    splits = make_splits([SAMPLE_TEXT], bb.tokenizer, 32, {"calib": 640, "heldout": 320})
+    out = {}
+    for split, name in (("calib", "calibration"), ("heldout", "heldout")):
+        feats = cache_features(bb, splits[split], heads.exits)
+        out[scores_file(name)] = exit_scores(bb, heads, feats)
+        if gates is not None:
+            out[scores_file(name, "gate")] = gate_scores(out[scores_file(name)], bb, heads, feats, gates)
+    return out
 
 
 # SmolLM2-135M-Instruct's chat template, copied from the GGUF's metadata (the default model's)

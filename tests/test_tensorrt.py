@@ -364,18 +364,8 @@ def test_no_engine_in_manifest(onnx_export, fake_gpu):
 def gated_export(tmp_path_factory):
     """Gate mode: segments output the gate score, the exit head is a separate graph (untrained
     random gates are enough to exercise the plumbing)."""
-    import torch
-
-    from exporter.checkpoint import read_config, save_checkpoint
-    from exporter.gates import ExitGates
-    from exporter.checkpoint import load_heads
-
     d = tmp_path_factory.mktemp("trt_gate")
-    ckpt, bb = make_checkpoint(d, "llama")
-    cfg = read_config(ckpt)
-    cfg.confidence, cfg.gate_width, cfg.thresholds = "gate", 8, [0.5, 0.5, 0.5]
-    torch.manual_seed(0)
-    save_checkpoint(ckpt, cfg, load_heads(ckpt, bb, cfg), None, ExitGates(3, bb.shape.hidden_size, 8))
+    ckpt, bb = make_checkpoint(d, "llama", thresholds=[0.5, 0.5, 0.5], gates=True)
     return api.export(ckpt, out=d / "onnx", backbone=bb)
 
 
