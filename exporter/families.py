@@ -145,7 +145,10 @@ class Family:
 
 
 class LlamaFamily(Family):
-    """Llama, SmolLM, Qwen2, Mistral: pre-norm RMSNorm blocks with RoPE and GQA."""
+    """Llama, SmolLM, Qwen2, Mistral: pre-norm RMSNorm blocks with RoPE and GQA.
+
+    Only with full attention: configs with a sliding window are refused (`check_attention`).
+    """
 
     name = "llama"
     model_types = ("llama", "qwen2", "mistral")
@@ -246,10 +249,31 @@ class GPT2Family(Family):
 FAMILIES: tuple[type[Family], ...] = (LlamaFamily, GPTNeoXFamily, GPT2Family)
 
 
+def check_attention(config) -> None:
+    """Refuse sliding-window attention (Mistral, Qwen2 with use_sliding_window, any config whose
+    `sliding_window` is shorter than its context, or whose `layer_types` name sliding layers).
+
+    Segments and `Backbone.forward` build one plain causal mask for every layer; a sliding
+    window would need per-layer masks. Accepting such a model would match it only up to the
+    window and then diverge silently, so it is an error until the window is supported.
+    """
+    window = getattr(config, "sliding_window", None)
+    context = getattr(config, "max_position_embeddings", None)
+    sliding_layers = [i for i, t in enumerate(getattr(config, "layer_types", None) or ()) if "sliding" in str(t)]
+    if (window is not None and (context is None or window < context)) or sliding_layers:
+        arch = ", ".join(getattr(config, "architectures", None) or [str(getattr(config, "model_type", "?"))])
+        raise UnsupportedArchitecture(
+            f"{arch} uses sliding-window attention (sliding_window={window}, context {context}"
+            + (f", sliding layers {sliding_layers}" if sliding_layers else "") + "); LAMA's segments use a full "
+            "causal mask, so past the window they would silently diverge from the model. Not supported yet; "
+            "a config with sliding_window=None (or >= its context) and no sliding layers is fine.")
+
+
 def family_for(model: nn.Module) -> Family:
     model_type = getattr(model.config, "model_type", None)
     for fam in FAMILIES:
         if model_type in fam.model_types:
+            check_attention(model.config)
             return fam(model)
     supported = sorted(t for f in FAMILIES for t in f.model_types)
     arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])

@@ -116,3 +116,26 @@ def test_bad_inputs():
         api.train(recipe(), out="/nonexistent/never", data=[], backbone=bb, target=1.5)
     with pytest.raises(ValueError, match="unknown head kind"):
         ExitHeads("huge", [1], 8, torch.nn.Identity(), torch.nn.Identity())
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_sliding_window_models_are_refused(kind, tmp_path):
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from exporter.backbone import Backbone, load_backbone
+    from exporter.families import UnsupportedArchitecture
+
+    small = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64)
+    if kind == "mistral":
+        cfg, full = MistralConfig(**small, sliding_window=8), MistralConfig(**small, sliding_window=None)
+    else:
+        cfg = Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+        full = Qwen2Config(**small)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UnsupportedArchitecture, match=r"sliding-window attention \(sliding_window=8, context 64"):
+        Backbone.from_model(model)
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(UnsupportedArchitecture, match="sliding-window attention"):
+        load_backbone(str(tmp_path / "m"))  # refused from the config, before the weights load
+    assert Backbone.from_model(AutoModelForCausalLM.from_config(full)).family.name == "llama"  # full attention: fine
