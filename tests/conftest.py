@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the checkout; LAMA_SHARED overrides it (a git worktree elsewhere, CI)
+SHARED = Path(os.environ.get("LAMA_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 HF_CACHE = SHARED / "hf-cache"
 DATA = SHARED / "data"
 

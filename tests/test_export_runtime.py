@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, make_checkpoint
+from conftest import FAMILIES, HF_CACHE, make_checkpoint, requires_stories
 
 from exporter import api
 from runtime import ManifestError, Runtime
@@ -253,3 +253,36 @@ def test_tampered_external_data_is_caught(external_export, tmp_path):
     p.unlink()
     with pytest.raises(ManifestError, match=r"weights file segment_01.onnx.data is missing"):
         Runtime.load(dst)
+
+
+# -- streaming and stopping -------------------------------------------------------------------
+MULTIBYTE = "Café 😀 日本, crème brûlée 🍰"
+
+
+@requires_stories
+def test_stream_and_cli_print_complete_characters(exported, monkeypatch, capsys):
+    """Runtime.stream and `lama generate` with a byte-fallback tokenizer (stories260K's):
+    the model is scripted to emit the ids of MULTIBYTE, several of them lone UTF-8 bytes."""
+    from tokenizers import Tokenizer
+
+    from exporter import cli
+
+    stories = Tokenizer.from_file(str(next((HF_CACHE / "models--karpathy--stories260K").glob("snapshots/*/tokenizer.json"))))
+    ids = stories.encode(MULTIBYTE, add_special_tokens=False).ids
+    rt = Runtime.load(exported["llama"][0])
+    rt.tokenizer = stories
+
+    def scripted(x, cache, thresholds, want_logits=False):
+        scripted.n += 1
+        return ids[scripted.n - 1], 0, 1.0, None
+
+    scripted.n = 0
+    monkeypatch.setattr(rt, "step", scripted)
+    pieces = [r.text for r in rt.stream([1, 2, 3], len(ids), stop_at_eos=False)]
+    assert "".join(pieces) == MULTIBYTE
+    assert not any("\ufffd" in p for p in pieces), pieces
+    # the CLI prints exactly those pieces
+    scripted.n = 0
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: rt))
+    assert cli.main(["generate", str(exported["llama"][0]), "Once", "--max-new-tokens", str(len(ids))]) == 0
+    assert capsys.readouterr().out == MULTIBYTE + "\n"
