@@ -161,3 +161,35 @@ def chat_export(tmp_path_factory):
     ckpt, bb = make_checkpoint(d, "llama")
     bb.tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE.read_text()
     return api.export(ckpt, out=d / "onnx", backbone=bb), bb
+
+
+def torch_early_exit(bb, heads, prompt: list[int], n: int, thresholds: list[float]):
+    """Reference for the runtime's early-exit rule, in PyTorch with no cache at all: every step
+    runs the whole model on the whole sequence, and the token leaves at the first exit whose
+    top-1 confidence reaches its threshold (else the full model's argmax). With exact (defer)
+    caches the runtime must give the same tokens, exits and confidences.
+
+    Returns (tokens, exit indices, confidences), the last exit index meaning the full model.
+    """
+    import torch
+
+    from exporter.heads import confidence
+
+    ids, tokens, exits, confs = list(prompt), [], [], []
+    with torch.no_grad():
+        for _ in range(n):
+            captured, logits = bb.forward(torch.tensor([ids]), capture=heads.exits)
+            choice = None
+            for k, layer in enumerate(heads.exits):
+                tok, conf = confidence(heads.logits(k, captured[layer][0, -1]), "top1")
+                if float(conf) >= thresholds[k]:
+                    choice = (int(tok), k, float(conf))
+                    break
+            if choice is None:
+                tok, conf = confidence(logits[0, -1], "top1")
+                choice = (int(tok), len(heads.exits), float(conf))
+            tokens.append(choice[0])
+            exits.append(choice[1])
+            confs.append(choice[2])
+            ids.append(choice[0])
+    return tokens, exits, confs
