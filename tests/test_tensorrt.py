@@ -340,7 +340,7 @@ def test_cli_export_tensorrt_without_gpu_fails_cleanly(onnx_export, tmp_path, mo
 
     if tb.TensorRTBackend.available():
         pytest.skip("this machine can build TensorRT engines")
-    _, ckpt = onnx_export
+    _, ckpt, _ = onnx_export
     out = tmp_path / "runs" / "trt"
     assert cli.main(["export", str(ckpt), "--out", str(out), "--backend", "tensorrt"]) == 2
     err = capsys.readouterr().err
@@ -463,7 +463,7 @@ def test_build_records_engines_in_manifest(engines, fake_gpu):
 def test_export_with_tensorrt_backend(onnx_export, fake_gpu, tmp_path):
     """`lama export --backend tensorrt` end to end with the fakes: fp16 sets the builder flag."""
     trt, _ = fake_gpu
-    _, ckpt = onnx_export
+    _, ckpt, _ = onnx_export
     from conftest import tiny_backbone
 
     out = api.export(ckpt, out=tmp_path / "trt16", backend="tensorrt", precision="fp16", workspace_gb=0.5,
