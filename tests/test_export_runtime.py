@@ -233,6 +233,10 @@ def test_external_data_is_listed_and_runs(external_export, exported):
     for seg in m.segments:
         assert [d.file for d in seg.data_files] == [seg.file + ".data"]
         assert seg.data_files[0].size == (external_export / seg.data_files[0].file).stat().st_size
+    from runtime.inspect_export import describe
+
+    on_disk = sum(p.stat().st_size for p in external_export.glob("*.onnx*"))
+    assert describe(external_export)["total_size"] == on_disk  # graphs and their weights files
     a = Runtime.load(external_export).generate(PROMPT, 8, thresholds="never")
     b = Runtime.load(exported["llama"][0]).generate(PROMPT, 8, thresholds="never")
     assert a.tokens == b.tokens
