@@ -7,12 +7,10 @@ agree with the full model's argmax at >= target. Every exit's leavers then agree
 >= target, and the tokens that run the whole model agree by definition, so the overall
 agreement on the calibration set is >= target too.
 
-Guarantee mode (`delta`): instead of the raw agreement, require the one-sided
-Clopper-Pearson lower bound on it to reach the target, at level delta / (G * E) for G
-candidate thresholds per exit and E exits (a union bound, so every chosen threshold holds
-simultaneously with probability >= 1 - delta). Caveat we state rather than hide: the
-bound treats tokens as independent draws; tokens of one text window are correlated, so
-use many short windows from varied text (see data.py) for the bound to mean what it says.
+Guarantee mode (`delta`, exporter/guarantee.py): Learn-then-Test over one threshold shared
+by all exits, with text windows (not tokens) as the unit: with probability >= 1 - delta
+over the calibration windows, every exit's leavers agree at >= target on new text. The
+exact statement and its assumptions are in that module's docstring.
 """
 
 from __future__ import annotations
@@ -20,11 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import beta as beta_dist
 
+from .guarantee import guarantee_thresholds
 from .scores import NEVER, ExitScores, simulate
-
-GRID = np.linspace(0.0, 1.0, 201)  # candidate thresholds in guarantee mode (fixed before seeing data)
 
 
 def check_target(target: float, delta: float | None = None) -> None:
@@ -34,45 +30,34 @@ def check_target(target: float, delta: float | None = None) -> None:
         raise ValueError(f"delta (the guarantee's failure probability) must be in (0, 1), got {delta}")
 
 
-def agreement_lower_bound(agree: np.ndarray, n: np.ndarray, level: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound on a binomial success rate, vectorised."""
-    agree = np.asarray(agree, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        lb = beta_dist.ppf(level, agree, n - agree + 1)
-    return np.where(agree > 0, np.nan_to_num(lb, nan=0.0), 0.0)
-
-
-def _exit_threshold(conf: np.ndarray, agree: np.ndarray, target: float, level: float | None) -> float:
+def _exit_threshold(conf: np.ndarray, agree: np.ndarray, target: float) -> float:
     if conf.size == 0:
         return NEVER
-    if level is None:
-        cand = np.unique(conf)[::-1]  # strictest first
-        order = np.argsort(-conf, kind="stable")
-        cum_ok = np.cumsum(agree[order])
-        # number of tokens with conf >= c, for each candidate c
-        counts = np.searchsorted(-conf[order], -cand, side="right")
-        rate = cum_ok[counts - 1] / counts
-        ok = rate >= target
-    else:
-        cand = GRID[::-1]
-        counts = np.array([(conf >= c).sum() for c in cand])
-        oks = np.array([agree[conf >= c].sum() for c in cand])
-        ok = (counts > 0) & (agreement_lower_bound(oks, counts, level) >= target)
+    cand = np.unique(conf)[::-1]  # strictest first
+    order = np.argsort(-conf, kind="stable")
+    cum_ok = np.cumsum(agree[order])
+    # number of tokens with conf >= c, for each candidate c
+    counts = np.searchsorted(-conf[order], -cand, side="right")
+    ok = cum_ok[counts - 1] / counts >= target
     if not ok.any():
         return NEVER
     return float(cand[np.flatnonzero(ok)[-1]])  # loosest threshold that still meets the target
 
 
 def calibrate_thresholds(scores: ExitScores, target: float, *, delta: float | None = None) -> list[float]:
-    """One threshold per non-final exit; `NEVER` (inf) where no threshold meets the target."""
+    """One threshold per non-final exit; `NEVER` (inf) where no threshold meets the target.
+
+    Without delta: the plain LAMA rule on the calibration tokens (no statement about new
+    text). With delta: exporter/guarantee.py's procedure and its stated guarantee.
+    """
     check_target(target, delta)
-    level = None if delta is None else delta / (len(GRID) * scores.num_exits)
+    if delta is not None:
+        return guarantee_thresholds(scores, target, delta)
     remaining = np.ones(scores.num_tokens, dtype=bool)
     thresholds: list[float] = []
     for k in range(scores.num_exits):
         conf, agree = scores.confidence[remaining, k], scores.agree[remaining, k]
-        t = _exit_threshold(conf, agree, target, level)
+        t = _exit_threshold(conf, agree, target)
         thresholds.append(t)
         remaining &= ~(scores.confidence[:, k] >= t)
     return thresholds

@@ -38,8 +38,14 @@ class ExitGates(nn.Module):
         self.gates = nn.ModuleList(Gate(hidden_size, width) for _ in range(num_exits))
 
     def score(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Estimated probability that exit k's top-1 token agrees with the full model."""
-        return torch.sigmoid(self.gates[k](hidden.float()))
+        """Estimated probability that exit k's top-1 token agrees with the full model (float32).
+
+        The hidden state is cast to the gate's own dtype: an fp16 export keeps the gates in
+        float32 (they are tiny) so the score matches the calibrated one, but a caller that
+        casts them anyway still gets a working, if less exact, gate.
+        """
+        gate = self.gates[k]
+        return torch.sigmoid(gate(hidden.to(gate.fc1.weight.dtype))).float()
 
     def macs(self) -> int:
         return sum(p.numel() for p in self.gates[0].parameters())

@@ -9,6 +9,7 @@ serves both prefill (past 0) and decode.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import warnings
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, ExitSpec, GraphSpec, KVCacheInfo, Manifest, ModelInfo,
-                              SegmentSpec, TokenizerInfo, _target_key)
+from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, GraphSpec, KVCacheInfo, Manifest,
+                              ModelInfo, SegmentSpec, TokenizerInfo, _target_key)
 from runtime.verify import sha256
 
 from .checkpoint import read_config, read_scores
@@ -85,9 +86,45 @@ def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Pat
     return [t for t in inputs if t.name in graph_inputs]
 
 
-def _file_facts(path: Path) -> tuple[str, int]:
-    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-    return sha256(path), size
+def _file_facts(path: Path) -> dict:
+    """sha256 and size of a graph, and the same for each external-data file it reads (read
+    from the graph itself, so whatever onnx wrote is what the manifest lists and checks)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)  # save_model externalises initializers only
+    locations = sorted({ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)})
+    data = tuple(DataFile(loc, sha256(path.parent / loc), (path.parent / loc).stat().st_size) for loc in locations)
+    return {"sha256": sha256(path), "size": path.stat().st_size, "data_files": data}
+
+
+def _threshold_table(checkpoint: Path, config) -> tuple[float | None, dict[str, list]]:
+    """(delta, {target: thresholds}) for TARGETS, from the checkpoint's calibration scores.
+
+    A guarantee-mode calibration (`lama calibrate --delta`) carries its delta into every
+    row, so switching target on the device keeps the guarantee; a missing scores file is an
+    error, never an empty table a device would only discover when it asks for a target.
+    """
+    from .calibrate import calibrate_thresholds
+    from .checkpoint import score_kind, to_json_thresholds
+
+    policy = config.policy or {}
+    delta = policy.get("delta") if policy.get("kind") == "target" else None
+    try:
+        calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot build the per-target threshold table the export ships: {e}") from None
+    return delta, {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in TARGETS}
+
+
+def _backbone_in(backbone, dtype: torch.dtype):
+    """The caller's backbone, or a copy of it when the export needs another dtype: exporting
+    must not cast a model the caller still uses (an fp16 export used to leave it in fp16)."""
+    from .backbone import Backbone
+
+    if next(backbone.model.parameters()).dtype == dtype:
+        return backbone
+    return Backbone.from_model(copy.deepcopy(backbone.model), backbone.tokenizer, backbone.source)
 
 
 def _eos_ids(tokenizer, model, family=None) -> tuple[int, ...]:
@@ -154,9 +191,8 @@ def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_c
 def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None) -> Path:
-    from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone
-    from .calibrate import calibrate_thresholds
+    from .checkpoint import load_gates, load_heads
 
     if precision not in DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
@@ -169,27 +205,22 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
         check_can_build()  # fail before the slow part: no GPU or no TensorRT here
     checkpoint, out = Path(checkpoint), Path(out)
     config = read_config(checkpoint)
-    bb = backbone or load_backbone(config.source)
-    kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
-    heads = load_heads(checkpoint, bb, config)
     dtype = DTYPES[precision][0]
+    bb = _backbone_in(backbone, dtype) if backbone is not None else load_backbone(config.source)
+    kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
+    heads = load_heads(checkpoint, bb, config)  # built on bb: adapter heads share its norm and LM head
     bb.model.to(dtype)
     heads.to(dtype)
     shape = bb.shape
     thresholds = config.thresholds
-    by_target: dict[str, list] = {}
-    try:
-        calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
-        for t in TARGETS:
-            by_target[_target_key(t)] = [None if x == float("inf") else x for x in calibrate_thresholds(calib, t)]
-    except FileNotFoundError:
-        pass
+    table_delta, by_target = _threshold_table(checkpoint, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         specs, head_specs = [], []
         gated = config.confidence == "gate"
-        # gates stay fp32: ExitGates.score runs them on hidden.float() (a tiny MLP; fp16 gains nothing)
+        # gates stay float32 in every precision: a few thousand weights, and their score is
+        # then the calibrated one (the graph casts the fp16 hidden state up before the gate)
         gates = load_gates(checkpoint, bb, config) if gated else None
         dname = DTYPES[precision][1]
         if gated:  # adapter heads share one head graph; full heads get one each
@@ -198,7 +229,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 path = tmp / ("head.onnx" if k is None else f"head_{k:02d}.onnx")
                 h_in, h_out = hg.io_specs(dname, shape.hidden_size, shape.vocab_size)
                 h_in = export_graph(hg, h_in, h_out, path, precision, shape.vocab_size)
-                head_specs.append(GraphSpec(path.name, *_file_facts(path), tuple(h_in), tuple(h_out)))
+                head_specs.append(GraphSpec(path.name, inputs=tuple(h_in), outputs=tuple(h_out), **_file_facts(path)))
         bounds = segment_bounds(config.exits, shape.num_layers)
         for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
             seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates, kv=kv_info.layout,
@@ -210,15 +241,15 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
             if i < len(config.exits):
                 head = (0 if config.head == "adapter" else i) if gated else None
                 ex = ExitSpec(config.exits[i], config.confidence, thresholds[i], head)
-            specs.append(SegmentSpec(i, tuple(layers), path.name, *_file_facts(path), tuple(inputs),
-                                     tuple(outputs), ex))
+            specs.append(SegmentSpec(i, tuple(layers), path.name, inputs=tuple(inputs), outputs=tuple(outputs),
+                                     exit=ex, **_file_facts(path)))
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
         manifest = Manifest(
             model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
                             shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),
             tokenizer=tok, segments=tuple(specs),
             calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
-                                        config.calibration.get("heldout", {})),
+                                        config.calibration.get("heldout", {}), by_target_delta=table_delta),
             precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context},
                                        **({"capacity": {"min": 1, "opt": kv_info.capacity, "max": kv_info.capacity}}
                                           if kv_info.layout == "buffer" else {})},

@@ -26,7 +26,8 @@ class ExitScores:
     confidence: (N, E) score of each non-final exit for each token; higher = more sure.
     agree:      (N, E) whether that exit's top-1 token equals the full model's.
     sequence:   (N,) index of the text window each token came from; tokens of one
-                window are not exchangeable, so guarantees resample windows, not tokens.
+                window are not independent, so guarantee mode (guarantee.py) takes
+                windows, not tokens, as its i.i.d. unit.
     exit_layers: E ints, number of decoder layers computed before each exit.
     num_layers: decoder layers in the full model.
     check_cost: cost of one exit check, in decoder layers (head or gate).

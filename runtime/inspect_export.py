@@ -46,9 +46,14 @@ def backends_here() -> dict:
     return out
 
 
+def _bytes(graph) -> int:
+    """A graph's bytes on disk: the .onnx file and its external-weights files."""
+    return graph.size + sum(d.size for d in graph.data_files)
+
+
 def _segment(folder: Path, seg: SegmentSpec, thresholds) -> dict:
     path = folder / seg.file
-    d = {"index": seg.index, "layers": list(seg.layers), "file": seg.file, "size": seg.size,
+    d = {"index": seg.index, "layers": list(seg.layers), "file": seg.file, "size": _bytes(seg),
          "present": path.is_file(), "exit": None, "sampling": _sampling(seg)}
     if seg.exit is not None:
         d["exit"] = {"after_layer": seg.exit.exit_layer, "confidence": seg.exit.confidence,
@@ -68,7 +73,7 @@ def describe(folder: str | Path) -> dict:
         template, template_error = None, str(e)
     else:
         template_error = None
-    sizes = [s.size for s in m.segments] + [h.size for h in m.heads]
+    sizes = [_bytes(s) for s in m.segments] + [_bytes(h) for h in m.heads]
     return {
         "folder": str(folder),
         "format": f"{m.format} v{m.schema_version}", "exporter_version": m.exporter_version,
@@ -79,10 +84,11 @@ def describe(folder: str | Path) -> dict:
         "kv_cache": {"layout": m.kv_cache.layout, "capacity": m.kv_cache.capacity},
         "total_size": sum(sizes),
         "segments": [_segment(folder, s, list(cal.thresholds)) for s in m.segments],
-        "head_graphs": [{"file": h.file, "size": h.size, "present": (folder / h.file).is_file(),
+        "head_graphs": [{"file": h.file, "size": _bytes(h), "present": (folder / h.file).is_file(),
                          "sampling": _sampling(h)} for h in m.heads],
         "calibration": {"confidence": cal.confidence, "policy": cal.policy,
-                        "thresholds": list(cal.thresholds), "by_target": cal.by_target, "report": cal.report},
+                        "thresholds": list(cal.thresholds), "by_target": cal.by_target,
+                        "by_target_delta": cal.by_target_delta, "report": cal.report},
         "tokenizer": {"files": list(m.tokenizer.files), "bos_id": m.tokenizer.bos_id,
                       "eos_ids": list(m.tokenizer.eos_ids),
                       "chat_template": template.origin if template else None,

@@ -49,6 +49,17 @@ class ExitSpec:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """A file a graph reads beside it: ONNX external weights (`segment_00.onnx.data`) of a
+    graph too large for one protobuf. Checked like the graph itself, so corrupted weights
+    cannot load silently."""
+
+    file: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class GraphSpec:
     """A graph that is not a segment: an exit head run on demand (gate mode)."""
 
@@ -58,6 +69,7 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     engine: dict | None = None  # TensorRT engine, as in SegmentSpec
+    data_files: tuple[DataFile, ...] = ()  # external weights, as in SegmentSpec
 
     def output(self, role: str) -> TensorSpec | None:
         return next((t for t in self.outputs if t.role == role), None)
@@ -74,6 +86,7 @@ class SegmentSpec:
     outputs: tuple[TensorSpec, ...]
     exit: ExitSpec | None  # None for the last segment (the model's own head)
     engine: dict | None = None  # TensorRT engine: file, sha256, size, tensorrt_version, compute_capability
+    data_files: tuple[DataFile, ...] = ()  # the graph's external weights (size/sha256 of each)
 
     def input(self, role: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.role == role), None)
@@ -113,6 +126,7 @@ class CalibrationInfo:
     thresholds: tuple  # per exit, None = never: what the runtime uses by default
     by_target: dict  # "0.9" -> thresholds: alternatives a device can switch to without re-export
     report: dict  # held-out figures the exporter measured
+    by_target_delta: float | None = None  # the guarantee's delta every by_target row was chosen with
 
 
 @dataclass(frozen=True)
@@ -172,13 +186,17 @@ class Manifest:
         def tensors(items) -> tuple[TensorSpec, ...]:
             return tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in items)
 
+        def data_files(g: dict) -> tuple[DataFile, ...]:
+            return tuple(DataFile(**f) for f in g.get("data_files", ()))
+
         try:
             segs = tuple(
                 SegmentSpec(**{**s, "layers": tuple(s["layers"]), "inputs": tensors(s["inputs"]),
-                               "outputs": tensors(s["outputs"]),
+                               "outputs": tensors(s["outputs"]), "data_files": data_files(s),
                                "exit": ExitSpec(**s["exit"]) if s.get("exit") else None})
                 for s in d["segments"])
-            heads = tuple(GraphSpec(**{**h, "inputs": tensors(h["inputs"]), "outputs": tensors(h["outputs"])})
+            heads = tuple(GraphSpec(**{**h, "inputs": tensors(h["inputs"]), "outputs": tensors(h["outputs"]),
+                                       "data_files": data_files(h)})
                           for h in d.get("heads", ()))
             tok = d["tokenizer"]
             cal = d["calibration"]

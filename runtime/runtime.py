@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Backend, open_backend
+from .detokenize import IncrementalDecoder
 from .kv_cache import KVCache
 from .kv_buffer import KVBufferCache
 from .manifest import Manifest, ManifestError, SegmentSpec
@@ -286,7 +287,7 @@ class Runtime:
             if n == 0:
                 run.stop = "max_new_tokens" if max_new_tokens == 0 else "context"
                 return
-            out_ids: list[int] = []
+            detok = IncrementalDecoder(self.tokenizer)  # complete characters only, linear time
             text, shown = "", 0
             x = ids[run.cached:]
             for i in range(n):
@@ -297,11 +298,13 @@ class Runtime:
                 if not sampler.greedy:
                     token = sampler.pick(logits[0], history)
                 dt = time.perf_counter() - t0
-                out_ids.append(token)
                 history.append(token)
-                text = self.tokenizer.decode(out_ids)
+                text += detok.add(token)
                 limit_reason = None if i < n - 1 else ("max_new_tokens" if n == max_new_tokens else "context")
                 run.stop, end = stopping.check(token, text, limit_reason)
+                if run.stop and run.stop != "stop":  # the last token: show what is still pending too
+                    text += detok.flush()
+                    end = len(text)
                 layer = self.manifest.segments[j].layers[1]
                 yield TokenRecord(token, j, layer, conf, dt, text[shown:max(shown, end)], run.stop)
                 shown = max(shown, end)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the checkout; LAMA_SHARED overrides it (a git worktree elsewhere, CI)
+SHARED = Path(os.environ.get("LAMA_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 HF_CACHE = SHARED / "hf-cache"
 DATA = SHARED / "data"
 
@@ -123,9 +124,9 @@ def tiny_backbone(family: str, seed: int = 0, layers: int = 4):
 
 
 def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed: int = 0, train_steps: int = 0,
-                    gate_width: int | None = None, layers: int = 4):
+                    gate_width: int | None = None, layers: int = 4, gates: bool = False):
     """A checkpoint of a tiny model (saved with save_pretrained so it reloads by path); with
-    `gate_width`, random exit gates too and confidence 'gate'."""
+    `gate_width` (or gates=True: width 8), random (untrained) exit gates too and confidence 'gate'."""
     import torch
 
     from exporter.checkpoint import CheckpointConfig, save_checkpoint, to_json_thresholds
@@ -140,17 +141,37 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
     heads = ExitHeads("adapter", list(exits), bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=4)
     for h in heads.heads:  # random, non-trivial adapters: the heads must differ from the logit lens
         torch.nn.init.normal_(h.up.weight, std=0.5)
-    thresholds = [float("inf")] * len(exits) if thresholds is None else thresholds
-    gates = None
+    if gates and gate_width is None:
+        gate_width = 8
+    gate_modules = None
     if gate_width:
         from exporter.gates import ExitGates
 
-        gates = ExitGates(len(exits), bb.shape.hidden_size, gate_width)
+        gate_modules = ExitGates(len(exits), bb.shape.hidden_size, gate_width)
+    scores = checkpoint_scores(bb, heads, gate_modules)
+    thresholds = [float("inf")] * len(exits) if thresholds is None else thresholds
     cfg = CheckpointConfig(source=ModelSource(str(model_dir)), exits=list(exits), num_layers=bb.shape.num_layers,
                            head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
                            policy={"kind": "target", "target": 0.95, "delta": None},
                            confidence="gate" if gate_width else "top1", gate_width=gate_width)
-    return save_checkpoint(Path(folder) / "ckpt", cfg, heads, gates=gates), bb
+    return save_checkpoint(Path(folder) / "ckpt", cfg, heads, scores, gates=gate_modules), bb
+
+
+def checkpoint_scores(bb, heads, gates=None) -> dict:
+    """Calibration and held-out scores as `lama train` stores them (a few windows of SAMPLE_TEXT):
+    an export builds its per-target threshold table from them."""
+    from exporter.checkpoint import scores_file
+    from exporter.data import make_splits
+    from exporter.train import cache_features, exit_scores, gate_scores
+
+    splits = make_splits([SAMPLE_TEXT], bb.tokenizer, 32, {"calib": 640, "heldout": 320})
+    out = {}
+    for split, name in (("calib", "calibration"), ("heldout", "heldout")):
+        feats = cache_features(bb, splits[split], heads.exits)
+        out[scores_file(name)] = exit_scores(bb, heads, feats)
+        if gates is not None:
+            out[scores_file(name, "gate")] = gate_scores(out[scores_file(name)], bb, heads, feats, gates)
+    return out
 
 
 # SmolLM2-135M-Instruct's chat template, copied from the GGUF's metadata (the default model's)
@@ -167,3 +188,35 @@ def chat_export(tmp_path_factory):
     ckpt, bb = make_checkpoint(d, "llama")
     bb.tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE.read_text()
     return api.export(ckpt, out=d / "onnx", backbone=bb), bb
+
+
+def torch_early_exit(bb, heads, prompt: list[int], n: int, thresholds: list[float]):
+    """Reference for the runtime's early-exit rule, in PyTorch with no cache at all: every step
+    runs the whole model on the whole sequence, and the token leaves at the first exit whose
+    top-1 confidence reaches its threshold (else the full model's argmax). With exact (defer)
+    caches the runtime must give the same tokens, exits and confidences.
+
+    Returns (tokens, exit indices, confidences), the last exit index meaning the full model.
+    """
+    import torch
+
+    from exporter.heads import confidence
+
+    ids, tokens, exits, confs = list(prompt), [], [], []
+    with torch.no_grad():
+        for _ in range(n):
+            captured, logits = bb.forward(torch.tensor([ids]), capture=heads.exits)
+            choice = None
+            for k, layer in enumerate(heads.exits):
+                tok, conf = confidence(heads.logits(k, captured[layer][0, -1]), "top1")
+                if float(conf) >= thresholds[k]:
+                    choice = (int(tok), k, float(conf))
+                    break
+            if choice is None:
+                tok, conf = confidence(logits[0, -1], "top1")
+                choice = (int(tok), len(heads.exits), float(conf))
+            tokens.append(choice[0])
+            exits.append(choice[1])
+            confs.append(choice[2])
+            ids.append(choice[0])
+    return tokens, exits, confs

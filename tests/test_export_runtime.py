@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, make_checkpoint
+from conftest import FAMILIES, HF_CACHE, make_checkpoint, requires_stories
 
 from exporter import api
 from runtime import ManifestError, Runtime
@@ -207,3 +207,86 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
         api.export(ckpt, out=tmp_path / "out", backbone=bb)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.fixture(scope="module")
+def external_export(tmp_path_factory, monkeypatch_module):
+    """A llama export whose segments keep their weights in `.onnx.data` side files, as a
+    model over EXTERNAL_DATA_BYTES would (the threshold lowered so the tiny model does)."""
+    import exporter.onnx_export as ox
+
+    monkeypatch_module.setattr(ox, "EXTERNAL_DATA_BYTES", 0)
+    d = tmp_path_factory.mktemp("external")
+    ckpt, bb = make_checkpoint(d, "llama")
+    return api.export(ckpt, out=d / "onnx", backbone=bb)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_external_data_is_listed_and_runs(external_export, exported):
+    m = Runtime.load(external_export).manifest
+    for seg in m.segments:
+        assert [d.file for d in seg.data_files] == [seg.file + ".data"]
+        assert seg.data_files[0].size == (external_export / seg.data_files[0].file).stat().st_size
+    from runtime.inspect_export import describe
+
+    on_disk = sum(p.stat().st_size for p in external_export.glob("*.onnx*"))
+    assert describe(external_export)["total_size"] == on_disk  # graphs and their weights files
+    a = Runtime.load(external_export).generate(PROMPT, 8, thresholds="never")
+    b = Runtime.load(exported["llama"][0]).generate(PROMPT, 8, thresholds="never")
+    assert a.tokens == b.tokens
+
+
+def test_tampered_external_data_is_caught(external_export, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(external_export, dst)
+    p = dst / "segment_01.onnx.data"
+    raw = bytearray(p.read_bytes())
+    raw[100] ^= 0xFF  # same size, one byte flipped: loads silently unless hashed
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match=r"segment_01.onnx.data does not match its sha256"):
+        Runtime.load(dst)
+    p.write_bytes(bytes(raw[:-8]))
+    with pytest.raises(ManifestError, match=r"segment_01.onnx.data is \d+ bytes, the manifest says"):
+        Runtime.load(dst, verify=False)  # sizes are checked even without checksums
+    p.unlink()
+    with pytest.raises(ManifestError, match=r"weights file segment_01.onnx.data is missing"):
+        Runtime.load(dst)
+
+
+# -- streaming and stopping -------------------------------------------------------------------
+MULTIBYTE = "Café 😀 日本, crème brûlée 🍰"
+
+
+@requires_stories
+def test_stream_and_cli_print_complete_characters(exported, monkeypatch, capsys):
+    """Runtime.stream and `lama generate` with a byte-fallback tokenizer (stories260K's):
+    the model is scripted to emit the ids of MULTIBYTE, several of them lone UTF-8 bytes."""
+    from tokenizers import Tokenizer
+
+    from exporter import cli
+
+    stories = Tokenizer.from_file(str(next((HF_CACHE / "models--karpathy--stories260K").glob("snapshots/*/tokenizer.json"))))
+    ids = stories.encode(MULTIBYTE, add_special_tokens=False).ids
+    rt = Runtime.load(exported["llama"][0])
+    rt.tokenizer = stories
+
+    def scripted(x, cache, thresholds, want_logits=False):
+        scripted.n += 1
+        return ids[scripted.n - 1], 0, 1.0, None
+
+    scripted.n = 0
+    monkeypatch.setattr(rt, "step", scripted)
+    pieces = [r.text for r in rt.stream([1, 2, 3], len(ids), stop_at_eos=False)]
+    assert "".join(pieces) == MULTIBYTE
+    assert not any("\ufffd" in p for p in pieces), pieces
+    # the CLI prints exactly those pieces
+    scripted.n = 0
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: rt))
+    assert cli.main(["generate", str(exported["llama"][0]), "Once", "--max-new-tokens", str(len(ids))]) == 0
+    assert capsys.readouterr().out == MULTIBYTE + "\n"

@@ -9,7 +9,7 @@ from conftest import SAMPLE_TEXT, tiny_backbone
 
 from exporter import api
 from exporter.calibrate import calibrate_thresholds
-from exporter.checkpoint import load_gates, read_config, read_scores, to_json_thresholds
+from exporter.checkpoint import load_gates, load_heads, read_config, read_scores, to_json_thresholds
 from exporter.data import make_splits
 from exporter.gates import ExitGates, train_gates
 from exporter.heads import ExitHeads
@@ -76,15 +76,19 @@ def test_gate_scores_and_thresholds_roundtrip(gated):
     reports = api.calibrate(ckpt, target=0.8, confidence="gate")
     cfg = read_config(ckpt)
     assert cfg.confidence == "gate" and cfg.head_confidence == "top1" and cfg.gate_width == 16
-    assert reports["calibration"].agreement >= 0.8
+    assert reports["heldout"].agreement >= 0.8 - 0.05  # held-out text: the target up to sampling noise
     stored = read_scores(ckpt, "calibration", "gate")
     assert stored.check_cost < read_scores(ckpt, "calibration").check_cost
-    # the saved gates reproduce their scores exactly
-    gates = load_gates(ckpt, bb)
-    h = torch.randn(6, bb.shape.hidden_size)
-    trained = ExitGates(len(EXITS), bb.shape.hidden_size, 16)
-    trained.load_state_dict(gates.state_dict())
-    torch.testing.assert_close(gates.score(1, h), trained.score(1, h), rtol=0, atol=0)
+    # the saved gates and heads reproduce the scores the *trained* ones computed during `train`
+    splits = make_splits([SAMPLE_TEXT], bb.tokenizer, CFG.seq_len, {"train": CFG.train_tokens,
+                         "calib": CFG.calib_tokens, "heldout": CFG.heldout_tokens}, seed=CFG.seed)
+    feats = cache_features(bb, splits["calib"], EXITS)
+    heads, gates = load_heads(ckpt, bb), load_gates(ckpt, bb)
+    np.testing.assert_allclose(exit_scores(bb, heads, feats, "gate", gates).confidence, stored.confidence,
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(exit_scores(bb, heads, feats).confidence,
+                               read_scores(ckpt, "calibration").confidence, rtol=0, atol=1e-6)
+    assert stored.confidence.std() > 1e-3  # trained gates, not a constant
     # ... and the thresholds reach the manifest unchanged, with the head as a separate graph
     out = api.export(ckpt, out=d / "onnx_gate", backbone=bb)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -54,14 +54,17 @@ def test_train_checkpoint_roundtrip(tmp_path):
     ckpt = api.train(recipe(), out=tmp_path / "ck", data=[text], backbone=bb, target=0.9)
     cfg = read_config(ckpt)
     assert cfg.exits == [1, 2, 3] and cfg.head == "adapter" and len(cfg.thresholds) == 3
-    # calibration meets its target on the calibration set
-    assert cfg.calibration["calibration"]["agreement"] >= 0.9
-    heads = load_heads(ckpt, tiny_backbone("gpt_neox"))
-    h = torch.randn(5, bb.shape.hidden_size)
-    # compare with a fresh in-memory rebuild from the same safetensors: outputs identical
-    heads2 = load_heads(ckpt, bb)
-    for k in range(3):
-        assert torch.equal(heads.logits(k, h), heads2.logits(k, h))
+    # the target holds on held-out text (on the calibration set it holds by construction)
+    assert cfg.calibration["heldout"]["agreement"] >= 0.9 - 0.05
+    # heads loaded on a freshly built backbone reproduce the scores the trained heads computed
+    fresh = tiny_backbone("gpt_neox")
+    splits = make_splits([SAMPLE_TEXT], fresh.tokenizer, CFG.seq_len, {"train": CFG.train_tokens,
+                         "calib": CFG.calib_tokens, "heldout": CFG.heldout_tokens}, seed=CFG.seed)
+    feats = cache_features(fresh, splits["heldout"], [1, 2, 3])
+    stored = read_scores(ckpt, "heldout")
+    got = exit_scores(fresh, load_heads(ckpt, fresh), feats)
+    np.testing.assert_allclose(got.confidence, stored.confidence, rtol=0, atol=1e-6)
+    assert np.array_equal(got.agree, stored.agree) and stored.agree.mean() > 0.05
     # scores round-trip too, and re-calibrating from them reproduces the stored thresholds
     reports = api.calibrate(ckpt, target=0.9)
     assert read_config(ckpt).thresholds == cfg.thresholds
