@@ -68,7 +68,7 @@ def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
         past = None
         x, toks = ids, []
         for _ in range(n):
-            r = model(input_ids=x, past_key_values=past, use_cache=True)
+            r = model(input_ids=x, cache=past, use_cache=True)
             past = r.past_key_values
             t = int(r.logits[0, -1].argmax())
             toks.append(t)

@@ -91,21 +91,32 @@ def _constant_weights_to_initializers(model) -> int:
     return len(moved)
 
 
+def _quantizer_class():
+    """onnxruntime's MatMulNBitsQuantizer, imported without the INFO logging it switches on for the
+    whole process (its module calls logging.basicConfig(level=INFO) and logs every node)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.setLevel(level)
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
 def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str]]:
     """Quantize `path` in place; returns (MatMulNBits nodes made, constant MatMuls left in float)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    MatMulNBitsQuantizer = _quantizer_class()
     model = onnx.load(str(path))
     _constant_weights_to_initializers(model)
     names, _ = _constant_matmuls(model)
     exclude = [n for n in names if n.startswith(EXCLUDE_PREFIXES)]
-    level = logging.getLogger("onnxruntime.quantization").level
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     q = MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=scheme.block_size, is_symmetric=scheme.symmetric,
                              accuracy_level=scheme.accuracy_level or None, nodes_to_exclude=exclude)
     q.process()
-    logging.getLogger("onnxruntime.quantization").setLevel(level)
     out = q.model.model
     made = sum(n.op_type == "MatMulNBits" for n in out.graph.node)
     left, _ = _constant_matmuls(out)

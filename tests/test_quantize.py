@@ -134,15 +134,18 @@ def test_quantized_chain_equals_the_whole_quantized_graph(int4_export, tmp_path)
     assert chain == ref
 
 
-def test_quantized_thresholds_come_from_quantized_scores(tmp_path):
+def test_quantized_thresholds_come_from_quantized_scores(tmp_path, monkeypatch):
+    import exporter.quant_calibrate as qc
+
+    monkeypatch.setattr(qc, "NEW_TOKENS", 8)  # the greedy comparison's length: enough to be measured
     bb = tiny_backbone("llama")
     model_dir = tmp_path / "model"
     bb.model.save_pretrained(model_dir)
     bb.tokenizer.save_pretrained(model_dir)
     text = tmp_path / "t.txt"
     text.write_text(SAMPLE_TEXT)
-    cfg = TrainConfig(head="adapter", rank=8, seq_len=32, train_tokens=3000, calib_tokens=1500, heldout_tokens=600,
-                      steps=40, batch_tokens=256, lr=1e-2, seed=0, gates=False)
+    cfg = TrainConfig(head="adapter", rank=8, seq_len=32, train_tokens=1000, calib_tokens=1500, heldout_tokens=600,
+                      steps=10, batch_tokens=256, lr=1e-2, seed=0, gates=False)
     recipe = Recipe(name="tiny", source=ModelSource(str(model_dir)), exits=[1, 2, 3], train=cfg)
     ckpt = api.train(recipe, out=tmp_path / "ck", data=[text], backbone=bb, target=0.9)
     assert read_config(ckpt).train["data"] == [str(text.resolve())]  # the export redraws the same windows
@@ -161,6 +164,7 @@ def test_quantized_thresholds_come_from_quantized_scores(tmp_path):
     assert m.calibration.by_target["0.9"] == expect
     assert m.calibration.report["agreement"] >= 0.85  # held-out agreement with the *quantized* model
     assert 0.0 < rec["teacher_forced_agreement_vs_fp32"] <= 1.0 and 0.0 < rec["greedy_agreement_vs_fp32"] <= 1.0
+    assert rec["greedy_new_tokens"] == 8
     assert rec["teacher_forced_tokens"] == read_scores(ckpt, "heldout").num_tokens
 
 
