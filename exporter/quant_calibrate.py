@@ -69,7 +69,7 @@ def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
         x, toks = ids, []
         for _ in range(n):
             r = model(input_ids=x, cache=past, use_cache=True)
-            past = r.past_key_values
+            past = r.cache
             t = int(r.logits[0, -1].argmax())
             toks.append(t)
             x = torch.tensor([[t]])
