@@ -26,17 +26,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import optimum_worker  # noqa: E402  (the shared protocol: serve, versions, memory)
 
+import llama_cpp  # noqa: E402  (imported before serve() reads the "after imports" RSS, like the other rows)
+
 
 def _load_llamacpp(spec: dict):
-    from llama_cpp import Llama
-
     path = Path(spec["gguf_path"])
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     n = spec["max_new_tokens"]
     longest = max(len(p) for p in spec["prompts"]) + n
     threads = spec["threads"]
-    llm = Llama(model_path=str(path), n_ctx=max(512, longest + 8), n_batch=512, n_threads=threads,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, longest + 8), n_batch=512, n_threads=threads,
                 n_threads_batch=threads, seed=0, verbose=False)
 
     def run(ids: list[int]):
@@ -60,8 +60,6 @@ def _load_llamacpp(spec: dict):
 
 def _system_info() -> str:
     try:
-        import llama_cpp
-
         return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     except Exception:  # informative only
         return ""
