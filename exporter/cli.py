@@ -107,7 +107,7 @@ def add_host_commands(sub) -> None:
     e.add_argument("--data", nargs="+", help="int8/int4: text for the quantized calibration (default: training's)")
     e.add_argument("--block-size", type=int, help="int8/int4: weights per quantization block (default 32)")
     e.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
-                   help="int8/int4: symmetric blocks (no zero point); default: int4 asymmetric, int8 symmetric")
+                   help="int8/int4: symmetric blocks (no zero point); default: symmetric")
     e.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="int8/int4: MatMulNBits accuracy_level (4 = int8 activations in the CPU kernel, default)")
     e.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")

@@ -29,7 +29,7 @@ from runtime.manifest import QuantizationInfo
 EXCLUDE_PREFIXES = ("/gates/",)  # node-name prefixes left in float: the exit gates (Segment.gates)
 SCHEMES = {
     # precision -> (bits, block size, symmetric, accuracy level); chosen by measurement, see README
-    "int4": (4, 32, False, 4),
+    "int4": (4, 32, True, 4),
     "int8": (8, 32, True, 4),
 }
 EXTERNAL_DATA_BYTES = 1 << 30
