@@ -89,17 +89,21 @@ def instrument(rt, clock: Clock, threads: int | None, out: Path) -> list[tuple[s
         backend.session = _profiling_session(Path(rt.folder) / name, threads, out / Path(name).stem,
                                              backend.session.get_providers())
         steps: list[int] = []
-        inner = backend.run
+        # run(feeds), and run_bound(binding, feeds) where the KV buffers are bound in place (IOBinding)
+        for method in ("run", "run_bound"):
+            inner = getattr(backend, method, None)
+            if inner is None:
+                continue
 
-        def run(feeds, _inner=inner, _name=name, _steps=steps):
-            _steps.append(clock.step)
-            clock.add(f"bytes_in:{_name}", sum(v.nbytes for v in feeds.values()))
-            t0 = time.perf_counter()
-            res = _inner(feeds)
-            clock.add(f"run:{_name}", time.perf_counter() - t0)
-            return res
+            def run(*args, _inner=inner, _name=name, _steps=steps):
+                _steps.append(clock.step)
+                clock.add(f"bytes_in:{_name}", sum(getattr(v, "nbytes", 0) for v in args[-1].values()))
+                t0 = time.perf_counter()
+                res = _inner(*args)
+                clock.add(f"run:{_name}", time.perf_counter() - t0)
+                return res
 
-        backend.run = run
+            setattr(backend, method, run)
         wired.append((name, backend, steps))
     step = rt.step
 
