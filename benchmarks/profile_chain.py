@@ -167,7 +167,7 @@ def profile(export_dir: Path, prompt: str, new_tokens: int, threshold, threads: 
     clock = Clock()
     wired = instrument(rt, clock, threads, out)
     t0 = time.perf_counter()
-    records = list(rt.generate(prompt, new_tokens, thresholds=threshold, stop_at_eos=False, stream=True))
+    records = list(rt.stream(prompt, new_tokens, thresholds=threshold, stop_at_eos=False))
     gen_s = time.perf_counter() - t0
     decode_tokens = len(records) - 1
     if decode_tokens < 1:
