@@ -200,12 +200,14 @@ def serve(spec: dict, inp=sys.stdin, out=sys.stdout) -> None:
 
     The caller keeps every row's worker alive and interleaves their passes, so a burst of load
     from other jobs on shared cores hits all rows alike instead of whichever row ran then."""
-    if spec["backend"] != "lama":  # heavy imports before the baseline RSS, so it is "after imports"
+    if spec["backend"] in ("torch", "optimum"):  # heavy imports before the baseline RSS, so it is "after imports"
         import torch  # noqa: F401
         import transformers  # noqa: F401
-    else:
+    elif spec["backend"] == "lama":
         import onnxruntime  # noqa: F401
     rss_imports_kb = _status_kb("VmRSS")
+    if spec["backend"] not in BACKENDS:
+        raise SystemExit(f"unknown backend {spec['backend']!r}; this worker knows {sorted(BACKENDS)}")
     load, packages = BACKENDS[spec["backend"]]
     t0 = time.perf_counter()
     run, info = load(spec)

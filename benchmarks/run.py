@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "optimum_worker.py"
+WORKERS = {"llamacpp": HERE / "llamacpp_worker.py"}  # backends timed by another script (same protocol)
 OPTIMUM_PYTHON = HERE / ".venv-optimum" / "bin" / "python"
+LLAMACPP_PYTHON = HERE / ".venv-llamacpp" / "bin" / "python"
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 _SHARED_CACHE = ROOT.parent / "shared" / "hf-cache"
@@ -93,15 +96,17 @@ def ensure_checkpoint(model: str, ckpt: Path, data: list[str] | None) -> float |
     return time.perf_counter() - t0
 
 
-def ensure_export(ckpt: Path, export_dir: Path) -> float | None:
-    """Export once; again when the heads changed after the last export."""
+def ensure_export(ckpt: Path, export_dir: Path, precision: str = "fp32", data: list[str] | None = None
+                  ) -> float | None:
+    """Export once; again when the heads changed after the last export (or the precision differs)."""
     manifest = export_dir / "manifest.json"
-    if manifest.is_file() and manifest.stat().st_mtime >= (ckpt / "heads.safetensors").stat().st_mtime:
+    if (manifest.is_file() and manifest.stat().st_mtime >= (ckpt / "heads.safetensors").stat().st_mtime
+            and json.loads(manifest.read_text()).get("precision") == precision):
         return None
     from exporter import api
 
     t0 = time.perf_counter()
-    api.export(ckpt, out=export_dir)
+    api.export(ckpt, out=export_dir, precision=precision, data=data)
     return time.perf_counter() - t0
 
 
@@ -257,7 +262,8 @@ class Worker:
         path = tmp / f"{slug}.json"
         path.write_text(json.dumps(spec))
         self.stderr = open(tmp / f"{slug}.err", "w+")
-        self.proc = subprocess.Popen([str(python), str(WORKER), str(path)], stdin=subprocess.PIPE,
+        script = WORKERS.get(spec["backend"], WORKER)
+        self.proc = subprocess.Popen([str(python), str(script), str(path)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=os.environ.copy())
 
     def ask(self, command: str | None = None) -> dict:
@@ -450,6 +456,7 @@ def benchmark(args) -> dict:
                      "heldout_simulated": _outcome(simulate(heldout_scores, p.thresholds))})
         specs[p.key] = (py, {**base, "backend": "lama", "export_dir": str(export_dir), "thresholds": p.runtime,
                              "repo_root": str(ROOT)})
+    quant = extra_rows(args, rows, specs, base, work, ckpt, (model_path, gguf))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lama-bench-") as tmp:
         measured, failed = time_rows(specs, args.repeats, Path(tmp), args.timeout)
@@ -465,6 +472,7 @@ def benchmark(args) -> dict:
         rows.append({"row": key, "status": "skipped", "reason": reason})
 
     derive(rows, config.num_layers, oracle_scores.layers, oracle_tf)
+    same_precision_agreement(rows)
     samples = _samples(rows, prompts, tokenizer)
     return {
         "model": args.model, "source": asdict(config.source), "checkpoint": str(ckpt), "export": str(export_dir),
@@ -478,10 +486,56 @@ def benchmark(args) -> dict:
                      "seq_len": cfg["seq_len"]},
         **info, "train_seconds": train_s, "export_seconds": export_s, "teacher_forced_seconds": tf_s,
         "timing_seconds": timing_s,
-        "heldout_scores_check": check, "rows": rows, "samples": samples,
+        "heldout_scores_check": check, "rows": rows, "samples": samples, "quantization": quant,
         "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "wall_seconds": time.perf_counter() - t_start,
     }
+
+
+# -- declared extra rows: llama.cpp on the shipped GGUF, our chain at int8 / int4 ----------------------
+def extra_rows(args, rows: list[dict], specs: dict, base: dict, work: Path, ckpt: Path, model: tuple[str, str | None]
+               ) -> dict:
+    """Row f: llama.cpp on the same GGUF file; rows g: the chain exported at each of --precisions,
+    exits off and at each of --quant-targets (thresholds calibrated on the quantized model).
+    Returns each quantized export's quantization record from its manifest."""
+    from runtime.manifest import Manifest
+
+    key = "f: llama.cpp (the GGUF as shipped)"
+    rows.append({"row": key, "kind": "full"})
+    llama_py = Path(args.llamacpp_python)
+    if not model[1]:
+        rows[-1].update(status="skipped", reason="this model has no GGUF file for llama.cpp to load")
+    elif not llama_py.is_file():
+        rows[-1].update(status="skipped", reason=f"{llama_py} not found: run `bash benchmarks/setup_llamacpp.sh`")
+    else:
+        specs[key] = (llama_py, {**base, "backend": "llamacpp", "gguf_path": str(Path(model[0]) / model[1])})
+    records = {}
+    for prec in args.precisions:
+        qdir = work / f"onnx-{prec}"
+        ensure_export(ckpt, qdir, prec, args.data)
+        m = Manifest.load(qdir)
+        records[prec] = dataclasses.asdict(m.quantization) if m.quantization else None
+        full = f"g: {prec} chain, exits off"
+        for label, th in [("exits off", "never")] + [(f"target {t:g}", t) for t in args.quant_targets]:
+            row = {"row": f"g: {prec} chain, {label}", "kind": "quant-full" if th == "never" else "quant-target",
+                   "precision": prec, "value": None if th == "never" else th, "same_precision_full": full}
+            rows.append(row)
+            if th != "never" and f"{th:g}" not in m.calibration.by_target:
+                row.update(status="skipped", reason=f"no thresholds for target {th:g} in {qdir}")
+                continue
+            specs[row["row"]] = (Path(sys.executable), {**base, "backend": "lama", "export_dir": str(qdir),
+                                                        "thresholds": th, "repo_root": str(ROOT)})
+    return records
+
+
+def same_precision_agreement(rows: list[dict]) -> None:
+    """Quantized rows with exits: greedy agreement with the same-precision chain with exits off."""
+    by = {r["row"]: r for r in rows}
+    for r in rows:
+        ref = by.get(r.get("same_precision_full") or "", {}).get("measured")
+        if r.get("measured") and ref:
+            pairs = zip(ref["tokens"], r["measured"]["tokens"])
+            r["greedy_agreement_same_precision"] = float(np.mean([position_agreement(a, b) for a, b in pairs]))
 
 
 def _outcome(o) -> dict:
@@ -583,8 +637,9 @@ def markdown(res: dict, command: str) -> str:
         f"back (robust to load changes between rounds). Agreement and ROUGE-L are against row a's greedy tokens. "
         f"Teacher-forced columns use all {s['heldout_windows']} held-out windows of {s['seq_len']} tokens.", "",
         "| row | tokens/s (spread) | speed-up | first token (ms) | peak RSS MB (after imports) | layers/token | "
-        "greedy agreement | ROUGE-L | teacher-forced agreement | perplexity | share of oracle speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "greedy agreement | ROUGE-L | teacher-forced agreement | perplexity | share of oracle speed-up | "
+        "greedy agreement vs same-precision full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         if r["status"] == "skipped":
@@ -599,7 +654,7 @@ def markdown(res: dict, command: str) -> str:
             f"{_f(r.get('first_token_ms'), '.2f')} | {rss} | {_f(r.get('mean_layers'), '.2f')} | "
             f"{_f(r.get('greedy_agreement'), '.3f')} | {_f(r.get('rouge_l'), '.3f')} | "
             f"{_f(t.get('agreement'), '.3f')} | {_f(t.get('perplexity'), '.2f')} | "
-            f"{_f(r.get('share_of_oracle_speedup'), '.0%')} |")
+            f"{_f(r.get('share_of_oracle_speedup'), '.0%')} | {_f(r.get('greedy_agreement_same_precision'), '.3f')} |")
     skipped = [r for r in res["rows"] if r["status"] == "skipped"]
     if skipped:
         lines += ["", "Skipped rows:", ""] + [f"- {r['row']}: {r['reason']}" for r in skipped]
@@ -633,6 +688,19 @@ def markdown(res: dict, command: str) -> str:
         f"- Check: our held-out windows reproduce the checkpoint's heldout_scores.npz: {c.get('match')} "
         f"({', '.join(f'{k}={v}' for k, v in c.items() if k != 'match')}).",
     ]
+    for prec, q in (res.get("quantization") or {}).items():
+        if not q:
+            continue
+        c = q.get("calibration", {})
+        lines.append(f"- {prec}: {q['bits']}-bit MatMulNBits weights, blocks of {q['block_size']}, "
+                     f"{'symmetric' if q['symmetric'] else 'asymmetric'}, accuracy level {q['accuracy_level']}; the "
+                     f"quantized full model agrees with the fp32 one on "
+                     f"{_f(c.get('teacher_forced_agreement_vs_fp32'), '.3f')} of held-out tokens (teacher-forced), "
+                     f"{_f(c.get('greedy_agreement_vs_fp32'), '.3f')} greedy; its exits are calibrated on its own outputs, "
+                     "so its target rows are compared with the same-precision full row (last column).")
+    if any(r["row"].startswith("f:") and r.get("measured") for r in res["rows"]):
+        lines.append("- Row f: llama.cpp (llama-cpp-python, benchmarks/.venv-llamacpp) on the GGUF file the model ships "
+                     "as (the weights rows a-d dequantize), greedy on the same token ids, same thread count.")
     if res.get("samples"):
         lines += ["", "Sample (first prompt):", "", f"- prompt: {res['samples'][0]['prompt']!r}"]
         lines += [f"- {x['row']}: {x['continuation']!r}" for x in res["samples"][1:]]
@@ -712,6 +780,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute: fraction of the plain model's compute, exit checks included (as `lama calibrate "
                         "--budget`); layers: mean decoder layers per token")
     p.add_argument("--optimum-python", default=str(OPTIMUM_PYTHON), help="python of the optimum venv")
+    p.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON), help="python of the llama.cpp venv (row f)")
+    p.add_argument("--precisions", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+                   help="quantized exports timed as rows g (default int8 int4; give none for no such rows)")
+    p.add_argument("--quant-targets", type=float, nargs="*", default=[0.95],
+                   help="agreement targets for the quantized rows (besides exits off; default 0.95)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row before it is skipped")
     return p.parse_args(argv)
 

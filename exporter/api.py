@@ -90,6 +90,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
         policy={"kind": "target", "target": target, "delta": None},
         calibration=_reports(calib, held, thresholds, target, None),
         train={"config": dataclasses.asdict(cfg), "report": dataclasses.asdict(rep),
+               "data": [str(Path(p).resolve()) for p in (data or [default_data_dir()])],  # to redraw the splits
                "feature_cache_seconds": cache_s,
                "agreement_before": before.round(4).tolist(), "agreement_after": after.mean(axis=0).round(4).tolist()},
     )
@@ -158,13 +159,19 @@ def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
 
 def export(checkpoint: str | Path, *, out: str | Path, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
-           kv_capacity: int | None = None, backbone=None) -> Path:
+           kv_capacity: int | None = None, backbone=None, data: list | None = None,
+           quant_options: dict | None = None) -> Path:
     """Split the checkpoint into per-segment graphs (+ TensorRT engines) with a manifest.
 
     kv: "concat" (past in, past+new out) or "buffer" (GroupQueryAttention on preallocated
     buffers updated in place; kv_capacity positions, default the model's context); None
-    picks the default for the backend."""
+    picks the default for the backend.
+    precision "int8"/"int4": weight-only MatMulNBits graphs (exporter/quantize.py) whose
+    thresholds are recalibrated on the quantized model's own scores (exporter/quant_calibrate.py),
+    drawn from `data` (default: the text training used); `quant_options` overrides the scheme's
+    block_size, symmetric, accuracy_level."""
     from .onnx_export import export as _export
 
     return _export(checkpoint, out, precision=precision, backend=backend, with_logits=with_logits,
-                   workspace_gb=workspace_gb, kv=kv, kv_capacity=kv_capacity, backbone=backbone)
+                   workspace_gb=workspace_gb, kv=kv, kv_capacity=kv_capacity, backbone=backbone, data=data,
+                   quant_options=quant_options)

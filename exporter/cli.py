@@ -51,9 +51,27 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from . import api
 
+    quant = {k: v for k, v in (("block_size", a.block_size), ("symmetric", a.symmetric),
+                                ("accuracy_level", a.accuracy_level)) if v is not None}
     out = api.export(a.checkpoint, out=a.out, precision=a.precision, backend=a.backend,
-                     with_logits=a.with_logits, workspace_gb=a.workspace_gb, kv=a.kv, kv_capacity=a.kv_capacity)
+                     with_logits=a.with_logits, workspace_gb=a.workspace_gb, kv=a.kv, kv_capacity=a.kv_capacity,
+                     data=a.data, quant_options=quant or None)
     print(f"exported to {out}")
+    from runtime.manifest import Manifest
+
+    q = Manifest.load(out).quantization
+    if q is not None:
+        c = q.calibration
+        print(f"{q.bits}-bit weights (blocks of {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}, "
+              f"accuracy level {q.accuracy_level}): {q.quantized_matmuls} MatMulNBits in {len(q.graphs)} graphs")
+        if "teacher_forced_agreement_vs_fp32" in c:
+            print(f"quantized full model vs fp32: teacher-forced top-1 agreement "
+                  f"{c['teacher_forced_agreement_vs_fp32']:.4f} on {c['teacher_forced_tokens']} held-out tokens, "
+                  f"greedy agreement {c['greedy_agreement_vs_fp32']:.4f} ({c['greedy_prompts']} prompts x "
+                  f"{c['greedy_new_tokens']} tokens)")
+            print(f"thresholds (calibrated on the quantized model): {c['thresholds']} (fp32: {c['fp32_thresholds']})")
+        else:
+            print(f"thresholds: {c.get('scores')}")
 
 
 def add_host_commands(sub) -> None:
@@ -84,7 +102,14 @@ def add_host_commands(sub) -> None:
     e = sub.add_parser("export", help="split into per-segment ONNX graphs (and TensorRT engines) with a manifest")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--out", required=True, type=Path)
-    e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    e.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                   help="int8/int4: weight-only MatMulNBits graphs, thresholds recalibrated on the quantized model")
+    e.add_argument("--data", nargs="+", help="int8/int4: text for the quantized calibration (default: training's)")
+    e.add_argument("--block-size", type=int, help="int8/int4: weights per quantization block (default 32)")
+    e.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8/int4: symmetric blocks (no zero point); default: symmetric")
+    e.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="int8/int4: MatMulNBits accuracy_level (4 = int8 activations in the CPU kernel, default)")
     e.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
     e.add_argument("--with-logits", action="store_true",
                    help="also output full logits (every export samples over the heads' top-64 logits; "

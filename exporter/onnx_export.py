@@ -32,7 +32,10 @@ EXTERNAL_DATA_BYTES = 1 << 30  # segments above this keep weights in a side file
 TRACE = {"batch": 2, "sequence": 5, "past": 3, "spare": 4}
 DIMS = {"batch": {"min": 1, "opt": 1, "max": 8}, "sequence": {"min": 1, "opt": 1, "max": None},
         "past": {"min": 0, "opt": 256, "max": None}}
-DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
+DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"),
+          # weight-only quantized: traced in fp32, then MatMul weights -> MatMulNBits (exporter/quantize.py)
+          "int8": (torch.float32, "float32"), "int4": (torch.float32, "float32")}
+QUANTIZED = ("int8", "int4")
 
 
 def _dummy_inputs(inputs, dtype: torch.dtype, vocab: int):
@@ -84,6 +87,16 @@ def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Pat
     # TorchScript export drops inputs the graph does not use: record only what the graph takes
     graph_inputs = {i.name for i in model.graph.input}
     return [t for t in inputs if t.name in graph_inputs]
+
+
+def _quantize(path: Path, scheme) -> tuple[str, int, list[str]] | None:
+    """int8/int4: rewrite the graph's weight MatMuls as MatMulNBits before its checksum is taken."""
+    if scheme is None:
+        return None
+    from .quantize import quantize_graph
+
+    made, left = quantize_graph(path, scheme)
+    return path.name, made, left
 
 
 def _file_facts(path: Path) -> dict:
@@ -190,15 +203,29 @@ def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_c
 
 def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
-           kv_capacity: int | None = None, backbone=None) -> Path:
+           kv_capacity: int | None = None, backbone=None, data: list | None = None,
+           quant_options: dict | None = None) -> Path:
+    """`data`: text for the quantized model's calibration scores (default: what training used);
+    `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level)."""
+    from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone
-    from .checkpoint import load_gates, load_heads
+    from .checkpoint import load_gates, load_heads, score_kind
 
     if precision not in DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
+        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(DTYPES)}")
     if backend not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}; choose onnx or tensorrt")
     check_kv_options(kv, backend, kv_capacity)
+    scheme = None
+    if precision in QUANTIZED:
+        from .quantize import Scheme
+
+        if backend == "tensorrt":
+            raise ValueError(f"precision {precision} makes onnxruntime MatMulNBits graphs, which TensorRT cannot "
+                             "build; use --precision fp16 for TensorRT")
+        scheme = Scheme.for_precision(precision, **(quant_options or {}))
+    elif quant_options:
+        raise ValueError(f"quantization options given for precision {precision}; they apply to int8/int4")
     if backend == "tensorrt":
         from .tensorrt_build import check_can_build
 
@@ -208,16 +235,26 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     dtype = DTYPES[precision][0]
     bb = _backbone_in(backbone, dtype) if backbone is not None else load_backbone(config.source)
     kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
+    quant_cal = None
+    if scheme is not None:  # before tracing: the thresholds must come from the quantized model's own outputs
+        from .quant_calibrate import calibrate_quantized, replace_thresholds
+
+        read_scores(checkpoint, "calibration", score_kind(config.confidence))  # refuses a checkpoint without scores
+        quant_cal = calibrate_quantized(bb, checkpoint, config, scheme, TARGETS, data)
+        config = replace_thresholds(config, quant_cal)
     heads = load_heads(checkpoint, bb, config)  # built on bb: adapter heads share its norm and LM head
     bb.model.to(dtype)
     heads.to(dtype)
     shape = bb.shape
     thresholds = config.thresholds
-    table_delta, by_target = _threshold_table(checkpoint, config)
+    if quant_cal is None:
+        table_delta, by_target = _threshold_table(checkpoint, config)
+    else:  # the quantized model's own table, with the same delta
+        table_delta, by_target = quant_cal.delta, quant_cal.by_target
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        specs, head_specs = [], []
+        specs, head_specs, quantized = [], [], []
         gated = config.confidence == "gate"
         # gates stay float32 in every precision: a few thousand weights, and their score is
         # then the calibrated one (the graph casts the fp16 hidden state up before the gate)
@@ -229,6 +266,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 path = tmp / ("head.onnx" if k is None else f"head_{k:02d}.onnx")
                 h_in, h_out = hg.io_specs(dname, shape.hidden_size, shape.vocab_size)
                 h_in = export_graph(hg, h_in, h_out, path, precision, shape.vocab_size)
+                quantized.append(_quantize(path, scheme))
                 head_specs.append(GraphSpec(path.name, inputs=tuple(h_in), outputs=tuple(h_out), **_file_facts(path)))
         bounds = segment_bounds(config.exits, shape.num_layers)
         for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
@@ -237,6 +275,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
             path = tmp / f"segment_{i:02d}.onnx"
             inputs, outputs = io_specs(seg, dname)
             inputs = export_graph(seg, inputs, outputs, path, precision, shape.vocab_size)
+            quantized.append(_quantize(path, scheme))
             ex = None
             if i < len(config.exits):
                 head = (0 if config.head == "adapter" else i) if gated else None
@@ -244,6 +283,18 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
             specs.append(SegmentSpec(i, tuple(layers), path.name, inputs=tuple(inputs), outputs=tuple(outputs),
                                      exit=ex, **_file_facts(path)))
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
+        quant_info = None
+        if scheme is not None:
+            from .quant_calibrate import uncalibrated_record
+
+            quantized = [q for q in quantized if q is not None]
+            quant_info = scheme.info([f for f, _, _ in quantized], sum(n for _, n, _ in quantized),
+                                     [f"{f}:{m}" for f, _, left in quantized for m in left],
+                                     quant_cal.record if quant_cal else uncalibrated_record(config))
+            if quant_cal is not None:  # the quantized scores travel with the export, for later study
+                (tmp / "scores").mkdir()
+                for name, sc in quant_cal.scores.items():
+                    sc.save(tmp / "scores" / name)
         manifest = Manifest(
             model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
                             shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),
@@ -255,7 +306,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                                           if kv_info.layout == "buffer" else {})},
             kv_cache=kv_info,
             heads=tuple(head_specs),
-            exporter_version=EXPORTER_VERSION)
+            exporter_version=EXPORTER_VERSION, quantization=quant_info)
         if backend == "tensorrt":
             from .tensorrt_build import build_engines
 

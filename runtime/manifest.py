@@ -151,17 +151,37 @@ class KVCacheInfo:
 
 
 @dataclass(frozen=True)
+class QuantizationInfo:
+    """How the weights of an int8/int4 export were quantized (absent for fp32/fp16).
+
+    Optional in schema version 1: readers that predate it ignore the key, and the graphs
+    still run on onnxruntime (MatMulNBits is a contrib op of its CPU and CUDA providers)."""
+
+    method: str  # e.g. "onnxruntime MatMulNBits (weight-only, round-to-nearest)"
+    bits: int  # 4 or 8
+    block_size: int  # weights quantized in blocks of this many inputs, one scale (+ zero point) each
+    symmetric: bool  # False: a zero point per block
+    accuracy_level: int  # MatMulNBits accuracy_level: 0 = float compute, 4 = int8 activations in the kernel
+    graphs: tuple[str, ...]  # files whose weight MatMuls were quantized
+    quantized_matmuls: int = 0  # MatMulNBits nodes over all graphs
+    float_matmuls: tuple[str, ...] = ()  # weight MatMuls deliberately left in float (exit gates)
+    calibration: dict = field(default_factory=dict)  # what the thresholds were calibrated on, and the
+    # quantized model's own agreement with the fp32 one
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     tokenizer: TokenizerInfo
     segments: tuple[SegmentSpec, ...]
     calibration: CalibrationInfo
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "int8" | "int4" (weights; activations and KV stay float32 for int*)
     dims: dict  # named dims -> {"min", "opt", "max"} (TensorRT profiles, runtime checks)
     heads: tuple[GraphSpec, ...] = ()
     kv_layout: str = "batch,kv_heads,position,head_dim"
     kv_cache: KVCacheInfo = field(default_factory=KVCacheInfo)
     exporter_version: str = ""
+    quantization: QuantizationInfo | None = None
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
 
@@ -200,6 +220,9 @@ class Manifest:
                           for h in d.get("heads", ()))
             tok = d["tokenizer"]
             cal = d["calibration"]
+            q = d.get("quantization")
+            quant = (QuantizationInfo(**{**q, "graphs": tuple(q["graphs"]),
+                                         "float_matmuls": tuple(q.get("float_matmuls", ()))}) if q else None)
             return cls(
                 model=ModelInfo(**d["model"]),
                 tokenizer=TokenizerInfo(**{**tok, "files": tuple(tok["files"]), "eos_ids": tuple(tok["eos_ids"])}),
@@ -207,7 +230,8 @@ class Manifest:
                 calibration=CalibrationInfo(**{**cal, "thresholds": tuple(cal["thresholds"])}),
                 precision=d["precision"], dims=d["dims"], heads=heads, kv_layout=d.get("kv_layout", ""),
                 kv_cache=KVCacheInfo(**d["kv_cache"]) if "kv_cache" in d else KVCacheInfo(),
-                exporter_version=d.get("exporter_version", ""), format=d["format"], schema_version=v)
+                exporter_version=d.get("exporter_version", ""), quantization=quant, format=d["format"],
+                schema_version=v)
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 

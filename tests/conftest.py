@@ -150,11 +150,19 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
         gate_modules = ExitGates(len(exits), bb.shape.hidden_size, gate_width)
     scores = checkpoint_scores(bb, heads, gate_modules)
     thresholds = [float("inf")] * len(exits) if thresholds is None else thresholds
+    text_file = Path(folder) / "text.txt"  # the windows' text and how they were drawn, as `lama train` records them
+    text_file.write_text(SAMPLE_TEXT, encoding="utf-8")
+    train_record = {"config": {"seq_len": 32, "seed": 0, **{f"{s}_tokens": n for s, n in SCORE_TOKENS.items()}},
+                    "data": [str(text_file)]}
     cfg = CheckpointConfig(source=ModelSource(str(model_dir)), exits=list(exits), num_layers=bb.shape.num_layers,
+                           train=train_record,
                            head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
                            policy={"kind": "target", "target": 0.95, "delta": None},
                            confidence="gate" if gate_width else "top1", gate_width=gate_width)
     return save_checkpoint(Path(folder) / "ckpt", cfg, heads, scores, gates=gate_modules), bb
+
+
+SCORE_TOKENS = {"train": 0, "calib": 640, "heldout": 320}  # the windows make_checkpoint scores
 
 
 def checkpoint_scores(bb, heads, gates=None) -> dict:
@@ -164,7 +172,7 @@ def checkpoint_scores(bb, heads, gates=None) -> dict:
     from exporter.data import make_splits
     from exporter.train import cache_features, exit_scores, gate_scores
 
-    splits = make_splits([SAMPLE_TEXT], bb.tokenizer, 32, {"calib": 640, "heldout": 320})
+    splits = make_splits([SAMPLE_TEXT], bb.tokenizer, 32, SCORE_TOKENS)
     out = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         feats = cache_features(bb, splits[split], heads.exits)

@@ -1,0 +1,153 @@
+"""Thresholds for a quantized export, calibrated on the quantized model's own outputs.
+
+A token may leave at an exit only when the exit agrees with the model that runs on the
+device, and for an int4/int8 export that is the quantized model, not the fp32 one the
+checkpoint's stored scores came from. So the export recomputes the calibration and held-out
+scores with a fake-quantized copy of the backbone and heads (`quantize.fake_quantize`: the
+weights and, at accuracy level 4, the int8 activation rounding of MatMulNBits), on the same
+text windows training drew, and calibrates those. It also measures what quantization costs
+on its own: the quantized full model's agreement with the fp32 one, teacher-forced on the
+held-out windows and in free-running greedy continuations.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.manifest import _target_key
+
+from .calibrate import calibrate_thresholds, report
+from .checkpoint import CheckpointConfig, load_gates, load_heads, score_kind, scores_file, to_json_thresholds
+from .quantize import Scheme, fake_quantize
+from .scores import ExitScores
+
+GREEDY_PROMPTS = 4
+PROMPT_TOKENS = 32
+NEW_TOKENS = 32
+
+
+@dataclass
+class QuantCalibration:
+    thresholds: list[float]  # the policy's thresholds on the quantized scores (inf = never)
+    by_target: dict[str, list]  # target key -> thresholds (None = never), with the calibration's delta
+    delta: float | None  # the guarantee's delta the table was computed with (None: plain calibration)
+    reports: dict  # CalibrationReport dicts by split ("calibration", "heldout")
+    record: dict  # for the manifest's quantization record: scores' source, agreement with fp32
+    scores: dict[str, ExitScores]  # file name (checkpoint.scores_file) -> quantized scores
+
+
+def quantized_backbone(bb, checkpoint: Path, config: CheckpointConfig, scheme: Scheme):
+    """(backbone, heads, gates) with the quantized graphs' numerics; `bb` itself is left untouched."""
+    qbb = copy.deepcopy(bb)  # one deepcopy keeps the family adapter pointing at the copied layers
+    qbb.model.float()
+    n = fake_quantize([qbb.model], scheme)  # decoder layers and the LM head (untied from the embedding)
+    heads = load_heads(checkpoint, qbb, config)  # adapters sit in front of the quantized LM head
+    n += fake_quantize([heads.heads], scheme)
+    gates = load_gates(checkpoint, qbb, config) if config.confidence == "gate" else None  # stay fp32
+    return qbb, heads, gates, n
+
+
+def _policy_thresholds(calib: ExitScores, policy: dict) -> list[float]:
+    if policy.get("kind") == "budget":
+        from .budget import budget_thresholds
+
+        return [float(t) for t in budget_thresholds(calib, policy["budget"]).thresholds]
+    return calibrate_thresholds(calib, policy.get("target", 0.95), delta=policy.get("delta"))
+
+
+@torch.no_grad()
+def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        past = None
+        x, toks = ids, []
+        for _ in range(n):
+            r = model(input_ids=x, cache=past, use_cache=True)
+            past = r.cache
+            t = int(r.logits[0, -1].argmax())
+            toks.append(t)
+            x = torch.tensor([[t]])
+        out.append(toks)
+    return out
+
+
+def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: Scheme, targets: tuple[float, ...],
+                        data: list[str | Path] | None = None) -> QuantCalibration:
+    """Scores, thresholds and reports of the fake-quantized model on the checkpoint's own splits."""
+    from .data import default_data_dir, make_splits, read_texts
+    from .train import cache_features, exit_scores, gate_scores
+
+    cfg = config.train.get("config") if config.train else None
+    if not cfg:
+        raise ValueError("the checkpoint has calibration scores but no training record (seq_len, token counts, "
+                         "seed) to redraw its text windows: quantized scores cannot be recomputed")
+    paths = data or config.train.get("data") or [default_data_dir()]
+    texts = read_texts(paths)
+    counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
+    splits = make_splits(texts, bb.tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
+    qbb, heads, gates, n_weights = quantized_backbone(bb, checkpoint, config, scheme)
+    exits = list(config.exits)
+    kind = score_kind(config.confidence)
+    scores: dict[str, ExitScores] = {}
+    tf = {}
+    for split, name in (("calib", "calibration"), ("heldout", "heldout")):
+        feats = cache_features(qbb, splits[split], exits, desc=f"caching quantized {split} hidden states")
+        head = exit_scores(qbb, heads, feats, config.head_confidence)
+        scores[scores_file(name)] = head
+        if gates is not None:
+            scores[scores_file(name, "gate")] = gate_scores(head, qbb, heads, feats, gates)
+        if split == "heldout":  # the quantized full model against the fp32 one, same positions
+            ref = cache_features(bb, splits[split], [exits[0]], desc="caching fp32 held-out hidden states")
+            q_top = torch.cat([qbb.family.logits(feats.final[s:s + 2048].float()).argmax(-1)
+                               for s in range(0, feats.final.shape[0], 2048)])
+            f_top = torch.cat([bb.family.logits(ref.final[s:s + 2048].float()).argmax(-1)
+                               for s in range(0, ref.final.shape[0], 2048)])
+            tf = {"teacher_forced_agreement_vs_fp32": float((q_top == f_top).float().mean()),
+                  "teacher_forced_tokens": int(q_top.numel())}
+    calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
+    thresholds = _policy_thresholds(calib, config.policy)
+    target = config.policy.get("target")
+    delta = config.policy.get("delta") if config.policy.get("kind") == "target" else None
+    by_target = {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in targets}
+    reports = {"calibration": report(calib, thresholds, "calibration", target, delta).to_dict(),
+               "heldout": report(held, thresholds, "heldout", target, delta).to_dict()}
+    windows = splits["heldout"].ids
+    rows = np.linspace(0, len(windows) - 1, num=min(GREEDY_PROMPTS, len(windows))).round().astype(int)
+    plen = min(PROMPT_TOKENS, windows.shape[1] - 1)
+    prompts = [windows[i, :plen].tolist() for i in rows]
+    new = min(NEW_TOKENS, bb.shape.max_context - plen)
+    q_gen, f_gen = _greedy(qbb.model, prompts, new), _greedy(bb.model, prompts, new)
+    greedy = float(np.mean([np.mean([a == b for a, b in zip(q, f)]) for q, f in zip(q_gen, f_gen)]))
+    record = {
+        "scores": "fake-quantized PyTorch model: MatMulNBits' dequantized weights"
+                  + (" and int8 activation blocks" if scheme.accuracy_level == 4 else "")
+                  + ", on the checkpoint's calibration / held-out windows",
+        "fake_quantized_weights": n_weights,
+        "calibration_tokens": calib.num_tokens, "heldout_tokens": held.num_tokens,
+        **tf,
+        "greedy_agreement_vs_fp32": greedy, "greedy_prompts": len(prompts), "greedy_new_tokens": new,
+        "fp32_thresholds": list(config.thresholds),
+        "thresholds": [None if t == float("inf") else t for t in thresholds],
+        "exit_agreement_heldout_mean": [float(x) for x in held.agree.mean(axis=0).round(4)],
+    }
+    del qbb, heads, gates
+    return QuantCalibration(thresholds, by_target, delta, reports, record, scores)
+
+
+def uncalibrated_record(config: CheckpointConfig) -> dict:
+    """A checkpoint without stored scores keeps its thresholds; say so in the manifest."""
+    return {"scores": "none: the checkpoint stores no calibration scores, its thresholds were kept as given",
+            "thresholds": list(config.thresholds)}
+
+
+def replace_thresholds(config: CheckpointConfig, qc: QuantCalibration) -> CheckpointConfig:
+    """A copy of `config` whose thresholds and reports are the quantized ones."""
+    return dataclasses.replace(config, thresholds=[None if t == float("inf") else float(t) for t in qc.thresholds],
+                               calibration=qc.reports)

@@ -1,0 +1,181 @@
+"""int8/int4 exports: MatMulNBits graphs, their numerics in PyTorch, and thresholds from quantized scores."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import SAMPLE_TEXT, make_checkpoint, tiny_backbone
+
+from exporter import api
+from exporter.checkpoint import read_config, read_scores
+from exporter.onnx_export import export_graph
+from exporter.quant_calibrate import quantized_backbone
+from exporter.quantize import Scheme, dequantized, quantize_graph
+from exporter.recipes import ModelSource, Recipe, TrainConfig
+from exporter.segments import Segment, io_specs
+from runtime import Manifest, Runtime
+from runtime.manifest import ManifestError
+
+PROMPT = "It is a truth universally acknowledged"
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory):
+    """A tiny Llama (tied embeddings) checkpoint exported at int4 with logits."""
+    d = tmp_path_factory.mktemp("int4")
+    ckpt, bb = make_checkpoint(d, "llama")
+    return ckpt, bb, api.export(ckpt, out=d / "int4", precision="int4", with_logits=True, backbone=bb)
+
+
+def test_quantized_export_roundtrips_through_the_manifest(int4_export):
+    ckpt, bb, folder = int4_export
+    m = Manifest.load(folder)
+    q = m.quantization
+    assert m.precision == "int4" and q.bits == 4 and q.block_size == 32 and q.accuracy_level == 4
+    assert set(q.graphs) == {s.file for s in m.segments}
+    # every weight MatMul became MatMulNBits, the tied LM head's included; the embedding Gather stays float
+    per_graph = {f: sum(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / f)).graph.node) for f in q.graphs}
+    assert sum(per_graph.values()) == q.quantized_matmuls
+    layer = 7  # q, k, v, o, gate, up, down
+    assert per_graph["segment_00.onnx"] == layer + 2 + 1  # + adapter down/up + the LM head of the exit
+    assert per_graph[m.segments[-1].file] == layer + 1  # + the model's own LM head
+    assert any(i.name for i in onnx.load(str(folder / "segment_00.onnx")).graph.initializer
+               if len(i.dims) == 2 and i.dims[0] == bb.shape.vocab_size)  # the float embedding for Gather
+    again = Manifest.from_dict(json.loads(m.to_json()))
+    assert again == m
+    # a manifest without the key (older exports) still reads, with no quantization record
+    d = json.loads(m.to_json())
+    del d["quantization"]
+    assert Manifest.from_dict(d).quantization is None
+    d["quantization"] = {"bits": 4}
+    with pytest.raises(ManifestError, match="malformed"):
+        Manifest.from_dict(d)
+
+
+def test_dequantized_weights_are_what_matmulnbits_multiplies_by(tmp_path):
+    """At accuracy level 0 the kernel computes in float with exactly the dequantized weights."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(80, 24)).astype(np.float32)  # K=80: a partial last block
+    x = rng.normal(size=(3, 80)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 80])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
+                          [numpy_helper.from_array(w, "W")])
+    for bits, sym in ((4, False), (4, True), (8, True)):
+        path = tmp_path / f"m{bits}{sym}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        scheme = Scheme(bits, 32, sym, 0)
+        assert quantize_graph(path, scheme) == (1, [])
+        y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        deq = dequantized(w, scheme)
+        assert np.abs(y - x @ deq).max() < 1e-4
+        assert np.abs(deq - w).max() > (0.05 if bits == 4 else 0.001)  # it did quantize
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_fake_quant_reproduces_the_int4_graph_logits(int4_export, tmp_path, level):
+    ckpt, bb, folder = int4_export  # accuracy level 4, the default
+    if level != 4:
+        folder = api.export(ckpt, out=tmp_path / "q", precision="int4", with_logits=True, backbone=bb,
+                            quant_options={"accuracy_level": level})
+    rt = Runtime.load(folder)
+    ids = rt.encode(PROMPT)
+    _, _, _, logits = rt.step(ids, rt.new_cache(), rt.resolve_thresholds("never"), want_logits=True)
+    qbb, _, _, n = quantized_backbone(bb, ckpt, read_config(ckpt), Scheme.for_precision("int4", accuracy_level=level))
+    assert n == 7 * bb.shape.num_layers + 1 + 2 * 3  # every decoder Linear, the LM head, 3 adapters
+    with torch.no_grad():
+        fake = qbb.model(torch.from_numpy(ids)[None]).logits[0, -1].numpy()
+        fp32 = bb.model(torch.from_numpy(ids)[None]).logits[0, -1].numpy()
+    assert np.abs(fake - logits[0]).max() < (1e-4 if level == 0 else 2e-3), np.abs(fake - logits[0]).max()
+    assert np.abs(fp32 - logits[0]).max() > 20 * np.abs(fake - logits[0]).max()  # quantization shows
+    assert bb.model.lm_head.weight is bb.model.model.embed_tokens.weight  # the caller's model is untouched
+
+
+def _whole_model_greedy(path, prompt: list[int], n: int, kv_heads: int, head_dim: int, layers: int) -> list[int]:
+    """Greedy decoding with onnxruntime on one graph holding the whole model."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    past = {f"past_{kv}.{i}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            for i in range(layers) for kv in ("key", "value")}
+    x, pos, out = np.array([prompt]), 0, []
+    for _ in range(n):
+        end = pos + x.shape[1]
+        feeds = {"input_ids": x, "attention_mask": np.ones((1, end), np.int64),
+                 "position_ids": np.arange(pos, end)[None], **past}
+        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v for k, v in feeds.items()
+                                                                              if k in names})))
+        past = {k: res[k.replace("past_", "present_")] for k in past}
+        tok = int(res["token"][0])
+        out.append(tok)
+        x, pos = np.array([[tok]]), end
+    return out
+
+
+def test_quantized_chain_equals_the_whole_quantized_graph(int4_export, tmp_path):
+    """Exits off, the int4 segment chain decodes the same tokens as one int4 graph of the whole model."""
+    ckpt, bb, folder = int4_export
+    whole = Segment(bb, None, 0, (0, bb.shape.num_layers)).eval()
+    inputs, outputs = io_specs(whole, "float32")
+    path = tmp_path / "whole.onnx"
+    export_graph(whole, inputs, outputs, path, "fp32", bb.shape.vocab_size)
+    q = Manifest.load(folder).quantization
+    made, _ = quantize_graph(path, Scheme(q.bits, q.block_size, q.symmetric, q.accuracy_level))
+    assert made == 7 * bb.shape.num_layers + 1
+    rt = Runtime.load(folder)
+    prompt = rt.encode(PROMPT).tolist()
+    chain = list(rt.generate(prompt, 24, thresholds="never", stop_at_eos=False).tokens)
+    ref = _whole_model_greedy(path, prompt, 24, bb.shape.num_kv_heads, bb.shape.head_dim, bb.shape.num_layers)
+    assert chain == ref
+
+
+def test_quantized_thresholds_come_from_quantized_scores(tmp_path, monkeypatch):
+    import exporter.quant_calibrate as qc
+
+    monkeypatch.setattr(qc, "NEW_TOKENS", 8)  # the greedy comparison's length: enough to be measured
+    bb = tiny_backbone("llama")
+    model_dir = tmp_path / "model"
+    bb.model.save_pretrained(model_dir)
+    bb.tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    cfg = TrainConfig(head="adapter", rank=8, seq_len=32, train_tokens=1000, calib_tokens=1500, heldout_tokens=600,
+                      steps=10, batch_tokens=256, lr=1e-2, seed=0, gates=False)
+    recipe = Recipe(name="tiny", source=ModelSource(str(model_dir)), exits=[1, 2, 3], train=cfg)
+    ckpt = api.train(recipe, out=tmp_path / "ck", data=[text], backbone=bb, target=0.9)
+    assert read_config(ckpt).train["data"] == [str(text.resolve())]  # the export redraws the same windows
+    folder = api.export(ckpt, out=tmp_path / "int4", precision="int4", backbone=bb)
+    m = Manifest.load(folder)
+    rec = m.quantization.calibration
+    fp32 = read_scores(ckpt, "calibration")
+    quant = read_scores(folder / "scores", "calibration")
+    assert quant.num_tokens == fp32.num_tokens  # same windows ...
+    assert not np.allclose(quant.confidence, fp32.confidence, atol=1e-3)  # ... scored by another model
+    from exporter.calibrate import calibrate_thresholds
+
+    expect = [None if t == float("inf") else t for t in calibrate_thresholds(quant, 0.9)]
+    assert list(m.calibration.thresholds) == expect == rec["thresholds"]
+    assert rec["fp32_thresholds"] == read_config(ckpt).thresholds
+    assert m.calibration.by_target["0.9"] == expect
+    assert m.calibration.report["agreement"] >= 0.85  # held-out agreement with the *quantized* model
+    assert 0.0 < rec["teacher_forced_agreement_vs_fp32"] <= 1.0 and 0.0 < rec["greedy_agreement_vs_fp32"] <= 1.0
+    assert rec["greedy_new_tokens"] == 8
+    assert rec["teacher_forced_tokens"] == read_scores(ckpt, "heldout").num_tokens
+
+
+def test_bad_quantization_requests(tmp_path):
+    ckpt, bb = make_checkpoint(tmp_path, "llama")
+    with pytest.raises(ValueError, match="TensorRT"):
+        api.export(ckpt, out=tmp_path / "x", precision="int4", backend="tensorrt", backbone=bb)
+    with pytest.raises(ValueError, match="block size"):
+        api.export(ckpt, out=tmp_path / "x", precision="int4", backbone=bb, quant_options={"block_size": 24})
+    with pytest.raises(ValueError, match="int8/int4"):
+        api.export(ckpt, out=tmp_path / "x", precision="fp32", backbone=bb, quant_options={"block_size": 32})
+    with pytest.raises(ValueError, match="unknown precision"):
+        api.export(ckpt, out=tmp_path / "x", precision="int3", backbone=bb)
