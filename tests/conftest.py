@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("LAMA_SHARED", Path(__file__).resolve().parents[2] / "shared"))  # worktrees: set LAMA_SHARED
 HF_CACHE = SHARED / "hf-cache"
 DATA = SHARED / "data"
 
