@@ -45,9 +45,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     from .backbone import load_backbone
     from .cache import cache_features
     from .data import default_data_dir, make_splits, read_docs
-    from .gates import ExitGates, train_gates
-    from .heads import ExitHeads
-    from .train import check_exits, default_exits, exit_scores, gate_scores, resolve_device, train_heads
+    from .train import check_exits, default_exits, resolve_device
 
     recipe = model if isinstance(model, Recipe) else resolve_recipe(model)
     cfg = dataclasses.replace(recipe.train, **{k: v for k, v in train_overrides.items() if v is not None})
@@ -68,34 +66,19 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     splits = make_splits(docs, bb.tokenizer, cfg.seq_len,
                          {"train": cfg.train_tokens, "calib": cfg.calib_tokens, "heldout": cfg.heldout_tokens},
                          seed=cfg.seed)
-    heads = ExitHeads(cfg.head, exits, bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=cfg.rank)
     out = Path(out)
     cache_root = Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache"
     t0 = time.perf_counter()
     feats = cache_features(bb, splits["train"], exits, topk=cfg.topk, folder=cache_root / "train", dtype="float16",
                            keep_final=cfg.targets == "full", device=device, desc="caching train hidden states")
     cache_s = time.perf_counter() - t0
-    # agreement on a random subset of the training tokens: the gates learn from it, and it shows progress
-    gate_feats = feats.with_tokens(cfg.gate_tokens, seed=cfg.seed)
-    probe = dataclasses.replace(gate_feats, rows=gate_feats.rows[:4096])
-    before = exit_scores(bb, heads, probe, device=device).agree.mean(axis=0)
-    rep = train_heads(bb, heads, feats, cfg, device=device)
-    agree = exit_scores(bb, heads, gate_feats, device=device).agree
-    after = agree[:len(probe.rows)].mean(axis=0)
-    gates = None
-    if cfg.gates:
-        gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width, cfg.gate_features,
-                          min(cfg.gate_shortlist, bb.shape.vocab_size))
-        train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
-    del feats, gate_feats, probe
+    heads, gates, rep, before, after = fit(bb, exits, feats, cfg, device)
+    del feats
     scores: dict[str, ExitScores] = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         f = cache_features(bb, splits[split], exits, topk=cfg.topk, folder=cache_root / split, dtype="float32",
                            keep_final=False, device=device, desc=f"caching {split} hidden states")
-        scores[scores_file(name)] = exit_scores(bb, heads, f, head_conf, device=device)
-        if gates is not None:  # same tokens and agreements, scored by the gates
-            scores[scores_file(name, "gate")] = gate_scores(scores[scores_file(name)], bb, heads, f, gates,
-                                                            device=device)
+        scores.update(score_split(bb, heads, gates, f, name, head_conf, device))
         del f
     if not keep_cache and not cache_dir:
         shutil.rmtree(cache_root, ignore_errors=True)
@@ -117,6 +100,39 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
                "agreement_before": np.round(before, 4).tolist(), "agreement_after": np.round(after, 4).tolist()},
     )
     return save_checkpoint(out, config, heads, scores, gates)
+
+
+def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
+    """Heads (and gates) trained on cached features: (heads, gates | None, TrainReport,
+    agreement before, agreement after) with agreements measured on 4096 training tokens."""
+    from .gates import ExitGates, train_gates
+    from .heads import ExitHeads
+    from .train import exit_scores, train_heads
+
+    heads = ExitHeads(cfg.head, exits, bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=cfg.rank)
+    # agreement on a random subset of the training tokens: the gates learn from it, and it shows progress
+    gate_feats = feats.with_tokens(cfg.gate_tokens, seed=cfg.seed)
+    probe = dataclasses.replace(gate_feats, rows=gate_feats.rows[:4096])
+    before = exit_scores(bb, heads, probe, device=device).agree.mean(axis=0)
+    rep = train_heads(bb, heads, feats, cfg, device=device)
+    agree = exit_scores(bb, heads, gate_feats, device=device).agree
+    after = agree[:len(probe.rows)].mean(axis=0)
+    gates = None
+    if cfg.gates:
+        gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width, cfg.gate_features,
+                          min(cfg.gate_shortlist, bb.shape.vocab_size))
+        train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
+    return heads, gates, rep, before, after
+
+
+def score_split(bb, heads, gates, feats, name: str, head_conf: str, device) -> dict[str, ExitScores]:
+    """{score file name: ExitScores} for one split: head confidences, and gate scores if gates."""
+    from .train import exit_scores, gate_scores
+
+    out = {scores_file(name): exit_scores(bb, heads, feats, head_conf, device=device)}
+    if gates is not None:  # same tokens and agreements, scored by the gates
+        out[scores_file(name, "gate")] = gate_scores(out[scores_file(name)], bb, heads, feats, gates, device=device)
+    return out
 
 
 def _reports(calib, heldout, thresholds, target, delta) -> dict:

@@ -189,3 +189,16 @@ def cache_features(backbone: Backbone, windows: Windows, exits: list[int], *, ba
         (folder / META).write_text(json.dumps(key))
         return _features({n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in spec}, E, windows.domains, folder)
     return _features(arrs, E, windows.domains, None)
+
+
+def load_features(folder: str | Path) -> Features:
+    """A finished on-disk cache, without the windows it came from (benchmarks reuse kept caches)."""
+    folder = Path(folder)
+    meta = folder / META
+    if not meta.is_file():
+        raise FileNotFoundError(f"{folder} is not a finished feature cache ({META} is missing)")
+    key = json.loads(meta.read_text())
+    E = len(key["exits"])
+    names = [f"exit_{k}" for k in range(E)] + (["final"] if key["final"] else []) + [
+        "sequence", "position", "token", "top_idx", "top_logp", "tail_logp", "domain"]
+    return _features({n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}, E, key["domains"], folder)

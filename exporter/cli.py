@@ -25,7 +25,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .checkpoint import read_config
 
     out = api.train(a.model, out=a.out, data=a.data, exits=a.exits, head=a.head, target=a.target,
-                    steps=a.steps, train_tokens=a.train_tokens, seed=a.seed)
+                    cache_dir=a.cache_dir, steps=a.steps, train_tokens=a.train_tokens, seed=a.seed, device=a.device)
     cfg = read_config(out)
     rep = cfg.train["report"]
     print(f"trained {len(cfg.exits)} {cfg.head} heads (exits after layers {cfg.exits}) in {rep['seconds']:.1f} s "
@@ -68,6 +68,10 @@ def add_host_commands(sub) -> None:
     t.add_argument("--steps", type=int, help="training steps")
     t.add_argument("--train-tokens", type=int, help="tokens of training text")
     t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="where caching and training run: auto (default: cuda if present), cpu, cuda")
+    t.add_argument("--cache-dir", type=Path,
+                   help="keep the frozen model's cached outputs here and reuse them on the next run "
+                        "(default: a temporary folder beside --out, removed after training)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("calibrate", help="choose exit thresholds: an agreement target or a compute budget")
