@@ -29,7 +29,7 @@ def resolve_recipe(model: str) -> Recipe:
 
 
 def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None = None,
-          exits: list[int] | None = None, head: str | None = None, backbone=None, target: float | None = None,
+          exits: list[int] | str | None = None, head: str | None = None, backbone=None, target: float | None = None,
           cache_dir: str | Path | None = None, keep_cache: bool = False, **train_overrides) -> Path:
     """Train exit heads on the frozen model's own predictions, then calibrate at the recipe's target.
 
@@ -62,7 +62,11 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     torch.manual_seed(cfg.seed)
     bb = backbone or load_backbone(recipe.source)
     n_layers = bb.shape.num_layers
+    min_share = recipe.exit_min_share
+    if exits in ("auto", ["auto"]):  # candidates at every other layer; the data picks (placement.py)
+        exits, min_share = default_exits(n_layers, 2), min_share or 0.01
     exits = check_exits(exits or recipe.exits or default_exits(n_layers, recipe.exit_every), n_layers)
+    candidates = list(exits)
     splits = make_splits(docs, bb.tokenizer, cfg.seq_len,
                          {"train": cfg.train_tokens, "calib": cfg.calib_tokens, "heldout": cfg.heldout_tokens},
                          seed=cfg.seed)
@@ -83,6 +87,15 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     if not keep_cache and not cache_dir:
         shutil.rmtree(cache_root, ignore_errors=True)
     kind = score_kind(recipe.confidence)
+    if min_share > 0:
+        from .placement import keep_gates, keep_heads, prune_exits, take_exits
+
+        keep = prune_exits(scores[scores_file("calibration", kind)], target, min_share)
+        scores = {name: take_exits(s, keep) for name, s in scores.items()}
+        keep_heads(heads, keep)
+        if gates is not None:
+            keep_gates(gates, keep)
+        exits = [exits[i] for i in keep]
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
     thresholds = calibrate_thresholds(calib, target)
     config = CheckpointConfig(
@@ -96,7 +109,8 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
         calibration=_reports(calib, held, thresholds, target, None),
         train={"config": dataclasses.asdict(cfg), "report": dataclasses.asdict(rep),
                "feature_cache_seconds": cache_s, "device": str(device),
-               "domains": list(splits["train"].domains),
+               "domains": list(splits["train"].domains), "candidate_exits": candidates,
+               "exit_min_share": min_share,
                "agreement_before": np.round(before, 4).tolist(), "agreement_after": np.round(after, 4).tolist()},
     )
     return save_checkpoint(out, config, heads, scores, gates)

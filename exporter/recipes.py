@@ -59,6 +59,7 @@ class Recipe:
     source: ModelSource
     exits: list[int] | None = None  # layer counts after which an exit sits; None = evenly spaced
     exit_every: int = 2
+    exit_min_share: float = 0.0  # drop exits that send out < this share of calibration tokens (exporter/placement.py)
     confidence: str = "top1"
     target: float = 0.95
     train: TrainConfig = field(default_factory=TrainConfig)
