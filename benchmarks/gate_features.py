@@ -1,6 +1,6 @@
 """Which gate features earn their place? Coverage at 95% precision per exit, by feature set.
 
-    python benchmarks/gate_features.py CHECKPOINT CACHE_DIR [--steps 300] [--out DIR]
+    python benchmarks/gate_features.py CHECKPOINT CACHE_DIR [--steps 300] [--sets hidden hidden+move ...] [--out DIR]
 
 CHECKPOINT: a `lama train` checkpoint (its heads, and the head agreements stored in
 calibration_scores.npz / heldout_scores.npz); CACHE_DIR: the feature cache that run kept
@@ -78,8 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--shortlist", type=int, default=256)
     p.add_argument("--target", type=float, default=0.95)
+    p.add_argument("--sets", nargs="+", help="feature sets to compare, e.g. hidden hidden+move (default: all six)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    sets = [tuple(x.split("+")) for x in a.sets] if a.sets else SETS
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = read_config(a.checkpoint)
     bb = load_backbone(cfg.source)
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     seqs = np.unique(held_s.sequence)
     first = np.isin(held_s.sequence, seqs[: len(seqs) // 2])
     results = []
-    for feats in SETS:
+    for feats in sets:
         t0 = time.perf_counter()
         gates = ExitGates(len(cfg.exits), bb.shape.hidden_size, a.width, feats, min(a.shortlist, bb.shape.vocab_size))
         train_gates(gates, bb, heads, cal_f, cal_s.agree, steps=a.steps, seed=0)
