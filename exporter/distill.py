@@ -50,7 +50,7 @@ class Negatives:
 class HardPool:
     """Words the student wrongly ranked first in recent full-vocabulary checks (FIFO)."""
 
-    def __init__(self, size: int = 512):
+    def __init__(self, size: int = 256):
         self.ids: deque[int] = deque(maxlen=size)
 
     def add(self, ids: torch.Tensor) -> None:
@@ -72,10 +72,15 @@ def duplicate_mask(top_idx: torch.Tensor, neg: Negatives) -> torch.Tensor:
 
 def topk_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_idx: torch.Tensor,
               top_logp: torch.Tensor, tail_logp: torch.Tensor, neg: Negatives, dup: torch.Tensor,
-              kind: str = "kl") -> torch.Tensor:
-    """Mean loss over the batch. z (B, D) student's vocab input; weight (V, D); top_* (B, k)."""
-    s_top = torch.bmm(weight[top_idx], z.unsqueeze(-1)).squeeze(-1)  # (B, k)
-    s_neg = z @ weight[neg.idx].T  # (B, M)
+              kind: str = "kl", rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean loss over the batch. z (B, D) student's vocab input; weight (V, D); top_* (B, k).
+
+    rows: (weight[top_idx], weight[neg.idx]) already gathered, when several exits share one
+    frozen vocabulary matrix (adapter heads): the gather is then paid once per step.
+    """
+    w_top, w_neg = rows if rows is not None else (weight[top_idx], weight[neg.idx])
+    s_top = torch.bmm(w_top, z.unsqueeze(-1)).squeeze(-1)  # (B, k)
+    s_neg = z @ w_neg.T  # (B, M)
     if bias is not None:
         s_top = s_top + bias[top_idx]
         s_neg = s_neg + bias[neg.idx]

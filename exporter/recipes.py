@@ -38,7 +38,7 @@ class TrainConfig:
     seed: int = 0
     targets: str = "topk"  # "topk": distil on the cached teacher top-k (cheap); "full": full-vocabulary KL
     topk: int = 64  # teacher words kept per token in the cache
-    negatives: int = 256  # random vocabulary rows per step standing for the rest (targets "topk")
+    negatives: int = 128  # random vocabulary rows per step standing for the rest (targets "topk")
     check_every: int = 25  # steps between full-vocabulary argmax checks (their misses become hard negatives)
     check_rows: int = 64
     device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda": where caching and training run

@@ -109,9 +109,14 @@ def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: T
                                  gen, dev)
             dup = duplicate_mask(top_idx, neg)
             loss = torch.zeros((), device=dev)
+            shared = None
+            if heads.kind == "adapter":  # one frozen matrix for every exit: gather its rows once
+                w = heads.vocab_matrix(0)[0]
+                shared = (w[top_idx], w[neg.idx])
             for k in range(len(heads.exits)):
                 w, b = heads.vocab_matrix(k)
-                loss = loss + topk_loss(heads.vocab_input(k, hid[k]), w, b, top_idx, top_logp, tail, neg, dup, cfg.loss)
+                loss = loss + topk_loss(heads.vocab_input(k, hid[k]), w, b, top_idx, top_logp, tail, neg, dup,
+                                        cfg.loss, shared)
             if cfg.check_every and step % cfg.check_every == 0:
                 checks.append(_full_vocab_check(heads, hid, top_idx[:, 0], pool, cfg.check_rows))
         opt.zero_grad(set_to_none=True)
