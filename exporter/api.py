@@ -118,7 +118,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
 
 def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
     """Heads (and gates) trained on cached features: (heads, gates | None, TrainReport,
-    agreement before, agreement after) with agreements measured on 4096 training tokens."""
+    agreement before, agreement after) with agreements measured on 1024 training tokens."""
     from .gates import ExitGates, train_gates
     from .heads import ExitHeads
     from .train import exit_scores, train_heads
@@ -126,7 +126,7 @@ def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
     heads = ExitHeads(cfg.head, exits, bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=cfg.rank)
     # agreement on a random subset of the training tokens: the gates learn from it, and it shows progress
     gate_feats = feats.with_tokens(cfg.gate_tokens, seed=cfg.seed)
-    probe = dataclasses.replace(gate_feats, rows=gate_feats.rows[:4096])
+    probe = dataclasses.replace(gate_feats, rows=gate_feats.rows[:1024])  # a diagnostic: keep it cheap
     before = exit_scores(bb, heads, probe, device=device).agree.mean(axis=0)
     rep = train_heads(bb, heads, feats, cfg, device=device)
     agree = exit_scores(bb, heads, gate_feats, device=device).agree
