@@ -62,7 +62,6 @@ def coverage_at_precision(score: np.ndarray, agree: np.ndarray, precision: float
 
 
 def main(argv=None) -> int:
-    import torch
 
     from exporter.backbone import load_backbone
     from exporter.cache import load_features
@@ -82,7 +81,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     sets = [tuple(x.split("+")) for x in a.sets] if a.sets else SETS
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = read_config(a.checkpoint)
     bb = load_backbone(cfg.source)
     heads = load_heads(a.checkpoint, bb, cfg)
