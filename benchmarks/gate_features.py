@@ -62,7 +62,6 @@ def coverage_at_precision(score: np.ndarray, agree: np.ndarray, precision: float
 
 
 def main(argv=None) -> int:
-
     from exporter.backbone import load_backbone
     from exporter.cache import load_features
     from exporter.calibrate import calibrate_thresholds
