@@ -29,19 +29,23 @@ def resolve_recipe(model: str) -> Recipe:
 
 
 def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None = None,
-          exits: list[int] | None = None, head: str | None = None, backbone=None, target: float | None = None,
-          **train_overrides) -> Path:
+          exits: list[int] | str | None = None, head: str | None = None, backbone=None, target: float | None = None,
+          cache_dir: str | Path | None = None, keep_cache: bool = False, **train_overrides) -> Path:
     """Train exit heads on the frozen model's own predictions, then calibrate at the recipe's target.
 
     `backbone` lets callers pass an already loaded model (tests use tiny random ones).
+    The frozen model's outputs are cached in `cache_dir` (default: a folder beside `out`,
+    removed at the end unless keep_cache); a cache with matching contents is reused.
     """
+    import shutil
+
+    import numpy as np
     import torch
 
     from .backbone import load_backbone
-    from .data import default_data_dir, make_splits, read_texts
-    from .gates import ExitGates, train_gates
-    from .heads import ExitHeads
-    from .train import cache_features, check_exits, default_exits, exit_scores, gate_scores, train_heads
+    from .cache import cache_features
+    from .data import default_data_dir, make_splits, read_docs
+    from .train import check_exits, default_exits, resolve_device
 
     recipe = model if isinstance(model, Recipe) else resolve_recipe(model)
     cfg = dataclasses.replace(recipe.train, **{k: v for k, v in train_overrides.items() if v is not None})
@@ -53,48 +57,97 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     if recipe.confidence == "gate" and not cfg.gates:  # before any training time is spent
         raise ValueError("the recipe asks for confidence 'gate' but gate training is off (gates=false)")
     check_target(target)
-    texts = read_texts(data or [default_data_dir()])
+    device = resolve_device(cfg.device)
+    docs = read_docs(data or [default_data_dir()])
     torch.manual_seed(cfg.seed)
     bb = backbone or load_backbone(recipe.source)
     n_layers = bb.shape.num_layers
+    min_share = recipe.exit_min_share
+    if exits in ("auto", ["auto"]):  # candidates at every other layer; the data picks (placement.py)
+        exits, min_share = default_exits(n_layers, 2), min_share or 0.01
     exits = check_exits(exits or recipe.exits or default_exits(n_layers, recipe.exit_every), n_layers)
-    splits = make_splits(texts, bb.tokenizer, cfg.seq_len,
+    candidates = list(exits)
+    splits = make_splits(docs, bb.tokenizer, cfg.seq_len,
                          {"train": cfg.train_tokens, "calib": cfg.calib_tokens, "heldout": cfg.heldout_tokens},
                          seed=cfg.seed)
-    heads = ExitHeads(cfg.head, exits, bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=cfg.rank)
+    out = Path(out)
+    cache_root = Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache"
     t0 = time.perf_counter()
-    feats = cache_features(bb, splits["train"], exits, desc="caching train hidden states")
+    feats = cache_features(bb, splits["train"], exits, topk=cfg.topk, folder=cache_root / "train", dtype="float16",
+                           keep_final=cfg.targets == "full", device=device, desc="caching train hidden states")
     cache_s = time.perf_counter() - t0
-    before = exit_scores(bb, heads, feats).agree.mean(axis=0)
-    rep = train_heads(bb, heads, feats, cfg)
-    after = exit_scores(bb, heads, feats).agree
-    gates = None
-    if cfg.gates:
-        gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width)
-        train_gates(gates, feats.exits, torch.from_numpy(after), steps=cfg.gate_steps, seed=cfg.seed)
+    heads, gates, rep, before, after = fit(bb, exits, feats, cfg, device)
     del feats
     scores: dict[str, ExitScores] = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
-        f = cache_features(bb, splits[split], exits, desc=f"caching {split} hidden states")
-        scores[scores_file(name)] = exit_scores(bb, heads, f, head_conf)
-        if gates is not None:  # same tokens and agreements, scored by the gates
-            scores[scores_file(name, "gate")] = gate_scores(scores[scores_file(name)], bb, heads, f, gates)
+        f = cache_features(bb, splits[split], exits, topk=cfg.topk, folder=cache_root / split, dtype="float32",
+                           keep_final=False, device=device, desc=f"caching {split} hidden states")
+        scores.update(score_split(bb, heads, gates, f, name, head_conf, device))
+        del f
+    if not keep_cache and not cache_dir:
+        shutil.rmtree(cache_root, ignore_errors=True)
     kind = score_kind(recipe.confidence)
+    if min_share > 0:
+        from .placement import keep_gates, keep_heads, prune_exits, take_exits
+
+        keep = prune_exits(scores[scores_file("calibration", kind)], target, min_share)
+        scores = {name: take_exits(s, keep) for name, s in scores.items()}
+        keep_heads(heads, keep)
+        if gates is not None:
+            keep_gates(gates, keep)
+        exits = [exits[i] for i in keep]
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
     thresholds = calibrate_thresholds(calib, target)
     config = CheckpointConfig(
         source=recipe.source, exits=exits, num_layers=n_layers, head=cfg.head, rank=cfg.rank,
         confidence=recipe.confidence, head_confidence=head_conf,
         gate_width=cfg.gate_width if gates is not None else None,
+        gate_features=list(gates.features) if gates is not None else ["hidden"],
+        gate_shortlist=gates.n_short if gates is not None else 0,
         thresholds=to_json_thresholds(thresholds),
         policy={"kind": "target", "target": target, "delta": None},
         calibration=_reports(calib, held, thresholds, target, None),
         train={"config": dataclasses.asdict(cfg), "report": dataclasses.asdict(rep),
                "data": [str(Path(p).resolve()) for p in (data or [default_data_dir()])],  # to redraw the splits
-               "feature_cache_seconds": cache_s,
-               "agreement_before": before.round(4).tolist(), "agreement_after": after.mean(axis=0).round(4).tolist()},
+               "feature_cache_seconds": cache_s, "device": str(device),
+               "domains": list(splits["train"].domains), "candidate_exits": candidates,
+               "exit_min_share": min_share,
+               "agreement_before": np.round(before, 4).tolist(), "agreement_after": np.round(after, 4).tolist()},
     )
     return save_checkpoint(out, config, heads, scores, gates)
+
+
+def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
+    """Heads (and gates) trained on cached features: (heads, gates | None, TrainReport,
+    agreement before, agreement after) with agreements measured on 1024 training tokens."""
+    from .gates import ExitGates, train_gates
+    from .heads import ExitHeads
+    from .train import exit_scores, train_heads
+
+    heads = ExitHeads(cfg.head, exits, bb.shape.hidden_size, bb.family.final_norm, bb.family.lm_head, rank=cfg.rank)
+    # agreement on a random subset of the training tokens: the gates learn from it, and it shows progress
+    gate_feats = feats.with_tokens(cfg.gate_tokens, seed=cfg.seed)
+    probe = dataclasses.replace(gate_feats, rows=gate_feats.rows[:1024])  # a diagnostic: keep it cheap
+    before = exit_scores(bb, heads, probe, device=device).agree.mean(axis=0)
+    rep = train_heads(bb, heads, feats, cfg, device=device)
+    agree = exit_scores(bb, heads, gate_feats, device=device).agree
+    after = agree[:len(probe.rows)].mean(axis=0)
+    gates = None
+    if cfg.gates:
+        gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width, cfg.gate_features,
+                          min(cfg.gate_shortlist, bb.shape.vocab_size))
+        train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
+    return heads, gates, rep, before, after
+
+
+def score_split(bb, heads, gates, feats, name: str, head_conf: str, device) -> dict[str, ExitScores]:
+    """{score file name: ExitScores} for one split: head confidences, and gate scores if gates."""
+    from .train import exit_scores, gate_scores
+
+    out = {scores_file(name): exit_scores(bb, heads, feats, head_conf, device=device)}
+    if gates is not None:  # same tokens and agreements, scored by the gates
+        out[scores_file(name, "gate")] = gate_scores(out[scores_file(name)], bb, heads, feats, gates, device=device)
+    return out
 
 
 def _reports(calib, heldout, thresholds, target, delta) -> dict:

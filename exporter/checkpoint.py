@@ -50,6 +50,8 @@ class CheckpointConfig:
     confidence: str = "top1"  # "top1" | "margin" | "gate": the score the thresholds apply to
     head_confidence: str = "top1"  # the head score stored in *_scores.npz
     gate_width: int | None = None  # gates trained (hidden width) or None
+    gate_features: list[str] = field(default_factory=lambda: ["hidden"])  # what the gates see (gates.FEATURES)
+    gate_shortlist: int = 0  # shortlist size for the 'shortlist' gate feature
     thresholds: list[float | None] = field(default_factory=list)  # None = never exit
     policy: dict = field(default_factory=dict)  # how thresholds were chosen: target/delta or budget
     calibration: dict = field(default_factory=dict)  # CalibrationReport dicts by split
@@ -152,7 +154,8 @@ def load_gates(path: str | Path, backbone, config: CheckpointConfig | None = Non
     config = config or read_config(path)
     if not config.gate_width or not (path / GATES).is_file():
         raise FileNotFoundError(f"{path} has no trained gates: train with gates enabled to use confidence 'gate'")
-    gates = ExitGates(len(config.exits), backbone.shape.hidden_size, config.gate_width)
+    gates = ExitGates(len(config.exits), backbone.shape.hidden_size, config.gate_width, config.gate_features,
+                      config.gate_shortlist)
     gates.load_state_dict(load_file(path / GATES))
     gates.eval()
     return gates

@@ -24,8 +24,14 @@ def cmd_train(a: argparse.Namespace) -> None:
     from . import api
     from .checkpoint import read_config
 
-    out = api.train(a.model, out=a.out, data=a.data, exits=a.exits, head=a.head, target=a.target,
-                    steps=a.steps, train_tokens=a.train_tokens, seed=a.seed)
+    exits = a.exits
+    if exits and exits != ["auto"]:
+        try:
+            exits = [int(e) for e in exits]
+        except ValueError:
+            raise ValueError(f"--exits takes layer counts or 'auto', got {' '.join(exits)}") from None
+    out = api.train(a.model, out=a.out, data=a.data, exits=exits, head=a.head, target=a.target,
+                    cache_dir=a.cache_dir, steps=a.steps, train_tokens=a.train_tokens, seed=a.seed, device=a.device)
     cfg = read_config(out)
     rep = cfg.train["report"]
     print(f"trained {len(cfg.exits)} {cfg.head} heads (exits after layers {cfg.exits}) in {rep['seconds']:.1f} s "
@@ -33,7 +39,8 @@ def cmd_train(a: argparse.Namespace) -> None:
           f"heads: {rep['head_bytes'] / 1e6:.2f} MB")
     print("agreement with the full model per exit, before -> after training:")
     print("  " + ", ".join(f"L{e}: {b:.3f}->{x:.3f}" for e, b, x in
-                           zip(cfg.exits, cfg.train["agreement_before"], cfg.train["agreement_after"])))
+                           zip(cfg.train.get("candidate_exits", cfg.exits), cfg.train["agreement_before"],
+                               cfg.train["agreement_after"])))
     _print_reports(api.calibrate(out, target=cfg.policy["target"]))
     print(f"checkpoint: {out}")
 
@@ -80,12 +87,18 @@ def add_host_commands(sub) -> None:
     t.add_argument("model", help="recipe name in models/ (e.g. smollm2-135m), recipe file, hub id or local folder")
     t.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     t.add_argument("--data", nargs="+", help="text files or folders (default: ../shared/data)")
-    t.add_argument("--exits", type=int, nargs="+", help="layer counts after which to place exits")
+    t.add_argument("--exits", nargs="+",
+                   help="layer counts after which to place exits, or 'auto': candidates at every other layer, "
+                        "those that send out < 1%% of calibration tokens at the target dropped")
     t.add_argument("--head", choices=["adapter", "full"], help="head kind (default: from the recipe)")
     t.add_argument("--target", type=float, help="agreement target for the first calibration")
     t.add_argument("--steps", type=int, help="training steps")
     t.add_argument("--train-tokens", type=int, help="tokens of training text")
     t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="where caching and training run: auto (default: cuda if present), cpu, cuda")
+    t.add_argument("--cache-dir", type=Path,
+                   help="keep the frozen model's cached outputs here and reuse them on the next run "
+                        "(default: a temporary folder beside --out, removed after training)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("calibrate", help="choose exit thresholds: an agreement target or a compute budget")

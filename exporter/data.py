@@ -4,6 +4,12 @@ Each file's token stream is cut into three contiguous regions (train | calibrati
 held-out) before any window is drawn, so no window of one split shares text with
 another. Heads train on the first, thresholds are fitted on the second, and every
 figure we report comes from the third.
+
+Text comes in domains (the first folder under a data root, e.g. ``gutenberg/`` or
+``code/``; a file directly in the root is its own domain). Windows are drawn evenly
+across domains, not in proportion to their size, so one large domain (5 MB of novels)
+does not drown the others; every window keeps its domain label, so calibration can
+leave a domain out and reports can be split by domain.
 """
 
 from __future__ import annotations
@@ -21,14 +27,28 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@dataclass(frozen=True)
+class Doc:
+    """One text file's content and the domain it belongs to."""
+
+    text: str
+    domain: str = "text"
+
+
 def text_files(paths: list[str | Path]) -> list[Path]:
     """Expand folders into their *.txt files; fail clearly on anything missing or empty."""
-    files: list[Path] = []
+    return [f for f, _ in _labelled_files(paths)]
+
+
+def _labelled_files(paths: list[str | Path]) -> list[tuple[Path, str]]:
+    files: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(p.rglob("*.txt")))
+            for f in sorted(p.rglob("*.txt")):
+                rel = f.relative_to(p)
+                files.append((f, rel.parts[0] if len(rel.parts) > 1 else f.stem))
         elif p.is_file():
-            files.append(p)
+            files.append((p, p.parent.name or p.stem))
         else:
             raise FileNotFoundError(f"text path not found: {p}")
     if not files:
@@ -38,41 +58,81 @@ def text_files(paths: list[str | Path]) -> list[Path]:
 
 @dataclass
 class Windows:
-    """(N, seq_len) token ids; row i came from text window i (its `sequence` id)."""
+    """(N, seq_len) token ids; row i came from text window i (its `sequence` id).
+
+    domain: (N,) index into `domains` of each window's domain.
+    """
 
     ids: np.ndarray
+    domain: np.ndarray | None = None
+    domains: tuple[str, ...] = ("text",)
+
+    def __post_init__(self) -> None:
+        if self.domain is None:
+            self.domain = np.zeros(len(self.ids), dtype=np.int16)
 
     @property
     def num_tokens(self) -> int:
         return int(self.ids.size)
 
 
-def make_splits(texts: list[str], tokenizer, seq_len: int, tokens: dict[str, int], seed: int = 0) -> dict[str, Windows]:
-    """Windows of `seq_len` tokens for each split, about `tokens[split]` tokens each."""
+def _even_shares(sizes: list[int], want: int) -> list[int]:
+    """Split `want` windows as evenly as the domains' sizes allow (water-filling)."""
+    take = [0] * len(sizes)
+    left, open_ = want, [i for i, s in enumerate(sizes) if s > 0]
+    while left > 0 and open_:
+        share = max(1, left // len(open_))
+        for i in list(open_):
+            add = min(share, sizes[i] - take[i], left)
+            take[i] += add
+            left -= add
+            if take[i] == sizes[i]:
+                open_.remove(i)
+            if left == 0:
+                break
+    return take
+
+
+def make_splits(texts: list[str | Doc], tokenizer, seq_len: int, tokens: dict[str, int],
+                seed: int = 0) -> dict[str, Windows]:
+    """Windows of `seq_len` tokens for each split, about `tokens[split]` tokens each, drawn
+    evenly across the texts' domains."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    texts = [t for t in texts if t.strip()]
-    if not texts:
+    docs = [d if isinstance(d, Doc) else Doc(d) for d in texts]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
         raise ValueError("the text is empty: training and calibration need some real text")
-    pools: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for text in texts:
-        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    domains = tuple(sorted({d.domain for d in docs}))
+    pools: dict[str, list[list[np.ndarray]]] = {s: [[] for _ in domains] for s in SPLITS}
+    for doc in docs:
+        ids = np.asarray(tokenizer(doc.text, add_special_tokens=False)["input_ids"], dtype=np.int64)
         bounds = np.cumsum([0] + [int(len(ids) * f) for f in SPLIT_SHARE])
         for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
             n = (hi - lo) // seq_len
             if n:
-                pools[split].append(ids[lo:lo + n * seq_len].reshape(n, seq_len))
+                pools[split][domains.index(doc.domain)].append(ids[lo:lo + n * seq_len].reshape(n, seq_len))
     rng = np.random.default_rng(seed)
     out = {}
     for split in SPLITS:
-        if not pools[split]:
+        per_domain = [np.concatenate(p) if p else np.zeros((0, seq_len), np.int64) for p in pools[split]]
+        if not any(len(p) for p in per_domain):
             raise ValueError(f"not enough text for one {seq_len}-token window in the {split} split")
-        allw = np.concatenate(pools[split])
         want = max(1, tokens.get(split, 0) // seq_len)
-        pick = rng.permutation(len(allw))[:want]
-        out[split] = Windows(allw[np.sort(pick)])
+        take = _even_shares([len(p) for p in per_domain], want)
+        rows, labels = [], []
+        for d, (pool, n) in enumerate(zip(per_domain, take)):
+            pick = np.sort(rng.permutation(len(pool))[:n])
+            rows.append(pool[pick])
+            labels.append(np.full(n, d, dtype=np.int16))
+        out[split] = Windows(np.concatenate(rows), np.concatenate(labels), domains)
     return out
 
 
 def read_texts(paths: list[str | Path]) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in text_files(paths)]
+
+
+def read_docs(paths: list[str | Path]) -> list[Doc]:
+    """Texts with their domain labels (see the module docstring)."""
+    return [Doc(f.read_text(encoding="utf-8", errors="replace"), dom) for f, dom in _labelled_files(paths)]

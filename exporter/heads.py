@@ -84,6 +84,19 @@ class ExitHeads(nn.Module):
             return self._lm_head(self._final_norm(head_input))
         return self.heads[k](head_input)
 
+    # Top-k distillation needs the vocabulary projection split open, so a step can multiply
+    # only the rows it needs (the teacher's top-k and a few negatives) instead of all V.
+    def vocab_input(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D): what exit k's vocabulary matrix multiplies (logits = vocab_input @ W.T + b)."""
+        if self.kind == "adapter":
+            return self._final_norm(self.heads[k](hidden))
+        return self.heads[k].norm(hidden)
+
+    def vocab_matrix(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Exit k's (V, D) vocabulary weight and (V,) bias or None."""
+        lm = self._lm_head if self.kind == "adapter" else self.heads[k].lm_head
+        return lm.weight, lm.bias
+
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 

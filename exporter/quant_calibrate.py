@@ -81,7 +81,7 @@ def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
 def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: Scheme, targets: tuple[float, ...],
                         data: list[str | Path] | None = None) -> QuantCalibration:
     """Scores, thresholds and reports of the fake-quantized model on the checkpoint's own splits."""
-    from .data import default_data_dir, make_splits, read_texts
+    from .data import default_data_dir, make_splits, read_docs
     from .train import cache_features, exit_scores, gate_scores
 
     cfg = config.train.get("config") if config.train else None
@@ -89,7 +89,7 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
         raise ValueError("the checkpoint has calibration scores but no training record (seq_len, token counts, "
                          "seed) to redraw its text windows: quantized scores cannot be recomputed")
     paths = data or config.train.get("data") or [default_data_dir()]
-    texts = read_texts(paths)
+    texts = read_docs(paths)  # as api.train reads them: the same domains, the same windows
     counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
     splits = make_splits(texts, bb.tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
     qbb, heads, gates, n_weights = quantized_backbone(bb, checkpoint, config, scheme)
@@ -105,10 +105,8 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
             scores[scores_file(name, "gate")] = gate_scores(head, qbb, heads, feats, gates)
         if split == "heldout":  # the quantized full model against the fp32 one, same positions
             ref = cache_features(bb, splits[split], [exits[0]], desc="caching fp32 held-out hidden states")
-            q_top = torch.cat([qbb.family.logits(feats.final[s:s + 2048].float()).argmax(-1)
-                               for s in range(0, feats.final.shape[0], 2048)])
-            f_top = torch.cat([bb.family.logits(ref.final[s:s + 2048].float()).argmax(-1)
-                               for s in range(0, ref.final.shape[0], 2048)])
+            q_top = torch.from_numpy(feats.top_idx[:, 0].astype(np.int64))  # each model's own top-1
+            f_top = torch.from_numpy(ref.top_idx[:, 0].astype(np.int64))
             tf = {"teacher_forced_agreement_vs_fp32": float((q_top == f_top).float().mean()),
                   "teacher_forced_tokens": int(q_top.numel())}
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]

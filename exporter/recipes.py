@@ -38,9 +38,18 @@ class TrainConfig:
     batch_tokens: int = 512
     lr: float = 2e-3
     seed: int = 0
+    targets: str = "topk"  # "topk": distil on the cached teacher top-k (cheap); "full": full-vocabulary KL
+    topk: int = 64  # teacher words kept per token in the cache
+    negatives: int = 128  # random vocabulary rows per step standing for the rest (targets "topk")
+    check_every: int = 25  # steps between full-vocabulary argmax checks (their misses become hard negatives)
+    check_rows: int = 64
+    device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda": where caching and training run
     gates: bool = True  # also train exit gates (exporter/gates.py): cheap checks for large vocabularies
     gate_width: int = 32
     gate_steps: int = 300
+    gate_tokens: int = 32_768  # training tokens whose head agreement (full vocabulary) the gates learn from
+    gate_features: list[str] = field(default_factory=lambda: ["hidden"])  # see exporter/gates.py FEATURES
+    gate_shortlist: int = 256
 
 
 CONFIDENCES = ("top1", "margin", "gate")  # gate = learned exit gates (exporter/gates.py)
@@ -52,6 +61,7 @@ class Recipe:
     source: ModelSource
     exits: list[int] | None = None  # layer counts after which an exit sits; None = evenly spaced
     exit_every: int = 2
+    exit_min_share: float = 0.0  # drop exits that send out < this share of calibration tokens (exporter/placement.py)
     confidence: str = "top1"
     target: float = 0.95
     train: TrainConfig = field(default_factory=TrainConfig)

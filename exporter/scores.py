@@ -39,6 +39,8 @@ class ExitScores:
     exit_layers: list[int]
     num_layers: int
     check_cost: float = 0.0
+    domain: np.ndarray | None = None  # (N,) index into `domains` (per-domain reports), optional
+    domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.confidence = np.asarray(self.confidence, dtype=np.float64)
@@ -50,6 +52,10 @@ class ExitScores:
             )
         if self.sequence.shape != (self.confidence.shape[0],):
             raise ValueError(f"sequence must have one entry per token, got {self.sequence.shape}")
+        if self.domain is not None:
+            self.domain = np.asarray(self.domain, dtype=np.int16)
+            if self.domain.shape != self.sequence.shape:
+                raise ValueError(f"domain must have one entry per token, got {self.domain.shape}")
         if len(self.exit_layers) != self.confidence.shape[1]:
             raise ValueError(f"{len(self.exit_layers)} exit layers for {self.confidence.shape[1]} exits")
 
@@ -75,17 +81,28 @@ class ExitScores:
     def save(self, path) -> None:
         np.savez_compressed(path, confidence=self.confidence, agree=self.agree, sequence=self.sequence,
                             exit_layers=np.asarray(self.exit_layers), num_layers=self.num_layers,
-                            check_cost=self.check_cost)
+                            check_cost=self.check_cost,
+                            **({} if self.domain is None else {"domain": self.domain,
+                                                               "domains": np.asarray(self.domains, dtype=str)}))
 
     @classmethod
     def load(cls, path) -> "ExitScores":
         with np.load(path) as z:
             return cls(z["confidence"], z["agree"], z["sequence"], [int(x) for x in z["exit_layers"]],
-                       int(z["num_layers"]), float(z["check_cost"]))
+                       int(z["num_layers"]), float(z["check_cost"]),
+                       z["domain"] if "domain" in z else None,
+                       tuple(str(d) for d in z["domains"]) if "domains" in z else ())
 
     def subset(self, mask: np.ndarray) -> "ExitScores":
         return ExitScores(self.confidence[mask], self.agree[mask], self.sequence[mask],
-                          list(self.exit_layers), self.num_layers, self.check_cost)
+                          list(self.exit_layers), self.num_layers, self.check_cost,
+                          None if self.domain is None else self.domain[mask], self.domains)
+
+    def domain_mask(self, name: str) -> np.ndarray:
+        """(N,) True for the tokens of domain `name`."""
+        if self.domain is None or name not in self.domains:
+            raise ValueError(f"no domain {name!r} in these scores (domains: {list(self.domains)})")
+        return self.domain == self.domains.index(name)
 
 
 @dataclass(frozen=True)

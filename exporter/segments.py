@@ -80,13 +80,16 @@ class Segment(nn.Module):
         # x: input_ids (B, S) for segment 0, else hidden (B, S, D)
         # rest: concat layout: past K/V per layer; buffer layout: seqlens_k, total_sequence_length, then buffers
         hidden = self.family.embed(x, position_ids) if self.is_first else x
+        entry = hidden[:, -1, :]  # the previous exit's state (or the embeddings): the gate's 'move' feature
         if self.kv == "buffer":
             hidden, presents = self._layers_buffer(hidden, *rest)
         else:
             hidden, presents = self._layers_concat(hidden, attention_mask, position_ids, rest)
         last = hidden[:, -1, :]  # (B, D): the head only runs where the runtime needs a decision
         if self.gated:
-            outs = [self.gates.score(self.index, last), self.heads.head_input(self.index, last)]
+            z = self.heads.vocab_input(self.index, last) if "shortlist" in self.gates.features else None
+            outs = [self.gates.score(self.index, last, entry, position_ids[:, -1], z),
+                    self.heads.head_input(self.index, last)]
         else:
             logits = self.family.logits(last) if self.is_last else self.heads.logits(self.index, last)
             # the last segment has no gate: its confidence is never compared with a threshold

@@ -1,10 +1,18 @@
 """Self-supervised head training: the frozen model's own prediction is the label.
 
-One pass of the frozen backbone over the training windows caches the hidden state after
-every exit layer and after the last layer. Training then never touches the backbone
-again: each step samples cached token positions and fits all heads at once to the full
-model's next-token distribution (KL) and/or its argmax (cross-entropy), the teacher
-logits being recomputed from the cached last hidden state by the frozen final norm + LM head.
+One pass of the frozen backbone over the training text caches, per token, the hidden
+state after every exit layer and the teacher's top-k next-token distribution
+(`cache.py`). Training then never touches the backbone again: each step samples cached
+tokens and fits all heads at once. Targets:
+
+* ``topk`` (default): KL over the teacher's top-k + a tail bucket, with sampled and hard
+  negatives standing in for the rest of the vocabulary (`distill.py`); a step costs
+  k + m vocabulary rows instead of V (SmolLM2: ~600 of 49,152).
+* ``full``: KL to the full distribution recomputed from the cached final hidden state
+  by the frozen final norm + LM head (the original method; exact, V columns per step).
+
+Everything runs on `device` ("cpu", "cuda", or "auto"); the device that runs the
+exported model never trains.
 """
 
 from __future__ import annotations
@@ -19,41 +27,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .data import Windows
+from .cache import Features, cache_features  # noqa: F401  (re-exported: callers import it from here)
+from .distill import HardPool, Negatives, duplicate_mask, topk_loss
 from .heads import ExitHeads, confidence
 from .recipes import TrainConfig
 from .scores import ExitScores
 
 LOSSES = ("kl", "ce", "kl+ce")
+TARGETS = ("topk", "full")
 
 
-@dataclass
-class Features:
-    """Cached hidden states, flattened over tokens: exit k -> (T, D), final -> (T, D)."""
-
-    exits: list[torch.Tensor]
-    final: torch.Tensor
-    sequence: np.ndarray  # (T,) window index of each token
-
-
-@torch.no_grad()
-def cache_features(backbone: Backbone, windows: Windows, exits: list[int], batch: int = 8,
-                   desc: str = "caching hidden states") -> Features:
-    ids = torch.from_numpy(windows.ids)
-    if ids.numel() == 0:
-        raise ValueError("no tokens to cache: the text windows are empty")
-    dtype = torch.float16 if ids.numel() * backbone.shape.hidden_size * (len(exits) + 1) > 2e8 else torch.float32
-    per_exit: list[list[torch.Tensor]] = [[] for _ in exits]
-    finals: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(ids), batch), desc=desc, unit="batch", leave=False):
-        chunk = ids[start:start + batch]
-        captured, _ = backbone.forward(chunk, capture=list(exits) + [backbone.shape.num_layers])
-        for k, layer in enumerate(exits):
-            per_exit[k].append(captured[layer].reshape(-1, captured[layer].shape[-1]).to(dtype))
-        last = captured[backbone.shape.num_layers]
-        finals.append(last.reshape(-1, last.shape[-1]).to(dtype))
-    seq = np.repeat(np.arange(len(ids)), ids.shape[1])
-    return Features([torch.cat(x) for x in per_exit], torch.cat(finals), seq)
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" = cuda when this host has a GPU, else cpu; a named device must exist."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU on this host")
+    return device
 
 
 def check_exits(exits: list[int], num_layers: int) -> list[int]:
@@ -79,34 +70,55 @@ class TrainReport:
     loss_first: float
     loss_last: float
     head_bytes: int
+    check_agreement: list[float] = dataclasses.field(default_factory=list)  # full-vocab checks, mean over exits
 
 
-def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: TrainConfig) -> TrainReport:
+def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: TrainConfig,
+                device: str | torch.device | None = "cpu") -> TrainReport:
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {LOSSES}")
+    if cfg.targets not in TARGETS:
+        raise ValueError(f"unknown targets {cfg.targets!r}; choose one of {TARGETS}")
+    dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    backbone.model.to(dev)
+    heads.to(dev)
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
-    n = features.final.shape[0]
+    rows = features.active
+    vocab = backbone.shape.vocab_size
+    pool = HardPool()
     heads.train()
     t0 = time.perf_counter()
     losses: list[float] = []
+    checks: list[float] = []
     bar = tqdm(range(cfg.steps), desc="training exit heads", unit="step")
-    for _ in bar:
-        idx = torch.randint(0, n, (min(cfg.batch_tokens, n),), generator=gen)
-        with torch.no_grad():
-            teacher = backbone.family.logits(features.final[idx].float())
-            t_logp = F.log_softmax(teacher, -1)
-            t_top = teacher.argmax(-1)
-        loss = torch.zeros(())
-        for k in range(len(heads.exits)):
-            s_logp = F.log_softmax(heads.logits(k, features.exits[k][idx].float()), -1)
-            if "kl" in cfg.loss:
-                loss = loss + F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
-            if "ce" in cfg.loss:
-                loss = loss + F.nll_loss(s_logp, t_top)
+    for step in bar:
+        idx = np.sort(rows[rng.integers(0, len(rows), min(cfg.batch_tokens, len(rows)))])
+        hid = [features.hidden(k, idx, dev) for k in range(len(heads.exits))]
+        if cfg.targets == "full":
+            loss = _full_vocab_loss(backbone, heads, features, idx, hid, cfg.loss, dev)
+        else:
+            top_idx = torch.from_numpy(np.asarray(features.top_idx[idx], dtype=np.int64)).to(dev)
+            top_logp = torch.from_numpy(np.asarray(features.top_logp[idx], dtype=np.float32)).to(dev)
+            tail = torch.from_numpy(np.asarray(features.tail_logp[idx], dtype=np.float32)).to(dev)
+            neg = Negatives.draw(vocab, top_idx.shape[1], cfg.negatives, torch.cat([top_idx[:, 0].cpu(), pool.tensor()]),
+                                 gen, dev)
+            dup = duplicate_mask(top_idx, neg)
+            loss = torch.zeros((), device=dev)
+            shared = None
+            if heads.kind == "adapter":  # one frozen matrix for every exit: gather its rows once
+                w = heads.vocab_matrix(0)[0]
+                shared = (w[top_idx], w[neg.idx])
+            for k in range(len(heads.exits)):
+                w, b = heads.vocab_matrix(k)
+                loss = loss + topk_loss(heads.vocab_input(k, hid[k]), w, b, top_idx, top_logp, tail, neg, dup,
+                                        cfg.loss, shared)
+            if cfg.check_every and step % cfg.check_every == 0:
+                checks.append(_full_vocab_check(heads, hid, top_idx[:, 0], pool, cfg.check_rows))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -114,10 +126,42 @@ def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: T
         losses.append(loss.item() / len(heads.exits))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     heads.eval()
-    return TrainReport(seconds=time.perf_counter() - t0, steps=cfg.steps, tokens=n,
+    backbone.model.to("cpu")
+    heads.to("cpu")
+    return TrainReport(seconds=time.perf_counter() - t0, steps=cfg.steps, tokens=features.num_tokens,
                        loss_first=losses[0] if losses else float("nan"),
                        loss_last=float(np.mean(losses[-10:])) if losses else float("nan"),
-                       head_bytes=heads.num_bytes())
+                       head_bytes=heads.num_bytes(),
+                       check_agreement=[round(c, 4) for c in checks])
+
+
+def _full_vocab_loss(backbone, heads, features, idx, hid, loss_kind, dev) -> torch.Tensor:
+    with torch.no_grad():
+        teacher = backbone.family.logits(features.final_hidden(idx, dev))
+        t_logp = F.log_softmax(teacher, -1)
+        t_top = teacher.argmax(-1)
+    loss = torch.zeros((), device=dev)
+    for k in range(len(heads.exits)):
+        s_logp = F.log_softmax(heads.logits(k, hid[k]), -1)
+        if "kl" in loss_kind:
+            loss = loss + F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+        if "ce" in loss_kind:
+            loss = loss + F.nll_loss(s_logp, t_top)
+    return loss
+
+
+@torch.no_grad()
+def _full_vocab_check(heads: ExitHeads, hid: list[torch.Tensor], top1: torch.Tensor, pool: HardPool,
+                      rows: int) -> float:
+    """The student's argmax over the whole vocabulary on a few rows; words it wrongly ranks
+    first become hard negatives. Returns the mean agreement over exits on those rows."""
+    agree = []
+    for k in range(len(heads.exits)):
+        pred = heads.logits(k, hid[k][:rows]).argmax(-1)
+        wrong = pred != top1[:rows]
+        pool.add(pred[wrong])
+        agree.append(float((~wrong).float().mean()))
+    return float(np.mean(agree))
 
 
 def layer_macs(backbone: Backbone) -> int:
@@ -137,34 +181,37 @@ def check_cost(backbone: Backbone, heads: ExitHeads, kind: str, gates=None) -> f
 
 @torch.no_grad()
 def exit_scores(backbone: Backbone, heads: ExitHeads, features: Features, kind: str = "top1",
-                gates=None, chunk: int = 2048) -> ExitScores:
-    """Each exit's confidence (head top-1/margin, or its gate's score) and its head's agreement
-    with the full model, for every cached token."""
+                gates=None, chunk: int = 2048, device: str | torch.device | None = "cpu") -> ExitScores:
+    """Each exit's confidence (head top-1/margin, or its gate's score) and whether its head's
+    argmax over the *whole* vocabulary agrees with the full model's, for every active token."""
     if kind == "gate":
         if gates is None:
             raise ValueError("confidence 'gate' needs trained gates (train with gates enabled)")
-        return gate_scores(exit_scores(backbone, heads, features, "top1", chunk=chunk), backbone, heads, features,
-                           gates, chunk)
-    n = features.final.shape[0]
-    conf = np.zeros((n, len(heads.exits)), dtype=np.float32)
-    agree = np.zeros((n, len(heads.exits)), dtype=bool)
-    for s in range(0, n, chunk):
-        full = backbone.family.logits(features.final[s:s + chunk].float()).argmax(-1)
+        return gate_scores(exit_scores(backbone, heads, features, "top1", chunk=chunk, device=device), backbone,
+                           heads, features, gates, chunk, device)
+    dev = resolve_device(device)
+    backbone.model.to(dev)
+    heads.to(dev)
+    rows = features.active
+    conf = np.zeros((len(rows), len(heads.exits)), dtype=np.float32)
+    agree = np.zeros((len(rows), len(heads.exits)), dtype=bool)
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk]
+        full = torch.from_numpy(features.teacher_top1(r).astype(np.int64)).to(dev)
         for k in range(len(heads.exits)):
-            tok, score = confidence(heads.logits(k, features.exits[k][s:s + chunk].float()), kind)
-            conf[s:s + chunk, k] = score.numpy()
-            agree[s:s + chunk, k] = (tok == full).numpy()
-    return ExitScores(conf, agree, features.sequence, list(heads.exits), backbone.shape.num_layers,
-                      check_cost(backbone, heads, kind))
+            tok, score = confidence(heads.logits(k, features.hidden(k, r, dev)), kind)
+            conf[s:s + chunk, k] = score.cpu().numpy()
+            agree[s:s + chunk, k] = (tok == full).cpu().numpy()
+    backbone.model.to("cpu")
+    heads.to("cpu")
+    return ExitScores(conf, agree, features.sequence[rows], list(heads.exits), backbone.shape.num_layers,
+                      check_cost(backbone, heads, kind), np.asarray(features.domain[rows]), features.domains)
 
 
 @torch.no_grad()
 def gate_scores(head_scores: ExitScores, backbone: Backbone, heads: ExitHeads, features: Features, gates,
-                chunk: int = 2048) -> ExitScores:
+                chunk: int = 2048, device: str | torch.device | None = "cpu") -> ExitScores:
     """The same tokens and agreements as `head_scores` (from `features`), scored by the gates:
     the vocabulary-sized heads need not run again."""
-    conf = np.zeros(head_scores.confidence.shape, dtype=np.float32)
-    for s in range(0, conf.shape[0], chunk):
-        for k in range(conf.shape[1]):
-            conf[s:s + chunk, k] = gates.score(k, features.exits[k][s:s + chunk].float()).numpy()
+    conf = gates.score_features(backbone, heads, features, chunk=chunk, device=resolve_device(device))
     return dataclasses.replace(head_scores, confidence=conf, check_cost=check_cost(backbone, heads, "gate", gates))

@@ -19,6 +19,10 @@ if [ -d ../shared/hf-cache ]; then export HF_HUB_CACHE="${HF_HUB_CACHE:-$(cd .. 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 DATA=()
 if [ -n "${LAMA_DATA:-}" ]; then DATA=(--data "$LAMA_DATA"); fi
+# LAMA_DEVICE=cuda trains on this host's GPU (default: auto); LAMA_TRAIN_TOKENS overrides the recipe's
+# training text (SmolLM2: 409,600 tokens; the frozen pass over it is most of the job's time on a CPU).
+[ -n "${LAMA_DEVICE:-}" ] && DATA+=(--device "$LAMA_DEVICE")
+[ -n "${LAMA_TRAIN_TOKENS:-}" ] && DATA+=(--train-tokens "$LAMA_TRAIN_TOKENS")
 lama train "$MODEL" --out "$RUN/ckpt" "${DATA[@]}"
 lama export "$RUN/ckpt" --out "$RUN/onnx"
 lama inspect "$RUN/onnx"   # what the export holds: segments, exits, thresholds per target, backends here

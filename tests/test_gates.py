@@ -19,7 +19,8 @@ from runtime import Runtime
 
 EXITS = [1, 2, 3]
 CFG = TrainConfig(head="adapter", rank=8, seq_len=32, train_tokens=3000, calib_tokens=1500, heldout_tokens=800,
-                  steps=60, batch_tokens=256, lr=1e-2, seed=0, gates=True, gate_width=16, gate_steps=300)
+                  steps=60, batch_tokens=256, lr=1e-2, seed=0, gates=True, gate_width=16, gate_steps=300,
+                  gate_features=["hidden", "move", "shortlist", "position"], gate_shortlist=16, device="cpu")
 
 
 def auc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -37,7 +38,7 @@ def test_gate_separates_agreeing_tokens_on_heldout():
     train = cache_features(bb, splits["train"], EXITS)
     train_heads(bb, heads, train, CFG)
     gates = ExitGates(len(EXITS), bb.shape.hidden_size, width=16)
-    losses = train_gates(gates, train.exits, torch.from_numpy(exit_scores(bb, heads, train).agree), steps=300)
+    losses = train_gates(gates, bb, heads, train, exit_scores(bb, heads, train).agree, steps=300)
     assert losses[-1] < losses[0]
     held = exit_scores(bb, heads, cache_features(bb, splits["heldout"], EXITS), "gate", gates)
     aucs = []
@@ -157,3 +158,31 @@ def test_gate_confidence_needs_gates(tmp_path):
         api.calibrate(ckpt, target=0.9, confidence="gate")
     with pytest.raises(ValueError, match="stored head scores use confidence"):
         api.calibrate(ckpt, target=0.9, confidence="margin")
+
+
+def test_gate_features_match_between_training_and_exported_graph(gated):
+    """Every gate feature (hidden, move, shortlist, position) as the exported segment computes it
+    equals the training-side computation from cached states: scores within 1e-4 (fp32)."""
+    from exporter.cache import cache_features
+    from exporter.checkpoint import load_heads
+
+    d, ckpt, bb = gated
+    api.calibrate(ckpt, target=0.8, confidence="gate")
+    rt = Runtime.load(api.export(ckpt, out=d / "parity", backbone=bb))
+    cfg = read_config(ckpt)
+    heads, gates = load_heads(ckpt, bb, cfg), load_gates(ckpt, bb, cfg)
+    assert gates.features == ("hidden", "move", "shortlist", "position")
+    ids = np.asarray(rt.encode(SAMPLE_TEXT[:24]))
+    windows = make_splits([SAMPLE_TEXT], bb.tokenizer, 24, {"train": 24, "calib": 24, "heldout": 24})["train"]
+    windows.ids = ids[None, :]
+    feats = cache_features(bb, windows, EXITS, topk=4)
+    train_side = gates.score_features(bb, heads, feats)  # (24 positions, exits)
+    graph_side = np.zeros_like(train_side)
+    for p in range(len(ids)):  # prefill ids[:p+1]: each segment scores its last position, p
+        cache, x = rt.new_cache(), ids[None, :p + 1]
+        for j, (seg, backend) in enumerate(zip(rt.manifest.segments[:-1], rt.backends)):
+            out = backend.run(rt._feeds(seg, x, cache, j, p + 1))
+            graph_side[p, j] = out["confidence"][0]
+            x = out["hidden_out"]
+    np.testing.assert_allclose(graph_side, train_side, rtol=0, atol=1e-4)
+    assert train_side.std() > 1e-3  # the scores vary: the comparison is not between constants

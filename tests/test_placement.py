@@ -1,0 +1,46 @@
+"""Exits placed by data (issue 12): checks that never fire are dropped, the rest recalibrated."""
+
+import numpy as np
+import torch
+from conftest import SAMPLE_TEXT, tiny_backbone
+
+from exporter import api
+from exporter.checkpoint import load_gates, load_heads, read_config, read_scores
+from exporter.placement import prune_exits, take_exits
+from exporter.recipes import ModelSource, Recipe, TrainConfig
+from exporter.scores import ExitScores
+
+
+def test_prune_drops_an_exit_that_never_fires():
+    rng = np.random.default_rng(0)
+    n = 4000
+    conf = rng.random((n, 3))
+    agree = rng.random((n, 3)) < conf  # confident tokens agree: exits 0 and 2 can fire
+    agree[:, 1] = False  # exit 1's head never agrees: no threshold reaches the target
+    s = ExitScores(conf, agree, np.arange(n) // 20, [2, 4, 6], 8)
+    assert prune_exits(s, 0.9, 0.0) == [0, 1, 2]  # min_share 0 keeps everything
+    keep = prune_exits(s, 0.9, 0.01)
+    assert keep == [0, 2]
+    sub = take_exits(s, keep)
+    assert sub.exit_layers == [2, 6] and np.array_equal(sub.confidence, conf[:, [0, 2]])
+
+
+def test_train_with_auto_exits_keeps_a_consistent_checkpoint(tmp_path):
+    bb = tiny_backbone("llama", layers=6)
+    model_dir = tmp_path / "m"
+    bb.model.save_pretrained(model_dir)
+    bb.tokenizer.save_pretrained(model_dir)
+    (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
+    cfg = TrainConfig(rank=4, seq_len=32, train_tokens=2000, calib_tokens=1200, heldout_tokens=600, steps=20,
+                      batch_tokens=256, lr=1e-2, gate_width=8, gate_steps=30, gate_features=["hidden", "move"],
+                      device="cpu")
+    recipe = Recipe(name="tiny", source=ModelSource(str(model_dir)), confidence="gate", exit_min_share=0.3, train=cfg)
+    ck = api.train(recipe, out=tmp_path / "ck", data=[tmp_path / "t.txt"], backbone=bb, exits="auto", target=0.9)
+    c = read_config(ck)
+    assert c.train["candidate_exits"] == [2, 4] and c.train["exit_min_share"] == 0.3
+    assert set(c.exits) <= {2, 4} and len(c.exits) == len(c.thresholds) >= 1
+    for split in ("calibration", "heldout"):
+        assert read_scores(ck, split, "gate").exit_layers == c.exits
+    heads, gates = load_heads(ck, bb, c), load_gates(ck, bb, c)  # the pruned weights load back
+    assert len(heads.heads) == len(gates.gates) == len(c.exits)
+    assert gates.score(0, torch.randn(2, bb.shape.hidden_size), torch.randn(2, bb.shape.hidden_size)).shape == (2,)
