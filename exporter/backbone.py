@@ -81,5 +81,11 @@ def load_backbone(source: ModelSource | str, *, dtype: torch.dtype = torch.float
     check_config(config, where=source.model_id)  # before loading weights: unsupported models fail fast and say why
     # eager attention: the layers see our explicit 4D mask, and the same code exports to ONNX
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **kwargs)
+    if gguf_file:
+        # transformers dequantizes GGUF weights to plain floats on load but keeps its quantizer's
+        # mark, and then refuses .float()/.half() (what fp16 and int8/int4 exports need); the
+        # weights are ordinary tensors, so the mark goes.
+        model.hf_quantizer = None
+        model.is_quantized = False
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     return Backbone.from_model(model, tokenizer, source)
