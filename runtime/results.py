@@ -107,7 +107,7 @@ class GenerationResult:
                 f"first token {self.first_token_seconds * 1e3:.1f} ms, "
                 f"latency p50/p95/max {lat['p50'] * 1e3:.1f}/{lat['p95'] * 1e3:.1f}/{lat['max'] * 1e3:.1f} ms; "
                 f"work {w['per_token']:.1f} layer-positions per token vs {w['plain_per_token']:.1f} for the plain "
-                f"model ({1 - w['share']:.1%} saved){owed}{fill}, {w['calls_per_token']:.1f} calls per token{rb}; "
+                f"model ({abs(1 - w['share']):.1%} {'saved' if w['share'] <= 1 else 'more'}){owed}{fill}, {w['calls_per_token']:.1f} calls per token{rb}; "
                 f"decided at mean layer {self.mean_layers:.1f}/{self.num_layers}; exits: {hist}")
 
     def to_dict(self) -> dict:
