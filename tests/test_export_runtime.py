@@ -264,7 +264,7 @@ def test_stream_and_cli_print_complete_characters(exported, monkeypatch, capsys)
     rt = Runtime.load(exported["llama"][0])
     rt.tokenizer = stories
 
-    def scripted(x, cache, thresholds, want_logits=False):
+    def scripted(x, cache, thresholds, want_logits=False, stats=None):
         scripted.n += 1
         return ids[scripted.n - 1], 0, 1.0, None
 
