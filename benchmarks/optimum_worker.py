@@ -17,7 +17,7 @@ It imports only the standard library at the top, so it starts under either venv.
 
 SPEC (JSON): backend, prompts (lists of token ids), max_new_tokens, threads, and per backend:
 model_path [+ gguf_file] (torch), model_path [+ gguf_file] + onnx_dir (optimum),
-export_dir + thresholds + repo_root (lama).
+export_dir + thresholds + repo_root [+ kv_policy, exact, max_pending] (lama).
 
 Protocol: after loading and one warm-up generation (not counted) the worker prints
 {"ready": ...}. Each "pass" line runs every prompt once and prints that pass: decode
@@ -166,25 +166,35 @@ def _load_optimum(spec: dict):
 def _load_lama(spec: dict):
     from runtime import Runtime
 
-    rt = Runtime.load(spec["export_dir"], threads=spec["threads"])
+    rt = Runtime.load(spec["export_dir"], threads=spec["threads"], kv_policy=spec.get("kv_policy", "defer"),
+                      max_pending=spec.get("max_pending"))
     th = spec.get("thresholds")  # "never", a target (manifest by_target) or a list (None = never)
     n = spec["max_new_tokens"]
+    exact = bool(spec.get("exact"))
     resolved = rt.resolve_thresholds(th)
 
     def run(ids: list[int]):
         t0 = time.perf_counter()
         first = None
         records = []
-        for rec in rt.stream(ids, n, thresholds=th, stop_at_eos=False):
+        for rec in rt.stream(ids, n, thresholds=th, stop_at_eos=False, exact=exact):
             if first is None:
                 first = time.perf_counter()
             records.append(rec)
         t_end = time.perf_counter()
-        # the runtime's own per-token clock (model steps only, no detokenization) for reference
+        layers = rt.manifest.model.num_layers
+        # the runtime's own per-token clock (model steps only, no detokenization) and work counters
         return ([r.token for r in records], t0, first or t_end, t_end,
-                {"layers": [r.exit_layer for r in records], "step_seconds": [r.seconds for r in records]})
+                {"layers": [r.exit_layer for r in records], "step_seconds": [r.seconds for r in records],
+                 "layer_positions": sum(r.layer_positions for r in records),
+                 "step_layer_positions": [r.layer_positions for r in records], "num_layers": layers,
+                 "plain_layer_positions": (len(ids) + len(records) - 1) * layers,
+                 "fill_positions": sum(r.fill_positions for r in records),
+                 "calls": sum(r.calls for r in records), "owed": records[-1].owed_layer_positions if records else 0,
+                 "rollbacks": sum(r.rollbacks for r in records)})
 
-    info = {"thresholds": [None if t == float("inf") else t for t in resolved],
+    info = {"thresholds": [None if t == float("inf") else t for t in resolved], "kv_policy": rt.kv_policy,
+            "exact": exact, "max_pending": rt.max_pending,
             "num_segments": len(rt.manifest.segments), "num_layers": rt.manifest.model.num_layers}
     return run, info
 

@@ -130,6 +130,7 @@ class Policy:
     value: float | None
     thresholds: list[float]  # per exit, inf = never: what the teacher-forced evaluation applies
     runtime: object  # what the worker passes as Runtime.generate(thresholds=...)
+    kv: str = "defer"  # "defer", "fill" or "exact" (defer + verification)
 
 
 def _scores(ckpt: Path, split: str, confidence: str):
@@ -172,6 +173,18 @@ def exit_policies(export_dir: Path, targets: list[float], budgets: list[float], 
                     continue
                 policies.append(Policy(name.format(b), "budget", b, th, [None if math.isinf(x) else x for x in th]))
     return policies, skipped
+
+
+def with_kv_policies(policies: list[Policy], kvs: list[str]) -> list[Policy]:
+    """Each exit policy under each KV policy; the first KV policy keeps the plain row name.
+    Row c (exits off) runs once: every KV policy is the full model there."""
+    from dataclasses import replace
+
+    out = []
+    for p in policies:
+        for i, kv in enumerate(kvs if p.kind != "full" else kvs[:1]):
+            out.append(replace(p, kv=kv, key=p.key if i == 0 and kv == "defer" else f"{p.key} [{kv}]"))
+    return out
 
 
 # -- teacher-forced evaluation on the held-out windows -------------------------------------------
@@ -342,6 +355,23 @@ def summarize(passes: list[dict]) -> dict:
         out["layers"] = [e["layers"] for e in passes[0]["extra"]]
         steps = [x for e in extras for x in e["step_seconds"][1:]]
         out["runtime_step_tokens_per_second"] = len(steps) / sum(steps) if sum(steps) > 0 else None
+        # per-token decode latency over all passes and prompts (the first token carries the prefill)
+        out["latency_ms"] = {k: float(np.percentile(steps, q)) * 1e3 for k, q in (("p50", 50), ("p95", 95))}
+        out["latency_ms"]["max"] = max(steps) * 1e3
+        first = passes[0]["extra"]  # work is deterministic: one pass says it
+        if "layer_positions" in first[0]:
+            n = sum(len(e["layers"]) for e in first)
+            run = sum(e["layer_positions"] for e in first)
+            out["work"] = {"layer_positions_per_token": run / n,
+                           "plain_layer_positions_per_token": sum(e["plain_layer_positions"] for e in first) / n,
+                           "share": run / sum(e["plain_layer_positions"] for e in first),
+                           "owed_share": sum(e["owed"] for e in first) / sum(e["plain_layer_positions"] for e in first),
+                           # decode steps only (what a budget bounds): tokens after the first, vs num_layers each
+                           "decode_share": sum(sum(e["step_layer_positions"][1:]) for e in first)
+                           / max(1, sum((len(e["layers"]) - 1) * e["num_layers"] for e in first)),
+                           "fill_positions_per_token": sum(e["fill_positions"] for e in first) / n,
+                           "calls_per_token": sum(e["calls"] for e in first) / n,
+                           "rollbacks_per_token": sum(e["rollbacks"] for e in first) / n}
     return out
 
 
@@ -449,13 +479,16 @@ def benchmark(args) -> dict:
     else:
         rows[-1].update(status="skipped", reason=f"{optimum_py} not found: run `bash benchmarks/setup_optimum.sh` "
                                                  "to create the optimum venv (transformers 4.57 + optimum-onnx)")
+    policies = with_kv_policies(policies, args.kv_policies)
     for p in policies:
-        rows.append({"row": p.key, "kind": p.kind, "value": p.value,
+        sim_kv = "fill" if p.kv == "fill" else "defer"
+        rows.append({"row": p.key, "kind": p.kind, "value": p.value, "kv_policy": p.kv,
                      "thresholds": [None if math.isinf(x) else x for x in p.thresholds],
                      "teacher_forced": tf.evaluate(simulate(tf_scores, p.thresholds).exit_index),
-                     "heldout_simulated": _outcome(simulate(heldout_scores, p.thresholds))})
+                     "heldout_simulated": _outcome(simulate(heldout_scores, p.thresholds, kv_policy=sim_kv))})
         specs[p.key] = (py, {**base, "backend": "lama", "export_dir": str(export_dir), "thresholds": p.runtime,
-                             "repo_root": str(ROOT)})
+                             "repo_root": str(ROOT), "kv_policy": sim_kv, "exact": p.kv == "exact",
+                             "max_pending": args.max_pending})
     quant = extra_rows(args, rows, specs, base, work, ckpt, (model_path, gguf))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lama-bench-") as tmp:
@@ -479,7 +512,8 @@ def benchmark(args) -> dict:
         "exits": config.exits, "num_layers": config.num_layers, "head": config.head, "confidence": config.confidence,
         "train_config": cfg,
         "settings": {"prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                     "repeats": args.repeats, "budget_unit": args.budget_unit,
+                     "repeats": args.repeats, "budget_unit": args.budget_unit, "kv_policies": args.kv_policies,
+                     "max_pending": args.max_pending,
                      "exit_check_cost_layers": calib_scores.check_cost,
                      "plain_chain_compute": float(calib_scores.costs()[-1]), "threads": args.threads,
                      "heldout_windows": int(len(windows)),
@@ -557,6 +591,9 @@ def derive(rows: list[dict], num_layers: int, oracle_layers: float, oracle_tf: d
         r["rss_after_imports_mb"] = m["rss_after_imports_mb"]
         r["mean_layers"] = (float(np.mean([x for seq in m["layers"] for x in seq])) if "layers" in m
                             else float(num_layers))
+        r["work_share"] = m["work"]["share"] if "work" in m else 1.0  # layer-positions vs the plain model
+        r["decode_work_share"] = m["work"]["decode_share"] if "work" in m else 1.0
+        r["p95_ms"] = m.get("latency_ms", {}).get("p95")
         if ref is not None:
             r["greedy_agreement"] = float(np.mean([position_agreement(a, b) for a, b in zip(ref, m["tokens"])]))
             r["rouge_l"] = float(np.mean([rouge_l(a, b) for a, b in zip(ref, m["tokens"])]))
@@ -636,10 +673,10 @@ def markdown(res: dict, command: str) -> str:
         f"Speed-up is over row {base_name}: the median over rounds of the ratio between rows that ran back to "
         f"back (robust to load changes between rounds). Agreement and ROUGE-L are against row a's greedy tokens. "
         f"Teacher-forced columns use all {s['heldout_windows']} held-out windows of {s['seq_len']} tokens.", "",
-        "| row | tokens/s (spread) | speed-up | first token (ms) | peak RSS MB (after imports) | layers/token | "
-        "greedy agreement | ROUGE-L | teacher-forced agreement | perplexity | share of oracle speed-up | "
-        "greedy agreement vs same-precision full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | tokens/s (spread) | speed-up | first token (ms) | p95 token (ms) | peak RSS MB (after imports) | "
+        "decided at layer | work (layer-positions vs plain) | decode work | greedy agreement | ROUGE-L | "
+        "teacher-forced agreement | perplexity | share of oracle speed-up | greedy agreement vs same-precision full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         if r["status"] == "skipped":
@@ -651,7 +688,9 @@ def markdown(res: dict, command: str) -> str:
         tps = _f(r.get("tokens_per_second"), ".1f") + (f" (±{spread:.0%})" if spread is not None else "")
         lines.append(
             f"| {r['row']} | {tps}{est} | {_f(r.get('speedup'), '.2f')}x{est} | "
-            f"{_f(r.get('first_token_ms'), '.2f')} | {rss} | {_f(r.get('mean_layers'), '.2f')} | "
+            f"{_f(r.get('first_token_ms'), '.2f')} | {_f(r.get('p95_ms'), '.2f')} | {rss} | "
+            f"{_f(r.get('mean_layers'), '.2f')} | {_f(r.get('work_share'), '.3f')} | "
+            f"{_f(r.get('decode_work_share'), '.3f')} | "
             f"{_f(r.get('greedy_agreement'), '.3f')} | {_f(r.get('rouge_l'), '.3f')} | "
             f"{_f(t.get('agreement'), '.3f')} | {_f(t.get('perplexity'), '.2f')} | "
             f"{_f(r.get('share_of_oracle_speedup'), '.0%')} | {_f(r.get('greedy_agreement_same_precision'), '.3f')} |")
@@ -704,6 +743,34 @@ def markdown(res: dict, command: str) -> str:
     if res.get("samples"):
         lines += ["", "Sample (first prompt):", "", f"- prompt: {res['samples'][0]['prompt']!r}"]
         lines += [f"- {x['row']}: {x['continuation']!r}" for x in res["samples"][1:]]
+    return "\n".join(lines) + "\n"
+
+
+def policy_table(res: dict, command: str) -> str:
+    """Work and agreement per exit row and KV policy, with no timing columns: fit for runs on
+    shared, loaded cores (their tokens/s are not comparable; these counts are deterministic)."""
+    lines = [f"# KV policies: {res['model']} ({res['source']['model_id']})", "", f"`{command}`", "",
+             f"{res['settings']['prompts']} held-out prompts x {res['settings']['prompt_tokens']} tokens, "
+             f"{res['settings']['new_tokens']} new tokens each, greedy, exits after layers {res['exits']} of "
+             f"{res['num_layers']}. Work = layer-positions run / the plain model's for the same prompt and tokens "
+             "(prompt included); decode work = the steps after the first token only; owed = deferred work not run "
+             "when generation stopped (same unit as work). Greedy agreement and ROUGE-L: against row a's tokens "
+             "(free-running, so they see `fill`'s approximate caches); teacher-forced agreement: each exit's head "
+             "on exact hidden states (blind to `fill`). Timing is left out on purpose.", "",
+             "| row | KV policy | decided at layer | work | decode work | owed | K/V fills per token (layer-positions) "
+             "| calls per token | rollbacks per token | greedy agreement | ROUGE-L | teacher-forced agreement |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        m = r.get("measured") or {}
+        w = m.get("work")
+        if r["status"] != "ok" or not w:
+            continue
+        t = r.get("teacher_forced") or {}
+        lines.append(f"| {r['row']} | {r.get('kv_policy', 'defer')} | {_f(r.get('mean_layers'), '.2f')} | "
+                     f"{w['share']:.3f} | {w['decode_share']:.3f} | {w['owed_share']:.3f} | "
+                     f"{w['fill_positions_per_token']:.2f} | {w['calls_per_token']:.2f} | "
+                     f"{w['rollbacks_per_token']:.3f} | {_f(r.get('greedy_agreement'), '.3f')} | "
+                     f"{_f(r.get('rouge_l'), '.3f')} | {_f(t.get('agreement'), '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -779,6 +846,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-unit", choices=("compute", "layers"), default="compute",
                    help="compute: fraction of the plain model's compute, exit checks included (as `lama calibrate "
                         "--budget`); layers: mean decoder layers per token")
+    p.add_argument("--kv-policies", nargs="+", choices=("defer", "fill", "exact"), default=["defer"],
+                   help="KV policies for the exit rows (default: defer). fill: skipped layers get only K/V "
+                        "projections; exact: defer + verification by the full model's head (its greedy output)")
+    p.add_argument("--max-pending", type=int, help="runtime bound on deferred positions (default: the export's)")
     p.add_argument("--optimum-python", default=str(OPTIMUM_PYTHON), help="python of the optimum venv")
     p.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON), help="python of the llama.cpp venv (row f)")
     p.add_argument("--precisions", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
@@ -798,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     res["command"] = command.strip()
     (out / "results.json").write_text(json.dumps(_plain(res), indent=1, allow_nan=False))
     (out / "results.md").write_text(markdown(res, command.strip()))
+    if args.kv_policies != ["defer"]:
+        (out / "kv_policies.md").write_text(policy_table(res, command.strip()))
     plot(res, out / "speedup_vs_agreement.png")
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, speedup_vs_agreement.png in {res['wall_seconds']:.0f} s",

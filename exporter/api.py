@@ -213,7 +213,7 @@ def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
 def export(checkpoint: str | Path, *, out: str | Path, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
-           quant_options: dict | None = None) -> Path:
+           quant_options: dict | None = None, max_pending: int | None = None) -> Path:
     """Split the checkpoint into per-segment graphs (+ TensorRT engines) with a manifest.
 
     kv: "concat" (past in, past+new out) or "buffer" (GroupQueryAttention on preallocated
@@ -222,9 +222,10 @@ def export(checkpoint: str | Path, *, out: str | Path, precision: str = "fp32", 
     precision "int8"/"int4": weight-only MatMulNBits graphs (exporter/quantize.py) whose
     thresholds are recalibrated on the quantized model's own scores (exporter/quant_calibrate.py),
     drawn from `data` (default: the text training used); `quant_options` overrides the scheme's
-    block_size, symmetric, accuracy_level."""
+    block_size, symmetric, accuracy_level. max_pending: the runtime's deferral bound to size
+    decode profiles for (dim `decode_sequence`)."""
     from .onnx_export import export as _export
 
     return _export(checkpoint, out, precision=precision, backend=backend, with_logits=with_logits,
                    workspace_gb=workspace_gb, kv=kv, kv_capacity=kv_capacity, backbone=backbone, data=data,
-                   quant_options=quant_options)
+                   quant_options=quant_options, max_pending=max_pending)

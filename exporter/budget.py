@@ -52,11 +52,23 @@ the token on. Notation, with heads l = 0..E-1 and l = E the full model:
    The best start wins (`BudgetResult.origin`). Every candidate stays within B on the
    calibration tokens, so the budget guarantee of step 3 is kept.
 
-The budget is a fraction of the full model's compute in (0, 1] (`unit="compute"`, check
-costs included, so with check_cost > 0 running every token through the full model costs a
-little more than 1) or an average number of decoder layers (`unit="layers"`). Guarantees are
-empirical, on the calibration tokens; on new text the average moves by sampling noise
-(about +-0.01 with a few thousand tokens in our synthetic tests).
+What the budget means. The budget is a share of the plain model's work: B = 0.6 means at
+most 60% of the layer-positions the plain model runs (one decoder layer on one position), plus
+the exit checks in `unit="compute"`. That is what the runtime measures
+(`GenerationResult.work()`), and it holds for the KV policy that saves work, `fill`, where a
+token leaving after l layers costs l layer-positions (its skipped layers get only their K/V
+projections, a few % of a layer each, reported apart by the runtime and not in B). Under
+`defer` the skipped layers of every position run later anyway, so the work is ~1 whatever the
+thresholds (scores.simulate(..., kv_policy="defer")): there a budget buys fewer calls and
+lower latency per token, not less work. The prompt runs the whole model under `fill`; the
+budget is over generated tokens.
+
+Units: `unit="compute"`, a fraction of the full model in (0, 1], check costs included, so with
+check_cost > 0 running every token through the full model costs a little more than 1; or
+`unit="layers"`, an average number of decoder layers per token. Guarantees are empirical, on the
+calibration tokens and teacher-forced (each token's head on exact hidden states; with `fill` the
+approximate keys/values of skipped layers can move later tokens); on new text the average moves
+by sampling noise (about +-0.01 with a few thousand tokens in our synthetic tests).
 """
 
 from __future__ import annotations

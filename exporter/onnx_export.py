@@ -23,7 +23,7 @@ from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, G
 from runtime.verify import sha256
 
 from .checkpoint import read_config, read_scores
-from .segments import HeadGraph, Segment, io_specs, segment_bounds
+from .segments import HeadGraph, KVFill, Segment, io_specs, segment_bounds
 
 EXPORTER_VERSION = "0.1.0"
 OPSET = 17
@@ -204,9 +204,13 @@ def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_c
 def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
-           quant_options: dict | None = None) -> Path:
+           quant_options: dict | None = None, max_pending: int | None = None) -> Path:
     """`data`: text for the quantized model's calibration scores (default: what training used);
-    `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level)."""
+    `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level);
+    max_pending: the runtime's bound on deferred positions; decode calls then take at most
+    max_pending + 1 positions (dim `decode_sequence`, for engine profiles)."""
+    from runtime.runtime import DECODE_DIM, DEFAULT_MAX_PENDING
+
     from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone
     from .checkpoint import load_gates, load_heads, score_kind
@@ -280,8 +284,15 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
             if i < len(config.exits):
                 head = (0 if config.head == "adapter" else i) if gated else None
                 ex = ExitSpec(config.exits[i], config.confidence, thresholds[i], head)
+            fill = None
+            if i > 0 and bb.family.has_kv_projection():  # K/V of every layer a token leaving before segment i skips
+                kf = KVFill(bb, (layers[0], shape.num_layers)).eval()
+                fpath = tmp / f"kv_fill_{i:02d}.onnx"
+                f_in, f_out = kf.io_specs(dname)
+                f_in = export_graph(kf, f_in, f_out, fpath, precision, shape.vocab_size)
+                fill = GraphSpec(fpath.name, inputs=tuple(f_in), outputs=tuple(f_out), **_file_facts(fpath))
             specs.append(SegmentSpec(i, tuple(layers), path.name, inputs=tuple(inputs), outputs=tuple(outputs),
-                                     exit=ex, **_file_facts(path)))
+                                     exit=ex, kv_fill=fill, **_file_facts(path)))
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
         quant_info = None
         if scheme is not None:
@@ -303,7 +314,9 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                                         config.calibration.get("heldout", {}), by_target_delta=table_delta),
             precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context},
                                        **({"capacity": {"min": 1, "opt": kv_info.capacity, "max": kv_info.capacity}}
-                                          if kv_info.layout == "buffer" else {})},
+                                          if kv_info.layout == "buffer" else {}),
+                                       DECODE_DIM: {"min": 1, "opt": 1, "max": 1 + (
+                                           DEFAULT_MAX_PENDING if max_pending is None else int(max_pending))}},
             kv_cache=kv_info,
             heads=tuple(head_specs),
             exporter_version=EXPORTER_VERSION, quantization=quant_info)

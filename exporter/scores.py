@@ -8,6 +8,14 @@ policies are compared on exactly the same rule the runtime applies:
 
     a token leaves at the first exit k with confidence[k] >= threshold[k];
     a token that no exit takes runs the whole model.
+
+Work is counted as the runtime counts it (runtime/results.py): layer-positions, one decoder
+layer on one position. What an exit saves depends on the KV policy. With `fill` (the policy
+that saves work) a token leaving after exit_layers[k] layers costs exit_layers[k]
+layer-positions, plus the K/V projections of the skipped layers, which are not layer-positions
+and are reported apart. With `defer` every position a token skipped still runs the deeper
+layers later (batched with a deeper token), so every token costs all num_layers layer-positions
+unless generation ends first: early exits save calls and latency there, not work.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+KV_POLICIES = ("fill", "defer")
 NEVER = float("inf")  # threshold that disables an exit (confidences are finite)
 
 
@@ -67,14 +76,22 @@ class ExitScores:
     def num_exits(self) -> int:
         return int(self.confidence.shape[1])
 
-    def costs(self) -> np.ndarray:
+    def layers(self, kv_policy: str = "fill") -> np.ndarray:
+        """(E+1,) layer-positions a token leaving at each exit costs (last = full model)."""
+        if kv_policy not in KV_POLICIES:
+            raise ValueError(f"unknown KV policy {kv_policy!r}; choose one of {KV_POLICIES}")
+        if kv_policy == "defer":  # the skipped layers run later anyway
+            return np.full(self.num_exits + 1, float(self.num_layers))
+        return np.asarray(list(self.exit_layers) + [self.num_layers], dtype=np.float64)
+
+    def costs(self, kv_policy: str = "fill") -> np.ndarray:
         """(E+1,) compute of leaving at each exit (last = full model), as a fraction of the full model.
 
-        Leaving at exit k means computing exit_layers[k] layers and k+1 checks; running the
-        full model means all layers and every check (all of which rejected).
+        Leaving at exit k means computing exit_layers[k] layers (all layers under `defer`) and
+        k+1 checks; running the full model means all layers and every check (all of which rejected).
         """
         e = np.arange(1, self.num_exits + 1)
-        layers = np.asarray(list(self.exit_layers) + [self.num_layers], dtype=np.float64)
+        layers = self.layers(kv_policy)
         checks = np.concatenate([e, [self.num_exits]]).astype(np.float64) * self.check_cost
         return (layers + checks) / self.num_layers
 
@@ -111,8 +128,8 @@ class Outcome:
 
     exit_index: np.ndarray  # (N,) exit taken per token; E means the full model
     agreement: float  # share of all tokens whose output equals the full model's
-    compute: float  # mean compute as a fraction of the full model (costs() weighted)
-    layers: float  # mean decoder layers computed per token
+    compute: float  # mean compute as a fraction of the full model (costs(kv_policy) weighted)
+    layers: float  # mean layer-positions run per token under kv_policy (fill: the exit's depth)
     coverage: np.ndarray  # (E,) share of tokens leaving at each exit
     exit_agreement: np.ndarray  # (E,) agreement among the tokens leaving at each exit (nan if none)
 
@@ -128,18 +145,20 @@ def exit_index(scores: ExitScores, thresholds: np.ndarray | list[float]) -> np.n
     return np.where(any_pass, first, scores.num_exits)
 
 
-def simulate(scores: ExitScores, thresholds: np.ndarray | list[float]) -> Outcome:
+def simulate(scores: ExitScores, thresholds: np.ndarray | list[float], kv_policy: str = "fill") -> Outcome:
+    """What the thresholds do, with work counted under `kv_policy` (module doc). Agreement is
+    teacher-forced: each token's exit head against the full model on exact hidden states."""
     idx = exit_index(scores, thresholds)
     n, e = scores.num_tokens, scores.num_exits
     agree_full = np.concatenate([scores.agree, np.ones((n, 1), dtype=bool)], axis=1)
     ok = agree_full[np.arange(n), idx]
-    layers_per_exit = np.asarray(list(scores.exit_layers) + [scores.num_layers], dtype=np.float64)
+    layers_per_exit = scores.layers(kv_policy)
     coverage = np.array([(idx == k).mean() for k in range(e)]) if n else np.zeros(e)
     exit_agree = np.array([ok[idx == k].mean() if (idx == k).any() else np.nan for k in range(e)])
     return Outcome(
         exit_index=idx,
         agreement=float(ok.mean()) if n else 1.0,
-        compute=float(scores.costs()[idx].mean()) if n else 1.0,
+        compute=float(scores.costs(kv_policy)[idx].mean()) if n else 1.0,
         layers=float(layers_per_exit[idx].mean()) if n else float(scores.num_layers),
         coverage=coverage,
         exit_agreement=exit_agree,

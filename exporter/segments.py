@@ -3,6 +3,9 @@
 Segment i runs decoder layers [a_i, b_i) on the positions it is given, with its own KV
 cache in and out, then its exit head on the *last* position only (the runtime decides
 per token; the head on every position would multiply its cost by the sequence length).
+The last segment is the exception: it also outputs the full model's token at every
+position it runs (`tokens_all`), which exact mode compares with the tokens that left early
+(free at one position; at prefill it adds the LM head on every prompt position).
 The head's top-1 token and confidence are computed in the graph, so the runtime reads two
 small numbers per segment instead of a vocabulary of logits; the head's TOPK largest logits
 (values + ids) come out too, so the runtime can sample on any export (full logits only with
@@ -91,14 +94,18 @@ class Segment(nn.Module):
             outs = [self.gates.score(self.index, last, entry, position_ids[:, -1], z),
                     self.heads.head_input(self.index, last)]
         else:
-            logits = self.family.logits(last) if self.is_last else self.heads.logits(self.index, last)
+            if self.is_last:
+                logits_all = self.family.logits(hidden)  # (B, S, V)
+                tokens_all = logits_all.argmax(-1)  # (B, S): checks the tokens deferred positions emitted early
+                logits = logits_all[:, -1, :]
+            else:
+                logits = self.heads.logits(self.index, last)
             # the last segment has no gate: its confidence is never compared with a threshold
             token, conf = confidence(logits, "top1" if self.confidence_kind == "gate" else self.confidence_kind)
             outs = [token, conf.float(), *topk_outputs(logits)]
             if self.with_logits:
                 outs.append(logits.float())
-        if not self.is_last:
-            outs.append(hidden)
+        outs.append(tokens_all if self.is_last else hidden)
         for k, v in presents:
             outs += [k, v]
         return tuple(outs)
@@ -146,7 +153,9 @@ def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpe
                    TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", D))]
     else:
         outputs = head_outputs(shape.vocab_size, seg.with_logits)
-    if not seg.is_last:
+    if seg.is_last:
+        outputs.append(TensorSpec("tokens_all", "tokens_all", "int64", ("batch", "sequence")))
+    else:
         outputs.append(TensorSpec("hidden_out", "hidden_out", dtype, ("batch", "sequence", D)))
     for layer in range(seg.first, seg.end):
         outputs += [TensorSpec("present_key", f"present_key.{layer}", dtype, kv_out, layer),
@@ -187,3 +196,33 @@ class HeadGraph(nn.Module):
     def io_specs(self, dtype: str, hidden_size: int, vocab: int):
         return ([TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", hidden_size))],
                 head_outputs(vocab, self.with_logits))
+
+
+class KVFill(nn.Module):
+    """The fill policy's graph for the exit before segment j: keys and values of layers
+    [first, end) (segment j's first layer to the last) computed from the exited hidden state
+    (each layer's norm + K/V projections + rotary), never attention or MLP. One call fills
+    every skipped layer; the weights it carries are the K/V projections only."""
+
+    def __init__(self, backbone: Backbone, layers: tuple[int, int]):
+        super().__init__()
+        self.family = backbone.family
+        self.first, self.end = layers
+        self.layers = nn.ModuleList(backbone.family.layers[i] for i in range(self.first, self.end))
+
+    def forward(self, hidden, position_ids):
+        outs = []
+        for i in range(self.first, self.end):
+            outs += list(self.family.kv_projection(i, hidden, position_ids))
+        return tuple(outs)
+
+    def io_specs(self, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        shape = self.family.shape()
+        kv = ("batch", shape.num_kv_heads, "sequence", shape.head_dim)
+        inputs = [TensorSpec("hidden", "hidden", dtype, ("batch", "sequence", shape.hidden_size)),
+                  TensorSpec("position_ids", "position_ids", "int64", ("batch", "sequence"))]
+        outputs = []
+        for layer in range(self.first, self.end):
+            outputs += [TensorSpec("fill_key", f"fill_key.{layer}", dtype, kv, layer),
+                        TensorSpec("fill_value", f"fill_value.{layer}", dtype, kv, layer)]
+        return inputs, outputs

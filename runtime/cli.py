@@ -53,7 +53,7 @@ def _load(a: argparse.Namespace):
     if show:
         print(note, end="\r", file=sys.stderr, flush=True)
     rt = Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy, threads=a.threads,
-                      chat_template=a.chat_template)
+                      chat_template=a.chat_template, max_pending=a.max_pending)
     if show:
         print(" " * len(note), end="\r", file=sys.stderr, flush=True)
     return rt
@@ -70,7 +70,7 @@ def _options(a: argparse.Namespace) -> dict:
     stop = [unescape(s) for s in a.stop] if a.stop else None
     return dict(thresholds=thresholds, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed, stop=stop,
-                stop_at_eos=not a.ignore_eos, max_time=a.max_time)
+                stop_at_eos=not a.ignore_eos, max_time=a.max_time, exact=a.exact)
 
 
 def _stats(result) -> str:
@@ -165,7 +165,10 @@ def _runtime_args() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path, help="an export folder (manifest.json, segment graphs, tokenizer)")
     p.add_argument("--providers", nargs="+", help="onnxruntime providers, or 'tensorrt' for native engines")
     p.add_argument("--threads", type=int, help="onnxruntime threads per session (default: onnxruntime's)")
-    p.add_argument("--kv-policy", choices=["defer", "copy"], default="defer")
+    p.add_argument("--kv-policy", choices=["defer", "fill"], default="defer",
+                   help="defer: skipped layers run later, caches exact; fill: skipped layers get only K/V "
+                        "projections of the exited state (saves their work, approximate)")
+    p.add_argument("--max-pending", type=int, help="bound on deferred positions (default: the export's)")
     p.add_argument("--chat-template", type=Path, help="Jinja2 chat template file (default: the export's own)")
     return p
 
@@ -175,6 +178,8 @@ def _generation_args() -> argparse.ArgumentParser:
     g = p.add_argument_group("exits")
     g.add_argument("--target", type=float, help="use the thresholds of another target from the calibration table")
     g.add_argument("--full", action="store_true", help="never exit early (the full model)")
+    g.add_argument("--exact", action="store_true", help="verify early tokens with the full model's head (defer, "
+                   "greedy): the output is the full model's; tokens appear once verified")
     s = p.add_argument_group("sampling (default: greedy)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")

@@ -73,7 +73,8 @@ def describe(folder: str | Path) -> dict:
         template, template_error = None, str(e)
     else:
         template_error = None
-    sizes = [_bytes(s) for s in m.segments] + [_bytes(h) for h in m.heads]
+    fills = [s.kv_fill for s in m.segments if s.kv_fill is not None]  # the fill KV policy's graphs
+    sizes = [_bytes(s) for s in m.segments] + [_bytes(h) for h in m.heads] + [_bytes(f) for f in fills]
     return {
         "folder": str(folder),
         "format": f"{m.format} v{m.schema_version}", "exporter_version": m.exporter_version,
@@ -83,6 +84,7 @@ def describe(folder: str | Path) -> dict:
         "precision": m.precision,
         "kv_cache": {"layout": m.kv_cache.layout, "capacity": m.kv_cache.capacity},
         "total_size": sum(sizes),
+        "kv_fill_graphs": [{"file": f.file, "size": _bytes(f)} for f in fills],
         "segments": [_segment(folder, s, list(cal.thresholds)) for s in m.segments],
         "head_graphs": [{"file": h.file, "size": _bytes(h), "present": (folder / h.file).is_file(),
                          "sampling": _sampling(h)} for h in m.heads],

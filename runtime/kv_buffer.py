@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kv_cache import KVCache, SegmentState
+from .kv_cache import POLICIES, KVCache, SegmentState
 from .manifest import SegmentSpec
 
 
@@ -40,10 +40,11 @@ class KVBufferCache(KVCache):
         so a large capacity costs memory only as the context grows."""
         if capacity < 1:
             raise ValueError(f"KV buffer capacity must be positive, got {capacity}")
-        base = KVCache.empty(layers_per_segment, num_kv_heads, head_dim, dtype, policy)  # checks the policy
+        if policy not in POLICIES:
+            raise ValueError(f"unknown KV policy {policy!r}; choose one of {POLICIES}")
         buf = lambda: np.zeros((1, num_kv_heads, capacity, head_dim), dtype=dtype)  # noqa: E731
         segments = [SegmentState([buf() for _ in range(n)], [buf() for _ in range(n)]) for n in layers_per_segment]
-        return cls(segments, base.policy, capacity=capacity)
+        return cls(segments, capacity=capacity)
 
     def run(self, j: int, seg: SegmentSpec, backend, x: np.ndarray, end: int) -> dict[str, np.ndarray]:
         """Run segment j on `x` (its positions [length[j], end)), writing their K/V in place."""
@@ -71,6 +72,19 @@ class KVBufferCache(KVCache):
 
     def store(self, j: int, keys, values) -> None:
         raise RuntimeError("KVBufferCache is written in place by the graphs; use run(), not store()")
+
+    def append(self, j: int, keys, values) -> None:
+        """K/V for positions [length, length + n) of segment j (fill policy), written in place."""
+        st = self.segments[j]
+        if st.pending is not None:
+            raise RuntimeError(f"segment {j} has pending states; appending after them would misplace positions")
+        n = keys[0].shape[2] if keys else 0
+        if st.length + n > self.capacity:
+            raise ContextTooLong(f"the context reached {st.length + n} positions but the KV buffers hold "
+                                 f"{self.capacity}")
+        for buf, new in zip(st.keys + st.values, list(keys) + list(values)):
+            buf[:, :, st.length:st.length + n] = new
+        st.length += n
 
     def truncate(self, position: int) -> None:
         """Forget every position >= `position` (e.g. rejected draft tokens): the buffers keep

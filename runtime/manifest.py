@@ -8,10 +8,15 @@ reject others with a message that names both.
 Tensor names are not hard-coded in the runtime: each segment lists its inputs and outputs
 by *role* (``input_ids``, ``hidden``, ``attention_mask``, ``position_ids``, ``past_key``,
 ``past_value``, ``hidden_out``, ``present_key``, ``present_value``, ``token``,
-``confidence``, ``topk_values``, ``topk_indices``, ``logits``), and per-layer roles carry the
-global layer index. The head's top-k size is the second dimension of ``topk_values``. Exports with
-the KV buffer layout (schema 2, `kv_cache.layout == "buffer"`) add ``seqlens_k`` and
-``total_sequence_length``, and their past/present pairs name one preallocated buffer.
+``confidence``, ``topk_values``, ``topk_indices``, ``logits``; the last segment also
+``tokens_all``: the full model's token at every position it ran, for exact mode), and per-layer
+roles carry the global layer index. The head's top-k size is the second dimension of
+``topk_values``. Exports with the KV buffer layout (schema 2, `kv_cache.layout == "buffer"`) add
+``seqlens_k`` and ``total_sequence_length``, and their past/present pairs name one preallocated
+buffer. A segment after an exit may carry a K/V fill graph (``kv_fill``: roles ``hidden``,
+``position_ids`` in; ``fill_key``/``fill_value`` per layer out) for the `fill` KV policy: it
+covers every layer from that segment's first to the model's last, the layers a token leaving
+just before that segment skips.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class SegmentSpec:
     exit: ExitSpec | None  # None for the last segment (the model's own head)
     engine: dict | None = None  # TensorRT engine: file, sha256, size, tensorrt_version, compute_capability
     data_files: tuple[DataFile, ...] = ()  # the graph's external weights (size/sha256 of each)
+    kv_fill: GraphSpec | None = None  # keys/values of layers [first, num_layers) from an exited hidden state
 
     def input(self, role: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.role == role), None)
@@ -210,14 +216,17 @@ class Manifest:
             return tuple(DataFile(**f) for f in g.get("data_files", ()))
 
         try:
+            def graph(h: dict) -> GraphSpec:
+                return GraphSpec(**{**h, "inputs": tensors(h["inputs"]), "outputs": tensors(h["outputs"]),
+                                    "data_files": data_files(h)})
+
             segs = tuple(
                 SegmentSpec(**{**s, "layers": tuple(s["layers"]), "inputs": tensors(s["inputs"]),
                                "outputs": tensors(s["outputs"]), "data_files": data_files(s),
-                               "exit": ExitSpec(**s["exit"]) if s.get("exit") else None})
+                               "exit": ExitSpec(**s["exit"]) if s.get("exit") else None,
+                               "kv_fill": graph(s["kv_fill"]) if s.get("kv_fill") else None})
                 for s in d["segments"])
-            heads = tuple(GraphSpec(**{**h, "inputs": tensors(h["inputs"]), "outputs": tensors(h["outputs"]),
-                                       "data_files": data_files(h)})
-                          for h in d.get("heads", ()))
+            heads = tuple(graph(h) for h in d.get("heads", ()))
             tok = d["tokenizer"]
             cal = d["calibration"]
             q = d.get("quantization")

@@ -1,4 +1,13 @@
-"""What generation returns: immutable records, not dicts."""
+"""What generation returns: immutable records, not dicts.
+
+Work is counted in *layer-positions*: one decoder layer run (attention + MLP) on one
+position. The plain model spends num_layers of them on every position it feeds, so a
+generation of N tokens after a P-token prompt costs it (P + N - 1) * num_layers (the last
+token is never fed back). The runtime counts what it actually ran, per token: the
+segment calls of its step (including catch-up of deferred positions and flushes), the
+K/V fills of skipped layers (projections only, a few % of a layer; counted apart), and
+the work it still owes at that point (positions deferred but not yet run deep).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +21,20 @@ import numpy as np
 class TokenRecord:
     token: int
     exit_index: int  # segment whose head produced the token; the last segment = full model
-    exit_layer: int  # decoder layers computed for this token
+    exit_layer: int  # decoder layers computed for this token's decision
     confidence: float
     seconds: float
     text: str = ""  # the piece of text this token added (for streaming)
     stop: str | None = None  # on the last record: why generation stopped (runtime/stopping.py)
+    layer_positions: int = 0  # decoder layer x position runs of this token's step(s)
+    fill_positions: int = 0  # skipped layer x position K/V fills (the fill policy)
+    calls: int = 0  # graph calls of this token's step(s): segments, heads, K/V fills
+    owed_layer_positions: int = 0  # deferred work still waiting after this token (defer)
+    rollbacks: int = 0  # exact mode: wrong early tokens discarded before this one was verified
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 @dataclass(frozen=True)
@@ -50,9 +68,28 @@ class GenerationResult:
     def first_token_seconds(self) -> float:
         return self.records[0].seconds if self.records else float("nan")
 
+    def latency(self) -> dict[str, float]:
+        """Per-token decode latency (seconds; the first token, which carries the prefill, is left out)."""
+        d = [r.seconds for r in self.records[1:]]
+        return {"p50": percentile(d, 50), "p95": percentile(d, 95), "max": max(d) if d else float("nan")}
+
     @property
     def mean_layers(self) -> float:
+        """Mean depth at which tokens were decided (not the work: see `work`)."""
         return float(np.mean([r.exit_layer for r in self.records])) if self.records else float("nan")
+
+    def work(self) -> dict[str, float]:
+        """Layer-positions run, against the plain model's for the same prompt and tokens."""
+        n = len(self.records)
+        plain = (self.prefill_tokens + n - 1) * self.num_layers if n else 0  # a kept cache spares both
+        run = sum(r.layer_positions for r in self.records)
+        owed = self.records[-1].owed_layer_positions if n else 0
+        return {"layer_positions": run, "plain_layer_positions": plain,
+                "per_token": run / n if n else float("nan"), "plain_per_token": plain / n if n else float("nan"),
+                "share": run / plain if plain else float("nan"), "owed": owed,
+                "fill_positions": sum(r.fill_positions for r in self.records),
+                "calls_per_token": sum(r.calls for r in self.records) / n if n else float("nan"),
+                "rollbacks": sum(r.rollbacks for r in self.records)}
 
     def exit_histogram(self) -> dict[int, int]:
         hist: dict[int, int] = {}
@@ -62,9 +99,16 @@ class GenerationResult:
 
     def summary(self) -> str:
         hist = ", ".join(f"L{k}: {v}" for k, v in self.exit_histogram().items())
+        w, lat = self.work(), self.latency()
+        owed = f" (+{w['owed']} owed by deferred positions)" if w["owed"] else ""
+        fill = f", K/V fills {w['fill_positions']}" if w["fill_positions"] else ""
+        rb = f", {w['rollbacks']} rollbacks" if w["rollbacks"] else ""
         return (f"{len(self.tokens)} tokens, {self.tokens_per_second:.1f} tokens/s, "
                 f"first token {self.first_token_seconds * 1e3:.1f} ms, "
-                f"mean layers {self.mean_layers:.1f}/{self.num_layers}; exits: {hist}")
+                f"latency p50/p95/max {lat['p50'] * 1e3:.1f}/{lat['p95'] * 1e3:.1f}/{lat['max'] * 1e3:.1f} ms; "
+                f"work {w['per_token']:.1f} layer-positions per token vs {w['plain_per_token']:.1f} for the plain "
+                f"model ({abs(1 - w['share']):.1%} {'saved' if w['share'] <= 1 else 'more'}){owed}{fill}, {w['calls_per_token']:.1f} calls per token{rb}; "
+                f"decided at mean layer {self.mean_layers:.1f}/{self.num_layers}; exits: {hist}")
 
     def to_dict(self) -> dict:
         """Plain data for `--json` and scripts (per-token records included)."""
@@ -73,9 +117,13 @@ class GenerationResult:
                 "tokens_per_second": _finite(self.tokens_per_second),
                 "first_token_seconds": _finite(self.first_token_seconds),
                 "mean_layers": _finite(self.mean_layers), "num_layers": self.num_layers,
+                "work": {k: _finite(v) for k, v in self.work().items()},
+                "latency_seconds": {k: _finite(v) for k, v in self.latency().items()},
                 "exits": {str(k): v for k, v in self.exit_histogram().items()},
                 "records": [{"token": r.token, "text": r.text, "exit_layer": r.exit_layer,
-                             "confidence": r.confidence, "seconds": r.seconds} for r in self.records]}
+                             "confidence": r.confidence, "seconds": r.seconds,
+                             "layer_positions": r.layer_positions, "fill_positions": r.fill_positions,
+                             "calls": r.calls, "rollbacks": r.rollbacks} for r in self.records]}
 
 
 def _finite(x: float) -> float | None:

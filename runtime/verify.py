@@ -25,6 +25,7 @@ def verify_files(folder: Path, manifest: Manifest, checksums: bool = True) -> No
         raise ManifestError(f"{folder}: the last segment must be the model's own head (it has an exit)")
     graphs = [(f"segment {seg.index} file {seg.file}", seg) for seg in manifest.segments]
     graphs += [(f"exit head graph {head.file}", head) for head in manifest.heads]
+    graphs += [(f"K/V fill graph {seg.kv_fill.file}", seg.kv_fill) for seg in manifest.segments if seg.kv_fill]
     for what, graph in graphs:
         # the graph and every file it reads beside it (external weights): all listed, all checked
         files = [(what, graph.file, graph.sha256, graph.size)]

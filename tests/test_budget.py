@@ -265,3 +265,14 @@ def test_budget_curve_end_to_end(tmp_path):
     assert "| budget (EERO + refinement) | budget 0.4 |" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "budget_curve.png").stat().st_size > 1000
+
+
+def test_work_is_counted_per_kv_policy():
+    """fill: a token costs the layers up to its exit; defer: every position runs every layer later."""
+    s = ExitScores(np.array([[0.9, 0.9], [0.1, 0.9], [0.1, 0.1]]), np.ones((3, 2), bool), np.arange(3), [10, 20], 30)
+    th = [0.5, 0.5]
+    fill, defer = simulate(s, th), simulate(s, th, kv_policy="defer")
+    assert fill.layers == pytest.approx((10 + 20 + 30) / 3) and fill.compute == pytest.approx(60 / 90)
+    assert defer.layers == 30 and defer.compute == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="KV policy"):
+        simulate(s, th, kv_policy="copy")

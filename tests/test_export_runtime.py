@@ -92,7 +92,7 @@ def test_defer_cache_equals_full_model_cache(exported, family):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 95, size=40).tolist()
     ref = run_tokens(Runtime.load(folder), tokens)
-    rt = Runtime.load(folder, kv_policy="defer")
+    rt = Runtime.load(folder, kv_policy="defer", max_pending=1000)  # no flush: what waits is checked below
     segs = len(rt.manifest.segments)
     pattern = rng.integers(0, segs, size=37).tolist()  # any sequence of exits
     pattern[-1] = 1  # end on an early exit, so positions are still waiting
@@ -108,7 +108,7 @@ def test_defer_cache_equals_full_model_cache(exported, family):
 
 def test_defer_catches_up_exactly(exported):
     folder, _ = exported["llama"]
-    rt = Runtime.load(folder)
+    rt = Runtime.load(folder, max_pending=1000)
     tokens = list(range(10, 40))
     full = run_tokens(rt, tokens)
     last = len(rt.manifest.segments) - 1
@@ -118,18 +118,6 @@ def test_defer_catches_up_exactly(exported):
     cache = run_tokens(rt, tokens, pattern + [last])  # one deep token runs all deferred positions
     assert all(st.pending is None for st in cache.segments)
     assert_cache_close(cache, full, full_length=len(tokens))
-
-
-def test_copy_policy_is_an_approximation(exported):
-    folder, _ = exported["gpt2"]
-    tokens = list(range(5, 35))
-    ref = run_tokens(Runtime.load(folder), tokens)
-    rt = Runtime.load(folder, kv_policy="copy")
-    last = len(rt.manifest.segments) - 1
-    cache = run_tokens(rt, tokens, [last] + [0] * (len(tokens) - 5) + [last])
-    assert all(st.length == len(tokens) for st in cache.segments)
-    assert np.abs(cache.segments[1].keys[0] - ref.segments[1].keys[0]).max() < 1e-4  # the true input
-    assert np.abs(cache.segments[-1].keys[-1] - ref.segments[-1].keys[-1]).max() > 1e-3  # deeper: copies
 
 
 def test_threshold_zero_exits_first_and_never_is_full(exported):
@@ -276,7 +264,7 @@ def test_stream_and_cli_print_complete_characters(exported, monkeypatch, capsys)
     rt = Runtime.load(exported["llama"][0])
     rt.tokenizer = stories
 
-    def scripted(x, cache, thresholds, want_logits=False):
+    def scripted(x, cache, thresholds, want_logits=False, stats=None):
         scripted.n += 1
         return ids[scripted.n - 1], 0, 1.0, None
 

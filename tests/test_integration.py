@@ -59,3 +59,18 @@ def test_real_model_exits_save_layers(stories):
     rt = Runtime.load(stories[1])
     res = rt.generate("Once upon a time", 48, thresholds=0.9, stop_at_eos=False)
     assert res.mean_layers < rt.manifest.model.num_layers
+
+
+@pytest.mark.parametrize("max_pending", [2, 64])
+def test_real_model_exact_mode_equals_full_greedy(stories, max_pending):
+    """Exact mode reproduces the full model's greedy tokens for any thresholds, including
+    thresholds that send every token out at the first exit (a rollback on most tokens)."""
+    rt = Runtime.load(stories[1], max_pending=max_pending)
+    inf = float("inf")
+    for prompt in ("Once upon a time, there was a little dog", "Lily and Ben went to the park. They"):
+        full = rt.generate(prompt, 40, thresholds="never", stop_at_eos=False)
+        for th in (0.9, 0.8, [0.0] * 4, [0.3] * 4, [inf, 0.0, inf, 0.5]):
+            res = rt.generate(prompt, 40, thresholds=th, stop_at_eos=False, exact=True)
+            assert res.tokens == full.tokens, (prompt, th)
+            if th == [0.0] * 4:
+                assert res.work()["rollbacks"] >= 10

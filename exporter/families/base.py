@@ -148,6 +148,19 @@ class Family:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden))
 
+    # -- K/V fill (the fill KV policy) ---------------------------------------------------
+    def kv_projection(self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values layer `index` would cache for input `hidden` (B, S, D) at
+        `position_ids`: its input norm, K/V projections (and key norm) and rotary embedding, no
+        attention and no MLP. Each (B, kv_heads, S, head_dim). The fill policy's whole cost.
+        Families that support the fill policy override this."""
+        raise UnsupportedArchitecture(f"the fill KV policy (K/V projections alone) is not implemented for the "
+                                      f"{self.name} family")
+
+    def has_kv_projection(self) -> bool:
+        return type(self).kv_projection is not Family.kv_projection
+
     # -- KV buffer (GroupQueryAttention) ---------------------------------------------------
     def check_kv_buffer(self) -> None:
         """Raise if this family's attention cannot run through GroupQueryAttention."""

@@ -29,6 +29,13 @@ class GPT2Family(Family):
     def position_embeddings(self, hidden, position_ids):
         return dict.fromkeys(self.layer_types())
 
+    def kv_projection(self, index, hidden, position_ids):
+        attn = self.layers[index].attn
+        h = self.layers[index].ln_1(hidden)
+        _, k, v = attn.c_attn(h).split(attn.split_size, dim=2)
+        shape = (*h.shape[:-1], -1, attn.head_dim)
+        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
     def run_layer(self, index, hidden, masks, position_ids, pos_embs, cache):
         out = self.layers[index](hidden, cache=cache, attention_mask=masks[self.layer_type(index)],
                                  use_cache=cache is not None)

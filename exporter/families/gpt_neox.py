@@ -21,6 +21,18 @@ class GPTNeoXFamily(Family):
     def embed(self, input_ids, position_ids):
         return self.base().embed_in(input_ids)
 
+    def kv_projection(self, index, hidden, position_ids):
+        from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb  # partial rotary
+
+        layer = self.layers[index]
+        attn = layer.attention
+        h = layer.input_layernorm(hidden)
+        qkv = attn.query_key_value(h).view(*h.shape[:-1], -1, 3 * attn.head_size).transpose(1, 2)
+        _, k, v = qkv.chunk(3, dim=-1)
+        cos, sin = self.position_embeddings(h, position_ids)[self.layer_type(index)]
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        return k, v
+
     def run_layer(self, index, hidden, masks, position_ids, pos_embs, cache):
         t = self.layer_type(index)
         out = self.layers[index](hidden, attention_mask=masks[t], position_ids=position_ids,

@@ -19,6 +19,22 @@ class LlamaFamily(Family):
     def base(self) -> nn.Module:
         return self.model.model
 
+    def kv_projection(self, index, hidden, position_ids):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2/3, Mistral: the same
+
+        layer = self.layers[index]
+        attn = layer.self_attn
+        h = layer.input_layernorm(hidden)
+        shape = (*h.shape[:-1], -1, attn.head_dim)
+        k = attn.k_proj(h).view(shape)
+        if getattr(attn, "k_norm", None) is not None:  # Qwen3: per-head RMSNorm on the keys before rotary
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        cos, sin = self.position_embeddings(h, position_ids)[self.layer_type(index)]
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        return k, v
+
     def check_kv_buffer(self) -> None:
         windowed = [i for i, layer in enumerate(self.layers)
                     if getattr(layer.self_attn, "sliding_window", None) is not None]
