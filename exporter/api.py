@@ -97,7 +97,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
             keep_gates(gates, keep)
         exits = [exits[i] for i in keep]
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
-    thresholds = calibrate_thresholds(calib, target)
+    thresholds = calibrate_thresholds(calib, target, margin=recipe.margin)
     config = CheckpointConfig(
         source=recipe.source, exits=exits, num_layers=n_layers, head=cfg.head, rank=cfg.rank,
         confidence=recipe.confidence, head_confidence=head_conf,
@@ -105,7 +105,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
         gate_features=list(gates.features) if gates is not None else ["hidden"],
         gate_shortlist=gates.n_short if gates is not None else 0,
         thresholds=to_json_thresholds(thresholds),
-        policy={"kind": "target", "target": target, "delta": None},
+        policy={"kind": "target", "target": target, "delta": None, "margin": recipe.margin},
         calibration=_reports(calib, held, thresholds, target, None),
         train={"config": dataclasses.asdict(cfg), "report": dataclasses.asdict(rep),
                "data": [str(Path(p).resolve()) for p in (data or [default_data_dir()])],  # to redraw the splits
@@ -158,11 +158,12 @@ def _reports(calib, heldout, thresholds, target, delta) -> dict:
 
 
 def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: float | None = None,
-              budget: float | None = None, confidence: str | None = None) -> dict[str, CalibrationReport]:
+              budget: float | None = None, confidence: str | None = None,
+              margin: float | None = None) -> dict[str, CalibrationReport]:
     """Choose new thresholds from the stored scores: an agreement target (optionally with a
     statistical guarantee) or an EERO compute budget. `confidence` switches the score the
     thresholds apply to ("gate" for the trained gates, or the head's "top1"/"margin" kind
-    it was trained with)."""
+    it was trained with). `margin`: calibrate at target + margin (default: the checkpoint's)."""
     if (target is None) == (budget is None):
         raise ValueError("give exactly one of target (agreement, e.g. 0.95) or budget (compute share, e.g. 0.5)")
     checkpoint = Path(checkpoint)
@@ -185,8 +186,10 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
         thresholds = [float(t) for t in result.thresholds]
         config.policy = {"kind": "budget", "budget": budget, "mu": float(result.mu)}
     else:
-        thresholds = calibrate_thresholds(calib, target, delta=delta)
-        config.policy = {"kind": "target", "target": target, "delta": delta}
+        if margin is None:
+            margin = (config.policy or {}).get("margin", 0.0)
+        thresholds = calibrate_thresholds(calib, target, delta=delta, margin=margin)
+        config.policy = {"kind": "target", "target": target, "delta": delta, "margin": margin}
     config.thresholds = to_json_thresholds(thresholds)
     config.calibration = _reports(calib, heldout, thresholds, target, delta)
     _rewrite_config(checkpoint, config)

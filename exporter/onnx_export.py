@@ -127,7 +127,9 @@ def _threshold_table(checkpoint: Path, config) -> tuple[float | None, dict[str, 
         calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot build the per-target threshold table the export ships: {e}") from None
-    return delta, {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in TARGETS}
+    margin = policy.get("margin", 0.0) if policy.get("kind") == "target" else 0.0
+    return delta, {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
+                   for t in TARGETS}
 
 
 def _backbone_in(backbone, dtype: torch.dtype):

@@ -58,7 +58,8 @@ def _policy_thresholds(calib: ExitScores, policy: dict) -> list[float]:
         from .budget import budget_thresholds
 
         return [float(t) for t in budget_thresholds(calib, policy["budget"]).thresholds]
-    return calibrate_thresholds(calib, policy.get("target", 0.95), delta=policy.get("delta"))
+    return calibrate_thresholds(calib, policy.get("target", 0.95), delta=policy.get("delta"),
+                                margin=policy.get("margin", 0.0))
 
 
 @torch.no_grad()
@@ -113,7 +114,9 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
     thresholds = _policy_thresholds(calib, config.policy)
     target = config.policy.get("target")
     delta = config.policy.get("delta") if config.policy.get("kind") == "target" else None
-    by_target = {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in targets}
+    margin = config.policy.get("margin", 0.0) if config.policy.get("kind") == "target" else 0.0
+    by_target = {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
+                 for t in targets}
     reports = {"calibration": report(calib, thresholds, "calibration", target, delta).to_dict(),
                "heldout": report(held, thresholds, "heldout", target, delta).to_dict()}
     windows = splits["heldout"].ids

@@ -64,6 +64,7 @@ class Recipe:
     exit_min_share: float = 0.0  # drop exits that send out < this share of calibration tokens (exporter/placement.py)
     confidence: str = "top1"
     target: float = 0.95
+    margin: float = 0.0  # calibrate at target + margin (exporter/calibrate.py says why)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):

@@ -9,7 +9,7 @@ from conftest import make_checkpoint
 
 from exporter import api
 from exporter.calibrate import calibrate_thresholds
-from exporter.checkpoint import read_scores, scores_file, to_json_thresholds
+from exporter.checkpoint import read_config, read_scores, scores_file, to_json_thresholds
 from exporter.onnx_export import TARGETS
 from exporter.scores import ExitScores
 from runtime import Runtime
@@ -67,3 +67,21 @@ def test_missing_calibration_scores_are_refused(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="per-target threshold table.*calibration_scores.npz is missing"):
         api.export(ckpt, out=tmp_path / "onnx", backbone=bb)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_margin_is_kept_by_the_checkpoint_and_the_table(checkpoint, tmp_path):
+    """A calibration margin fits every threshold at target + margin: in lama.json, the default
+    thresholds, the per-target table, and a later recalibration that does not name it."""
+    ckpt, bb = checkpoint
+    calib = read_scores(ckpt)
+    api.calibrate(ckpt, target=0.9, margin=0.03)
+    strict = to_json_thresholds(calibrate_thresholds(calib, 0.93))
+    assert strict != to_json_thresholds(calibrate_thresholds(calib, 0.9))  # else this test could not fail
+    m = Runtime.load(api.export(ckpt, out=tmp_path / "onnx", backbone=bb)).manifest
+    assert list(m.calibration.thresholds) == strict
+    assert m.thresholds_for(0.95) == to_json_thresholds(calibrate_thresholds(calib, 0.98))
+    api.calibrate(ckpt, target=0.9)  # keeps the checkpoint's margin
+    assert to_json_thresholds(calibrate_thresholds(calib, 0.9, margin=0.03)) == strict
+    assert read_config(ckpt).thresholds == strict and read_config(ckpt).policy["margin"] == 0.03
+    with pytest.raises(ValueError, match="margin"):
+        api.calibrate(ckpt, target=0.9, margin=1.5)
