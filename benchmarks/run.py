@@ -216,6 +216,20 @@ class TeacherForced:
                 "mean_layers": float(layers[exit_idx].mean()), "tokens": int(n)}
 
 
+def gate_scores(gates, heads, bb, ids, captured: dict, exits: list[int], k: int):
+    """(B, S) gate scores of exit k at every position, with the inputs the segment graph gives
+    the gate: the exit's state, the previous exit's state (or the embeddings) for 'move', the
+    position, and the head's vocabulary input for 'shortlist'."""
+    import torch
+
+    b, s = ids.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    hidden = captured[exits[k]].reshape(b * s, -1)
+    prev = (captured[exits[k - 1]] if k else bb.family.embed(ids, pos)).reshape(b * s, -1)
+    z = heads.vocab_input(k, hidden) if "shortlist" in gates.features else None
+    return gates.score(k, hidden, prev, pos.reshape(-1), z).reshape(b, s)
+
+
 def teacher_forced(bb, heads, windows: np.ndarray, confidence_kind: str, gates=None, batch: int = 4
                    ) -> TeacherForced:
     import torch
@@ -234,7 +248,7 @@ def teacher_forced(bb, heads, windows: np.ndarray, confidence_kind: str, gates=N
                 logits = full if layer is None else heads.logits(k, captured[layer])  # (B, S, V)
                 tok, c = confidence(logits, "top1" if confidence_kind == "gate" else confidence_kind)
                 if layer is not None and gates is not None:
-                    c = gates.score(k, captured[layer])
+                    c = gate_scores(gates, heads, bb, ids, captured, exits, k)
                 logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
                 nlls.append(-logp.gather(-1, target).squeeze(-1))
                 tops.append(tok)
@@ -422,7 +436,7 @@ def benchmark(args) -> dict:
 
     from exporter.backbone import load_backbone
     from exporter.checkpoint import load_heads, read_config
-    from exporter.data import default_data_dir, make_splits, read_texts
+    from exporter.data import default_data_dir, make_splits, read_docs
     from exporter.scores import oracle, simulate
 
     t_start = time.perf_counter()
@@ -445,7 +459,7 @@ def benchmark(args) -> dict:
         from exporter.checkpoint import load_gates
 
         gates = load_gates(ckpt, bb, config)
-    texts = read_texts(args.data or [default_data_dir()])
+    texts = read_docs(args.data or [default_data_dir()])  # with domains: the same windows as `lama train`
     counts = {split: cfg[f"{split}_tokens"] for split in ("train", "calib", "heldout")}
     splits = make_splits(texts, bb.tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
     windows = splits["heldout"].ids
