@@ -33,8 +33,21 @@ SECTIONS = [
      "![budget curve](benchmarks/results/stories260k/budget-gate/budget_curve.png)"),
     ("Exit gates vs. a full head at every exit (SmolLM2-135M)",
      "smollm2-135m/exit_cost.md", "![agreement vs compute](benchmarks/results/smollm2-135m/exit_cost.png)"),
-    ("Side by side on SmolLM2-135M (gate mode)",
+    ("Side by side on SmolLM2-135M (gate mode): fp32, int8, int4, KV policies, llama.cpp, optimum",
      "smollm2-135m/results.md", None),
+    ("Work per KV policy on SmolLM2-135M", "smollm2-135m/kv_policies.md", None),
+    ("Where the int4 chain's time goes (SmolLM2-135M)", "smollm2-135m/profile-int4/profile.md",
+     "`python benchmarks/profile_chain.py runs/bench/smollm2/onnx-int4 --threads 2 --out "
+     "benchmarks/results/smollm2-135m/profile-int4` (profiled, so slower than the benchmark's row; the "
+     "'KV cache methods' line wraps the bound-buffer run itself with the `buffer` KV layout, so it and "
+     "'Python glue' are not separable there)."),
+    ("Does the promise hold on text calibration never saw? (SmolLM2-135M, per domain)",
+     "smollm2-135m/domains-margin0.03/domains.md",
+     "`python benchmarks/domains.py runs/smollm2-135m/ckpt --target 0.95 --margin 0.03 --out "
+     "benchmarks/results/smollm2-135m/domains-margin0.03`; without the margin (`domains/`) the exiting "
+     "tokens agreed 0.939 [0.927, 0.950] on held-out text and 33 of 49 cells fell short."),
+    ("Learning curve (SmolLM2-135M)", "smollm2-135m/learning_curve/learning_curve.md", None),
+    ("Gate features (SmolLM2-135M)", "smollm2-135m/gate_features/gate_features.md", None),
 ]
 
 
