@@ -60,6 +60,8 @@ if _SHARED_CACHE.is_dir():  # no hub is reachable here: models come from the sha
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from runtime.manifest import to_json_thresholds  # noqa: E402 (stdlib only; after the path set-up)
+
 
 # -- quality metrics on token ids ------------------------------------------------------------------
 def rouge_l(reference: list[int], candidate: list[int]) -> float:
@@ -171,7 +173,7 @@ def exit_policies(export_dir: Path, targets: list[float], budgets: list[float], 
                 except ValueError as e:
                     skipped.append((name.format(b), str(e)))
                     continue
-                policies.append(Policy(name.format(b), "budget", b, th, [None if math.isinf(x) else x for x in th]))
+                policies.append(Policy(name.format(b), "budget", b, th, to_json_thresholds(th)))
     return policies, skipped
 
 
@@ -483,7 +485,7 @@ def benchmark(args) -> dict:
     for p in policies:
         sim_kv = "fill" if p.kv == "fill" else "defer"
         rows.append({"row": p.key, "kind": p.kind, "value": p.value, "kv_policy": p.kv,
-                     "thresholds": [None if math.isinf(x) else x for x in p.thresholds],
+                     "thresholds": to_json_thresholds(p.thresholds),
                      "teacher_forced": tf.evaluate(simulate(tf_scores, p.thresholds).exit_index),
                      "heldout_simulated": _outcome(simulate(heldout_scores, p.thresholds, kv_policy=sim_kv))})
         specs[p.key] = (py, {**base, "backend": "lama", "export_dir": str(export_dir), "thresholds": p.runtime,

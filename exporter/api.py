@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from .calibrate import CalibrationReport, calibrate_thresholds, check_target, report
-from .checkpoint import (CheckpointConfig, read_config, read_scores, save_checkpoint, score_kind, scores_file,
-                         to_json_thresholds)
+from runtime.manifest import from_json_thresholds, to_json_thresholds
+
+from .checkpoint import CheckpointConfig, read_config, read_scores, save_checkpoint, score_kind, scores_file
 from .scores import ExitScores
 from .recipes import Recipe, TrainConfig, load_recipe, recipe_for_model
 
@@ -197,7 +198,7 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
 def _exit_report(e: dict):
     from .calibrate import ExitReport
 
-    return ExitReport(**{**e, "threshold": float("inf") if e["threshold"] is None else e["threshold"]})
+    return ExitReport(**{**e, "threshold": from_json_thresholds([e["threshold"]])[0]})
 
 
 def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:

@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runtime.manifest import from_json_thresholds
+
 from .recipes import ModelSource
 from .scores import ExitScores
 
@@ -74,11 +76,7 @@ class CheckpointConfig:
         return cls(**d)
 
     def threshold_values(self) -> list[float]:
-        return [float("inf") if t is None else float(t) for t in self.thresholds]
-
-
-def to_json_thresholds(thresholds: list[float]) -> list[float | None]:
-    return [None if t == float("inf") else float(t) for t in thresholds]
+        return from_json_thresholds(self.thresholds)
 
 
 def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, scores: dict[str, ExitScores] | None = None,

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, GraphSpec, KVCacheInfo, Manifest,
-                              ModelInfo, SegmentSpec, TokenizerInfo, _target_key)
+                              ModelInfo, SegmentSpec, TokenizerInfo, target_key, to_json_thresholds)
 from runtime.verify import sha256
 
 from .checkpoint import read_config, read_scores
@@ -119,7 +119,7 @@ def _threshold_table(checkpoint: Path, config) -> tuple[float | None, dict[str, 
     error, never an empty table a device would only discover when it asks for a target.
     """
     from .calibrate import calibrate_thresholds
-    from .checkpoint import score_kind, to_json_thresholds
+    from .checkpoint import score_kind
 
     policy = config.policy or {}
     delta = policy.get("delta") if policy.get("kind") == "target" else None
@@ -127,7 +127,7 @@ def _threshold_table(checkpoint: Path, config) -> tuple[float | None, dict[str, 
         calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot build the per-target threshold table the export ships: {e}") from None
-    return delta, {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in TARGETS}
+    return delta, {target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in TARGETS}
 
 
 def _backbone_in(backbone, dtype: torch.dtype):

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.manifest import _target_key
+from runtime.manifest import target_key, to_json_thresholds
 
 from .calibrate import calibrate_thresholds, report
-from .checkpoint import CheckpointConfig, load_gates, load_heads, score_kind, scores_file, to_json_thresholds
+from .checkpoint import CheckpointConfig, load_gates, load_heads, score_kind, scores_file
 from .quantize import Scheme, fake_quantize
 from .scores import ExitScores
 
@@ -113,7 +113,7 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
     thresholds = _policy_thresholds(calib, config.policy)
     target = config.policy.get("target")
     delta = config.policy.get("delta") if config.policy.get("kind") == "target" else None
-    by_target = {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in targets}
+    by_target = {target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta)) for t in targets}
     reports = {"calibration": report(calib, thresholds, "calibration", target, delta).to_dict(),
                "heldout": report(held, thresholds, "heldout", target, delta).to_dict()}
     windows = splits["heldout"].ids
@@ -132,7 +132,7 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
         **tf,
         "greedy_agreement_vs_fp32": greedy, "greedy_prompts": len(prompts), "greedy_new_tokens": new,
         "fp32_thresholds": list(config.thresholds),
-        "thresholds": [None if t == float("inf") else t for t in thresholds],
+        "thresholds": to_json_thresholds(thresholds),
         "exit_agreement_heldout_mean": [float(x) for x in held.agree.mean(axis=0).round(4)],
     }
     del qbb, heads, gates
@@ -147,5 +147,5 @@ def uncalibrated_record(config: CheckpointConfig) -> dict:
 
 def replace_thresholds(config: CheckpointConfig, qc: QuantCalibration) -> CheckpointConfig:
     """A copy of `config` whose thresholds and reports are the quantized ones."""
-    return dataclasses.replace(config, thresholds=[None if t == float("inf") else float(t) for t in qc.thresholds],
+    return dataclasses.replace(config, thresholds=to_json_thresholds(qc.thresholds),
                                calibration=qc.reports)

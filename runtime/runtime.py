@@ -35,7 +35,7 @@ from .backends import Backend, open_backend
 from .detokenize import IncrementalDecoder
 from .kv_cache import POLICIES, KVCache
 from .kv_buffer import KVBufferCache
-from .manifest import Manifest, ManifestError, SegmentSpec
+from .manifest import GraphSpec, Manifest, ManifestError, SegmentSpec, from_json_thresholds
 from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .prefix_cache import KeptSequence
 from .results import GenerationResult, Stream, TokenRecord
@@ -155,7 +155,7 @@ class Runtime:
             values = list(thresholds)
         if len(values) != n:
             raise ValueError(f"{len(values)} thresholds given for {n} exits")
-        return [float("inf") if t is None else float(t) for t in values]
+        return from_json_thresholds(values)
 
     # -- one step ------------------------------------------------------------------------
     @property
@@ -186,8 +186,9 @@ class Runtime:
         n = x.shape[1]
         stats.layer_positions += n * self.num_layers[j]
         stats.calls += 1
-        if "tokens_all" in out:  # last segment: the full model's next token at every position it ran
-            stats.full_tokens.update((end - n + i, int(t)) for i, t in enumerate(np.asarray(out["tokens_all"])[0]))
+        tokens_all = seg.names.get("tokens_all")
+        if tokens_all in out:  # last segment: the full model's next token at every position it ran
+            stats.full_tokens.update((end - n + i, int(t)) for i, t in enumerate(np.asarray(out[tokens_all])[0]))
         return out
 
     def _fill(self, j: int, hidden: np.ndarray, start: int, cache: KVCache, stats: StepStats) -> None:
@@ -195,7 +196,7 @@ class Runtime:
         Every deeper layer gets the keys/values of that state (projections only), in one call."""
         spec = self.manifest.segments[j + 1].kv_fill
         pos = np.arange(start, start + hidden.shape[1], dtype=np.int64)[None, :]
-        out = self.fill_backends[j + 1].run({"hidden": hidden, "position_ids": pos})
+        out = self.fill_backends[j + 1].run(spec.feeds({"hidden": hidden, "position_ids": pos}))
         by_layer = {(t.role, t.layer): out[t.name] for t in spec.outputs}
         for k in range(j + 1, len(self.manifest.segments)):
             layers = range(*self.manifest.segments[k].layers)
@@ -205,9 +206,8 @@ class Runtime:
 
     def _feeds(self, seg: SegmentSpec, x: np.ndarray, cache: KVCache, j: int, end: int) -> dict:
         st = cache.segments[j]
-        feeds = {seg.inputs[0].name: x,
-                 "attention_mask": np.ones((1, end), dtype=np.int64),
-                 "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :]}
+        feeds = seg.feeds({seg.entry_role: x, "attention_mask": np.ones((1, end), dtype=np.int64),
+                           "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :]})
         for spec, arr in zip(seg.per_layer(seg.inputs, "past_key"), st.keys):
             feeds[spec.name] = arr
         for spec, arr in zip(seg.per_layer(seg.inputs, "past_value"), st.values):
@@ -249,21 +249,23 @@ class Runtime:
                 x = cache.segment_input(j, hidden, start).astype(self.dtype, copy=False)
                 start = begin
             out = self._run_segment(j, x, cache, end, stats)
-            conf = float(out["confidence"][0])
+            conf = float(out[seg.name("confidence")][0])
             if seg.exit is None:
                 cache.position = end
-                return int(out["token"][0]), j, conf, self._logits(out, want_logits)
-            hidden = out["hidden_out"]
+                return int(out[seg.name("token")][0]), j, conf, self._logits(seg, out, want_logits)
+            hidden = out[seg.name("hidden_out")]
             if conf >= thresholds[j]:
                 if self.kv_policy == "defer":
                     cache.defer(j + 1, hidden, start)
                 else:
                     self._fill(j, hidden, start, cache, stats)
                 cache.position = end
+                graph = seg
                 if seg.exit.head is not None:  # gate said exit: now, and only now, run the head
-                    out = self.head_backends[seg.exit.head].run({"exit_hidden": out["exit_hidden"]})
+                    graph = self.manifest.heads[seg.exit.head]
+                    out = self.head_backends[seg.exit.head].run(graph.feeds({"exit_hidden": out[seg.name("exit_hidden")]}))
                     stats.calls += 1
-                return int(out["token"][0]), j, conf, self._logits(out, want_logits)
+                return int(out[graph.name("token")][0]), j, conf, self._logits(graph, out, want_logits)
         raise RuntimeError("the last segment has an exit; the manifest is inconsistent")
 
     def flush(self, cache: KVCache, stats: StepStats | None = None) -> StepStats:
@@ -286,22 +288,25 @@ class Runtime:
         for j in range(first, len(self.manifest.segments)):
             begin = cache.segments[j].length
             x = cache.segment_input(j, hidden, start).astype(self.dtype, copy=False)
-            hidden, start = self._run_segment(j, x, cache, end, stats).get("hidden_out"), begin
+            out = self._run_segment(j, x, cache, end, stats)
+            hidden, start = out.get(self.manifest.segments[j].names.get("hidden_out")), begin
 
     def owed(self, cache: KVCache) -> int:
         """Layer-positions the deferred states still need (each waits in one segment)."""
         total = self.manifest.model.num_layers
         return sum(n * (total - sg.layers[0]) for n, sg in zip(cache.pending_counts(), self.manifest.segments))
 
-    def _logits(self, out: dict, want: bool) -> np.ndarray | None:
+    def _logits(self, graph: SegmentSpec | GraphSpec, out: dict, want: bool) -> np.ndarray | None:
         """The head's logits (B, vocab): the full row if the graph has it, else (when asked)
         its top-k spread over the vocabulary with -inf elsewhere."""
-        if "logits" in out or not want:
-            return out.get("logits")
-        if "topk_values" not in out:
+        names = graph.names
+        if "logits" in names or not want:
+            return out.get(names["logits"]) if "logits" in names else None
+        if "topk_values" not in names:
             raise ManifestError("sampling needs logits, and this export has neither top-k nor full logits "
                                 "(it predates them): re-export, or use greedy decoding (temperature 0)")
-        values, indices = np.asarray(out["topk_values"]), np.asarray(out["topk_indices"])  # from the GPU if there
+        values = np.asarray(out[names["topk_values"]])  # from the GPU if there
+        indices = np.asarray(out[names["topk_indices"]])
         return dense_logits(values, indices, self.manifest.model.vocab_size)
 
     # -- generation ----------------------------------------------------------------------

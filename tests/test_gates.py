@@ -9,7 +9,8 @@ from conftest import SAMPLE_TEXT, tiny_backbone
 
 from exporter import api
 from exporter.calibrate import calibrate_thresholds
-from exporter.checkpoint import load_gates, load_heads, read_config, read_scores, to_json_thresholds
+from exporter.checkpoint import load_gates, load_heads, read_config, read_scores
+from runtime.manifest import to_json_thresholds
 from exporter.data import make_splits
 from exporter.gates import ExitGates, train_gates
 from exporter.heads import ExitHeads
