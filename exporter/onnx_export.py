@@ -209,7 +209,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level);
     max_pending: the runtime's bound on deferred positions; decode calls then take at most
     max_pending + 1 positions (dim `decode_sequence`, for engine profiles)."""
-    from runtime.runtime import DECODE_DIM, DEFAULT_MAX_PENDING
+    from runtime.chain import DECODE_DIM, DEFAULT_MAX_PENDING
 
     from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone

@@ -381,7 +381,7 @@ def test_gate_mode_head_graphs_get_engines(gated_export, fake_gpu, tmp_path):
     ref, rt = Runtime.load(folder), Runtime.load(folder, providers="tensorrt")
     for thresholds in ("never", [0.0, 0.0, 0.0], None):
         a, b = ref.generate(PROMPT, 12, thresholds=thresholds), rt.generate(PROMPT, 12, thresholds=thresholds)
-        assert b.tokens == a.tokens and [r.exit_index for r in b.records] == [r.exit_index for r in a.records]
+        assert b.tokens == a.tokens and [r.segment for r in b.records] == [r.segment for r in a.records]
     with pytest.raises(ManifestError, match="graph head.onnx has no TensorRT engine"):
         tb.TensorRTBackend(gated_export, Manifest.load(gated_export).heads[0])
 
@@ -492,7 +492,7 @@ def test_tensorrt_chain_matches_pytorch(engines, onnx_export, fake_gpu):
         tokens, exits, confs = torch_early_exit(bb, heads, prompt, 16, th)
         b = rt.generate(prompt, 16, thresholds=thresholds, stop_at_eos=False)
         assert list(b.tokens) == tokens
-        assert [r.exit_index for r in b.records] == exits
+        assert [r.segment for r in b.records] == exits
         assert np.allclose([r.confidence for r in b.records], confs, atol=1e-4)
         if thresholds is MIXED:
             assert len(set(exits)) == 4  # really mixes the exits
@@ -674,7 +674,7 @@ def test_gpu_tensorrt_tokens_match_onnxruntime_cpu(real_engines):
         a = ref.generate(PROMPT, 24, thresholds=thresholds)
         b = rt.generate(PROMPT, 24, thresholds=thresholds)
         assert b.tokens == a.tokens
-        assert [r.exit_index for r in b.records] == [r.exit_index for r in a.records]
+        assert [r.segment for r in b.records] == [r.segment for r in a.records]
 
 
 @pytest.mark.gpu
