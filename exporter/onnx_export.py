@@ -10,6 +10,7 @@ serves both prefill (past 0) and decode.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 import warnings
@@ -307,8 +308,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 for name, sc in quant_cal.scores.items():
                     sc.save(tmp / "scores" / name)
         manifest = Manifest(
-            model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
-                            shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),
+            model=ModelInfo(**dataclasses.asdict(shape), base_model=config.source.model_id, family=bb.family.name),
             tokenizer=tok, segments=tuple(specs),
             calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
                                         config.calibration.get("heldout", {}), by_target_delta=table_delta),

@@ -144,15 +144,24 @@ class SegmentSpec(_Tensors):
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    base_model: str
-    family: str
+class ModelShape:
+    """The sizes that shape every graph and KV cache: what the exporter's family adapters read
+    from a model and the runtime reads from the manifest (as part of ModelInfo)."""
+
     num_layers: int
     hidden_size: int
     num_kv_heads: int
     head_dim: int
     vocab_size: int
     max_context: int
+
+
+@dataclass(frozen=True)
+class ModelInfo(ModelShape):
+    """The exported model: its shape, where it came from and its family."""
+
+    base_model: str
+    family: str
 
 
 @dataclass(frozen=True)
