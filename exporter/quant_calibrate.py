@@ -23,7 +23,7 @@ import torch
 from runtime.manifest import target_key, to_json_thresholds
 
 from .calibrate import calibrate_thresholds, report
-from .checkpoint import CheckpointConfig, load_gates, load_heads, score_kind, scores_file
+from .checkpoint import Checkpoint, CheckpointConfig, score_kind, scores_file
 from .quantize import Scheme, fake_quantize
 from .scores import ExitScores
 
@@ -42,14 +42,14 @@ class QuantCalibration:
     scores: dict[str, ExitScores]  # file name (checkpoint.scores_file) -> quantized scores
 
 
-def quantized_backbone(bb, checkpoint: Path, config: CheckpointConfig, scheme: Scheme):
+def quantized_backbone(bb, checkpoint: Checkpoint, scheme: Scheme):
     """(backbone, heads, gates) with the quantized graphs' numerics; `bb` itself is left untouched."""
     qbb = copy.deepcopy(bb)  # one deepcopy keeps the family adapter pointing at the copied layers
     qbb.model.float()
     n = fake_quantize([qbb.model], scheme)  # decoder layers and the LM head (untied from the embedding)
-    heads = load_heads(checkpoint, qbb, config)  # adapters sit in front of the quantized LM head
+    heads = checkpoint.heads(qbb)  # adapters sit in front of the quantized LM head
     n += fake_quantize([heads.heads], scheme)
-    gates = load_gates(checkpoint, qbb, config) if config.confidence == "gate" else None  # stay fp32
+    gates = checkpoint.gates(qbb) if checkpoint.config.confidence == "gate" else None  # stay fp32
     return qbb, heads, gates, n
 
 
@@ -78,9 +78,10 @@ def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
-def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: Scheme, targets: tuple[float, ...],
+def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tuple[float, ...],
                         data: list[str | Path] | None = None) -> QuantCalibration:
     """Scores, thresholds and reports of the fake-quantized model on the checkpoint's own splits."""
+    config = checkpoint.config
     from .data import default_data_dir, make_splits, read_docs
     from .train import cache_features, exit_scores, gate_scores
 
@@ -92,7 +93,7 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
     texts = read_docs(paths)  # as api.train reads them: the same domains, the same windows
     counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
     splits = make_splits(texts, bb.tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
-    qbb, heads, gates, n_weights = quantized_backbone(bb, checkpoint, config, scheme)
+    qbb, heads, gates, n_weights = quantized_backbone(bb, checkpoint, scheme)
     exits = list(config.exits)
     kind = score_kind(config.confidence)
     scores: dict[str, ExitScores] = {}
