@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 def time_chain(rt, sizes: list[int], past: int, repeats: int) -> dict[int, float]:
     """Median seconds of one pass of every segment over S new positions after `past` cached ones."""
-    from runtime.runtime import StepStats
+    from runtime.chain import StepStats
 
     rng = np.random.default_rng(0)
     never = rt.resolve_thresholds("never")

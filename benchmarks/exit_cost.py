@@ -36,7 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from run import machine_info, main_versions, pick_prompts, position_agreement  # noqa: E402
+from quality import position_agreement  # noqa: E402
+from run import pick_prompts  # noqa: E402
+from timing import machine_info, main_versions  # noqa: E402
 
 TARGETS = (0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
 

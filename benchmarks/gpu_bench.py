@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import ManifestError, Runtime  # noqa: E402
-from runtime import tensorrt_backend as tb  # noqa: E402
+from runtime import tensorrt as tb  # noqa: E402
 
 PROMPTS = ["The old house at the end of the street", "Once upon a time, a little robot",
            "The capital of France is", "def fibonacci(n):"]

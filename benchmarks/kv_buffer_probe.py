@@ -199,7 +199,8 @@ class ChainRunner:
 
 def export_chain(bb: Backbone, folder: Path, capacity: int) -> dict:
     from exporter import api
-    from exporter.checkpoint import CheckpointConfig, save_checkpoint, to_json_thresholds
+    from exporter.checkpoint import CheckpointConfig, save_checkpoint
+    from runtime.manifest import to_json_thresholds
     from exporter.heads import ExitHeads
     from exporter.recipes import ModelSource
 

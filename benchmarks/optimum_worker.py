@@ -193,7 +193,9 @@ def _load_lama(spec: dict):
                  "calls": sum(r.calls for r in records), "owed": records[-1].owed_layer_positions if records else 0,
                  "rollbacks": sum(r.rollbacks for r in records)})
 
-    info = {"thresholds": [None if t == float("inf") else t for t in resolved], "kv_policy": rt.kv_policy,
+    from runtime.manifest import to_json_thresholds
+
+    info = {"thresholds": to_json_thresholds(resolved), "kv_policy": rt.kv_policy,
             "exact": exact, "max_pending": rt.max_pending,
             "num_segments": len(rt.manifest.segments), "num_layers": rt.manifest.model.num_layers}
     return run, info

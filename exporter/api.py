@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from .calibrate import CalibrationReport, calibrate_thresholds, check_target, report
-from .checkpoint import (CheckpointConfig, read_config, read_scores, save_checkpoint, score_kind, scores_file,
-                         to_json_thresholds)
+from runtime.manifest import from_json_thresholds, to_json_thresholds
+
+from .checkpoint import Checkpoint, CheckpointConfig, save_checkpoint, score_kind, scores_file
 from .scores import ExitScores
 from .recipes import Recipe, TrainConfig, load_recipe, recipe_for_model
 
@@ -166,17 +167,16 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
     it was trained with). `margin`: calibrate at target + margin (default: the checkpoint's)."""
     if (target is None) == (budget is None):
         raise ValueError("give exactly one of target (agreement, e.g. 0.95) or budget (compute share, e.g. 0.5)")
-    checkpoint = Path(checkpoint)
-    config = read_config(checkpoint)
+    ckpt = Checkpoint.open(checkpoint)
+    config = ckpt.config
     if confidence is not None:
         if score_kind(confidence) == "head" and confidence != config.head_confidence:
             raise ValueError(f"the stored head scores use confidence {config.head_confidence!r}; "
                              f"choose it or 'gate' (or retrain with confidence {confidence!r})")
         config.confidence = confidence
-    kind = score_kind(config.confidence)
-    calib = read_scores(checkpoint, "calibration", kind)
+    calib = ckpt.scores("calibration")
     try:
-        heldout = read_scores(checkpoint, "heldout", kind)
+        heldout = ckpt.scores("heldout")
     except FileNotFoundError:
         heldout = None
     if budget is not None:
@@ -192,7 +192,7 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
         config.policy = {"kind": "target", "target": target, "delta": delta, "margin": margin}
     config.thresholds = to_json_thresholds(thresholds)
     config.calibration = _reports(calib, heldout, thresholds, target, delta)
-    _rewrite_config(checkpoint, config)
+    _rewrite_config(ckpt.path, config)
     return {k: CalibrationReport(**{**v, "exits": [_exit_report(e) for e in v["exits"]]})
             for k, v in config.calibration.items()}
 
@@ -200,7 +200,7 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
 def _exit_report(e: dict):
     from .calibrate import ExitReport
 
-    return ExitReport(**{**e, "threshold": float("inf") if e["threshold"] is None else e["threshold"]})
+    return ExitReport(**{**e, "threshold": from_json_thresholds([e["threshold"]])[0]})
 
 
 def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
@@ -213,7 +213,7 @@ def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
 
 
 
-def export(checkpoint: str | Path, *, out: str | Path, precision: str = "fp32", backend: str = "onnx",
+def export(checkpoint: str | Path | Checkpoint, *, out: str | Path, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
            quant_options: dict | None = None, max_pending: int | None = None) -> Path:

@@ -12,16 +12,20 @@ A folder:
 Keeping the scores lets `lama calibrate` pick new thresholds (another target, a guarantee,
 a budget) in a second, without loading the model again. Writes go to a temporary folder
 that replaces the old one only when complete.
+
+`Checkpoint` is a folder read once: `lama export` and `lama calibrate` open one and hand it
+on, so lama.json is parsed once and each scores file is read once, whoever asks for it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from runtime.manifest import from_json_thresholds
+
+from .folders import replacing_folder
 from .recipes import ModelSource
 from .scores import ExitScores
 
@@ -74,11 +78,7 @@ class CheckpointConfig:
         return cls(**d)
 
     def threshold_values(self) -> list[float]:
-        return [float("inf") if t is None else float(t) for t in self.thresholds]
-
-
-def to_json_thresholds(thresholds: list[float]) -> list[float | None]:
-    return [None if t == float("inf") else float(t) for t in thresholds]
+        return from_json_thresholds(self.thresholds)
 
 
 def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, scores: dict[str, ExitScores] | None = None,
@@ -86,23 +86,14 @@ def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, scores: di
     """Write heads (+ gates) and score files ({file name from scores_file(): ExitScores})."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_folder(Path(out)) as tmp:
         save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, tmp / HEADS)
         if gates is not None:
             save_file({k: v.detach().contiguous() for k, v in gates.state_dict().items()}, tmp / GATES)
         for name, s in (scores or {}).items():
             s.save(tmp / name)
         (tmp / CONFIG).write_text(config.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def read_config(path: str | Path) -> CheckpointConfig:
@@ -159,3 +150,41 @@ def load_gates(path: str | Path, backbone, config: CheckpointConfig | None = Non
     gates.load_state_dict(load_file(path / GATES))
     gates.eval()
     return gates
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder, read once: lama.json when opened; score files on first use, then
+    kept; heads and gates built on the backbone a caller gives (they live on its LM head)."""
+
+    path: Path
+    config: CheckpointConfig
+    _scores: dict = field(default_factory=dict, repr=False)  # (split, kind) -> ExitScores
+
+    @classmethod
+    def open(cls, path: "str | Path | Checkpoint") -> "Checkpoint":
+        """The checkpoint at `path` (an open Checkpoint is handed back as it is)."""
+        return path if isinstance(path, Checkpoint) else cls(Path(path), read_config(path))
+
+    @property
+    def score_kind(self) -> str:
+        """Which stored scores the thresholds apply to: "gate" or "head"."""
+        return score_kind(self.config.confidence)
+
+    def scores(self, split: str = "calibration", kind: str | None = None) -> ExitScores:
+        """The stored scores of `split` (default kind: the one the thresholds apply to)."""
+        key = (split, kind or self.score_kind)
+        if key not in self._scores:
+            self._scores[key] = read_scores(self.path, *key)
+        return self._scores[key]
+
+    def heads(self, backbone):
+        return load_heads(self.path, backbone, self.config)
+
+    def gates(self, backbone):
+        return load_gates(self.path, backbone, self.config)
+
+    def with_config(self, config: CheckpointConfig) -> "Checkpoint":
+        """The same folder under another config (e.g. thresholds recalibrated on the way);
+        the scores already read are shared."""
+        return replace(self, config=config, _scores=self._scores)

@@ -10,8 +10,7 @@ serves both prefill (past 0) and decode.
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -19,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, GraphSpec, KVCacheInfo, Manifest,
-                              ModelInfo, SegmentSpec, TokenizerInfo, _target_key)
+                              ModelInfo, SegmentSpec, TokenizerInfo, target_key, to_json_thresholds)
 from runtime.verify import sha256
 
-from .checkpoint import read_config, read_scores
+from .checkpoint import Checkpoint
+from .folders import replacing_folder
 from .segments import HeadGraph, KVFill, Segment, io_specs, segment_bounds
 
 EXPORTER_VERSION = "0.1.0"
@@ -111,7 +111,7 @@ def _file_facts(path: Path) -> dict:
     return {"sha256": sha256(path), "size": path.stat().st_size, "data_files": data}
 
 
-def _threshold_table(checkpoint: Path, config) -> tuple[float | None, dict[str, list]]:
+def _threshold_table(checkpoint: Checkpoint) -> tuple[float | None, dict[str, list]]:
     """(delta, {target: thresholds}) for TARGETS, from the checkpoint's calibration scores.
 
     A guarantee-mode calibration (`lama calibrate --delta`) carries its delta into every
@@ -119,16 +119,15 @@ def _threshold_table(checkpoint: Path, config) -> tuple[float | None, dict[str, 
     error, never an empty table a device would only discover when it asks for a target.
     """
     from .calibrate import calibrate_thresholds
-    from .checkpoint import score_kind, to_json_thresholds
 
-    policy = config.policy or {}
+    policy = checkpoint.config.policy or {}
     delta = policy.get("delta") if policy.get("kind") == "target" else None
     try:
-        calib = read_scores(checkpoint, "calibration", score_kind(config.confidence))
+        calib = checkpoint.scores("calibration")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot build the per-target threshold table the export ships: {e}") from None
     margin = policy.get("margin", 0.0) if policy.get("kind") == "target" else 0.0
-    return delta, {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
+    return delta, {target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
                    for t in TARGETS}
 
 
@@ -203,7 +202,7 @@ def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_c
     return KVCacheInfo("buffer", capacity)
 
 
-def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
+def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
            quant_options: dict | None = None, max_pending: int | None = None) -> Path:
@@ -211,11 +210,9 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level);
     max_pending: the runtime's bound on deferred positions; decode calls then take at most
     max_pending + 1 positions (dim `decode_sequence`, for engine profiles)."""
-    from runtime.runtime import DECODE_DIM, DEFAULT_MAX_PENDING
+    from runtime.chain import DECODE_DIM, DEFAULT_MAX_PENDING
 
-    from .checkpoint import load_gates, load_heads, score_kind
     from .backbone import load_backbone
-    from .checkpoint import load_gates, load_heads, score_kind
 
     if precision not in DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(DTYPES)}")
@@ -236,8 +233,8 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
         from .tensorrt_build import check_can_build
 
         check_can_build()  # fail before the slow part: no GPU or no TensorRT here
-    checkpoint, out = Path(checkpoint), Path(out)
-    config = read_config(checkpoint)
+    checkpoint, out = Checkpoint.open(checkpoint), Path(out)  # lama.json is read here, once
+    config = checkpoint.config
     dtype = DTYPES[precision][0]
     bb = _backbone_in(backbone, dtype) if backbone is not None else load_backbone(config.source)
     kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
@@ -245,26 +242,25 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
     if scheme is not None:  # before tracing: the thresholds must come from the quantized model's own outputs
         from .quant_calibrate import calibrate_quantized, replace_thresholds
 
-        read_scores(checkpoint, "calibration", score_kind(config.confidence))  # refuses a checkpoint without scores
-        quant_cal = calibrate_quantized(bb, checkpoint, config, scheme, TARGETS, data)
-        config = replace_thresholds(config, quant_cal)
-    heads = load_heads(checkpoint, bb, config)  # built on bb: adapter heads share its norm and LM head
+        checkpoint.scores("calibration")  # refuses a checkpoint without scores
+        quant_cal = calibrate_quantized(bb, checkpoint, scheme, TARGETS, data)
+        checkpoint = checkpoint.with_config(replace_thresholds(config, quant_cal))
+        config = checkpoint.config
+    heads = checkpoint.heads(bb)  # built on bb: adapter heads share its norm and LM head
     bb.model.to(dtype)
     heads.to(dtype)
     shape = bb.shape
     thresholds = config.thresholds
     if quant_cal is None:
-        table_delta, by_target = _threshold_table(checkpoint, config)
+        table_delta, by_target = _threshold_table(checkpoint)
     else:  # the quantized model's own table, with the same delta
         table_delta, by_target = quant_cal.delta, quant_cal.by_target
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_folder(out, _refuse_non_export) as tmp:
         specs, head_specs, quantized = [], [], []
         gated = config.confidence == "gate"
         # gates stay float32 in every precision: a few thousand weights, and their score is
         # then the calibrated one (the graph casts the fp16 hidden state up before the gate)
-        gates = load_gates(checkpoint, bb, config) if gated else None
+        gates = checkpoint.gates(bb) if gated else None
         dname = DTYPES[precision][1]
         if gated:  # adapter heads share one head graph; full heads get one each
             for k in ([None] if config.head == "adapter" else range(len(config.exits))):
@@ -309,8 +305,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
                 for name, sc in quant_cal.scores.items():
                     sc.save(tmp / "scores" / name)
         manifest = Manifest(
-            model=ModelInfo(config.source.model_id, bb.family.name, shape.num_layers, shape.hidden_size,
-                            shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.max_context),
+            model=ModelInfo(**dataclasses.asdict(shape), base_model=config.source.model_id, family=bb.family.name),
             tokenizer=tok, segments=tuple(specs),
             calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
                                         config.calibration.get("heldout", {}), by_target_delta=table_delta),
@@ -327,12 +322,9 @@ def export(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", 
 
             manifest = build_engines(tmp, manifest, workspace_gb=workspace_gb)
         manifest.save(tmp)
-        if out.exists():
-            if not (out / "manifest.json").is_file() and any(out.iterdir()):
-                raise FileExistsError(f"{out} exists and is not a LAMA export; refusing to overwrite it")
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _refuse_non_export(out: Path) -> None:
+    if not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a LAMA export; refusing to overwrite it")

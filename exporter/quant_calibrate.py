@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.manifest import _target_key
+from runtime.manifest import target_key, to_json_thresholds
 
 from .calibrate import calibrate_thresholds, report
-from .checkpoint import CheckpointConfig, load_gates, load_heads, score_kind, scores_file, to_json_thresholds
+from .checkpoint import Checkpoint, CheckpointConfig, score_kind, scores_file
 from .quantize import Scheme, fake_quantize
 from .scores import ExitScores
 
@@ -42,14 +42,14 @@ class QuantCalibration:
     scores: dict[str, ExitScores]  # file name (checkpoint.scores_file) -> quantized scores
 
 
-def quantized_backbone(bb, checkpoint: Path, config: CheckpointConfig, scheme: Scheme):
+def quantized_backbone(bb, checkpoint: Checkpoint, scheme: Scheme):
     """(backbone, heads, gates) with the quantized graphs' numerics; `bb` itself is left untouched."""
     qbb = copy.deepcopy(bb)  # one deepcopy keeps the family adapter pointing at the copied layers
     qbb.model.float()
     n = fake_quantize([qbb.model], scheme)  # decoder layers and the LM head (untied from the embedding)
-    heads = load_heads(checkpoint, qbb, config)  # adapters sit in front of the quantized LM head
+    heads = checkpoint.heads(qbb)  # adapters sit in front of the quantized LM head
     n += fake_quantize([heads.heads], scheme)
-    gates = load_gates(checkpoint, qbb, config) if config.confidence == "gate" else None  # stay fp32
+    gates = checkpoint.gates(qbb) if checkpoint.config.confidence == "gate" else None  # stay fp32
     return qbb, heads, gates, n
 
 
@@ -79,9 +79,10 @@ def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
-def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: Scheme, targets: tuple[float, ...],
+def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tuple[float, ...],
                         data: list[str | Path] | None = None) -> QuantCalibration:
     """Scores, thresholds and reports of the fake-quantized model on the checkpoint's own splits."""
+    config = checkpoint.config
     from .data import default_data_dir, make_splits, read_docs
     from .train import cache_features, exit_scores, gate_scores
 
@@ -93,7 +94,7 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
     texts = read_docs(paths)  # as api.train reads them: the same domains, the same windows
     counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
     splits = make_splits(texts, bb.tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
-    qbb, heads, gates, n_weights = quantized_backbone(bb, checkpoint, config, scheme)
+    qbb, heads, gates, n_weights = quantized_backbone(bb, checkpoint, scheme)
     exits = list(config.exits)
     kind = score_kind(config.confidence)
     scores: dict[str, ExitScores] = {}
@@ -115,7 +116,7 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
     target = config.policy.get("target")
     delta = config.policy.get("delta") if config.policy.get("kind") == "target" else None
     margin = config.policy.get("margin", 0.0) if config.policy.get("kind") == "target" else 0.0
-    by_target = {_target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
+    by_target = {target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
                  for t in targets}
     reports = {"calibration": report(calib, thresholds, "calibration", target, delta).to_dict(),
                "heldout": report(held, thresholds, "heldout", target, delta).to_dict()}
@@ -135,7 +136,7 @@ def calibrate_quantized(bb, checkpoint: Path, config: CheckpointConfig, scheme: 
         **tf,
         "greedy_agreement_vs_fp32": greedy, "greedy_prompts": len(prompts), "greedy_new_tokens": new,
         "fp32_thresholds": list(config.thresholds),
-        "thresholds": [None if t == float("inf") else t for t in thresholds],
+        "thresholds": to_json_thresholds(thresholds),
         "exit_agreement_heldout_mean": [float(x) for x in held.agree.mean(axis=0).round(4)],
     }
     del qbb, heads, gates
@@ -150,5 +151,5 @@ def uncalibrated_record(config: CheckpointConfig) -> dict:
 
 def replace_thresholds(config: CheckpointConfig, qc: QuantCalibration) -> CheckpointConfig:
     """A copy of `config` whose thresholds and reports are the quantized ones."""
-    return dataclasses.replace(config, thresholds=[None if t == float("inf") else float(t) for t in qc.thresholds],
+    return dataclasses.replace(config, thresholds=to_json_thresholds(qc.thresholds),
                                calibration=qc.reports)

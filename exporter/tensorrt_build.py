@@ -1,19 +1,19 @@
 """`lama export --backend tensorrt`: the exporter's side of TensorRT engine building.
 
-The build itself lives in runtime/tensorrt_backend.py, because engines are not portable (one
-TensorRT version, one GPU architecture) and so must also be buildable on the device, where
-only the runtime is installed; the runtime never imports the exporter, so the exporter reuses
-the runtime's implementation. This module adds the early check (fail before the slow export
+The build itself lives in runtime/tensorrt/, because engines are not portable (one TensorRT
+version, one GPU architecture) and so must also be buildable on the device, where only the
+runtime is installed; the runtime never imports the exporter, so the exporter reuses the
+runtime's implementation. This module adds the early check (fail before the slow export
 when no engine could be built here) and the exporter-facing names. On a device::
 
-    python -m runtime.tensorrt_backend EXPORT_DIR      # or: python -m exporter.tensorrt_build EXPORT_DIR
+    python -m runtime.tensorrt EXPORT_DIR      # or: python -m exporter.tensorrt_build EXPORT_DIR
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from runtime import tensorrt_backend
+from runtime import tensorrt
 from runtime.manifest import Manifest
 
 NEEDS = ("building TensorRT engines needs an NVIDIA GPU and the tensorrt package; "
@@ -23,7 +23,7 @@ NEEDS = ("building TensorRT engines needs an NVIDIA GPU and the tensorrt package
 def check_can_build() -> None:
     """RuntimeError with a clear message unless TensorRT, cuda-python and a GPU are all here."""
     try:
-        tensorrt_backend.load_tensorrt()
+        tensorrt.load_tensorrt()
     except RuntimeError as e:
         raise RuntimeError(f"{NEEDS} ({e})") from None
 
@@ -31,11 +31,11 @@ def check_can_build() -> None:
 def build_engines(folder: str | Path, manifest: Manifest, workspace_gb: float = 2.0,
                   limits: dict | None = None) -> Manifest:
     """One engine per segment graph in `folder`; returns the manifest with `engine` filled in."""
-    return tensorrt_backend.build_engines(folder, manifest, workspace_gb=workspace_gb, limits=limits)
+    return tensorrt.build_engines(folder, manifest, workspace_gb=workspace_gb, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return tensorrt_backend.main(argv)
+    return tensorrt.main(argv)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class InPlaceBinding:
 def open_backend(folder: Path, seg: SegmentSpec, providers: list[str] | str | None = None,
                  threads: int | None = None) -> Backend:
     if providers == "tensorrt" or providers == ["tensorrt"]:
-        from .tensorrt_backend import TensorRTBackend
+        from .tensorrt import TensorRTBackend
 
         # the present KV stays in GPU memory and comes back as the next past: no host round trip;
         # the top-k logits stay there too unless a sampler reads them

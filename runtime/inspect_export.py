@@ -39,7 +39,7 @@ def backends_here() -> dict:
                               "providers": list(ort.get_available_providers())}
     except ImportError as e:
         out["onnxruntime"] = {"available": False, "reason": str(e)}
-    from .tensorrt_backend import TensorRTBackend
+    from .tensorrt import TensorRTBackend
 
     reason = TensorRTBackend.unavailable_reason()
     out["tensorrt"] = {"available": reason is None, **({"reason": reason} if reason else {})}

@@ -62,10 +62,9 @@ class KVBufferCache(KVCache):
                 ins, outs = seg.per_layer(seg.inputs, f"past_{role}"), seg.per_layer(seg.outputs, f"present_{role}")
                 pairs += [(i.name, o.name, a) for i, o, a in zip(ins, outs, arrays)]
             binding = self.bindings[j] = backend.bind_inplace(pairs)
-        feeds = {seg.inputs[0].name: x,
-                 "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :],
-                 seg.input("seqlens_k").name: np.array([end - 1], dtype=np.int32),
-                 seg.input("total_sequence_length").name: np.array(end, dtype=np.int32)}
+        feeds = seg.feeds({seg.entry_role: x, "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :],
+                           "seqlens_k": np.array([end - 1], dtype=np.int32),
+                           "total_sequence_length": np.array(end, dtype=np.int32)})
         out = backend.run_bound(binding, feeds)
         st.length = end
         return out

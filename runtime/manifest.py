@@ -17,12 +17,19 @@ buffer. A segment after an exit may carry a K/V fill graph (``kv_fill``: roles `
 ``position_ids`` in; ``fill_key``/``fill_value`` per layer out) for the `fill` KV policy: it
 covers every layer from that segment's first to the model's last, the layers a token leaving
 just before that segment skips.
+
+The runtime finds every tensor it feeds or reads through these lists (`names`: role -> name,
+`feeds`: inputs by role -> by name, `per_layer`), so an exporter may name tensors as it likes;
+the lists are the role map, written by the exporter since schema 1. Reading a manifest also
+checks its structure: contiguous layer ranges covering the model, an exit at the end of every
+segment but the last, head indices that exist (`Manifest.check_structure`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 FORMAT = "lama-manifest"
@@ -64,9 +71,47 @@ class DataFile:
     size: int
 
 
+class _Tensors:
+    """Role lookups shared by segments and other graphs: the runtime finds every tensor it
+    feeds or reads by role here, never by a hard-coded name."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, role: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.role == role), None)
+
+    def output(self, role: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.role == role), None)
+
+    def per_layer(self, specs: tuple[TensorSpec, ...], role: str) -> list[TensorSpec]:
+        return sorted((t for t in specs if t.role == role), key=lambda t: t.layer)
+
+    @cached_property
+    def names(self) -> dict[str, str]:
+        """Role -> tensor name for the graph's one-per-graph roles (inputs and outputs: their
+        roles never overlap). Per-layer roles (KV) are read with `per_layer`."""
+        return {t.role: t.name for t in (*self.inputs, *self.outputs) if t.layer is None}
+
+    def name(self, role: str) -> str:
+        """The tensor name of `role`; ManifestError if the graph has no such tensor."""
+        try:
+            return self.names[role]
+        except KeyError:
+            raise ManifestError(f"graph {getattr(self, 'file', '?')} has no tensor with role {role!r} "
+                                f"(it has {sorted(self.names)})") from None
+
+    def feeds(self, by_role: dict) -> dict:
+        """Inputs keyed by role -> keyed by the graph's names. Roles the graph does not list are
+        left out: an export drops inputs its graph never reads (e.g. the attention mask of a
+        GroupQueryAttention graph, position ids a model without rotary does not use)."""
+        names = self.names
+        return {names[role]: value for role, value in by_role.items() if role in names}
+
+
 @dataclass(frozen=True)
-class GraphSpec:
-    """A graph that is not a segment: an exit head run on demand (gate mode)."""
+class GraphSpec(_Tensors):
+    """A graph that is not a segment: an exit head run on demand (gate mode), a K/V fill graph."""
 
     file: str
     sha256: str
@@ -76,12 +121,9 @@ class GraphSpec:
     engine: dict | None = None  # TensorRT engine, as in SegmentSpec
     data_files: tuple[DataFile, ...] = ()  # external weights, as in SegmentSpec
 
-    def output(self, role: str) -> TensorSpec | None:
-        return next((t for t in self.outputs if t.role == role), None)
-
 
 @dataclass(frozen=True)
-class SegmentSpec:
+class SegmentSpec(_Tensors):
     index: int
     layers: tuple[int, int]  # [first, end) decoder layers
     file: str
@@ -94,26 +136,32 @@ class SegmentSpec:
     data_files: tuple[DataFile, ...] = ()  # the graph's external weights (size/sha256 of each)
     kv_fill: GraphSpec | None = None  # keys/values of layers [first, num_layers) from an exited hidden state
 
-    def input(self, role: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.role == role), None)
-
-    def output(self, role: str) -> TensorSpec | None:
-        return next((t for t in self.outputs if t.role == role), None)
-
-    def per_layer(self, specs: tuple[TensorSpec, ...], role: str) -> list[TensorSpec]:
-        return sorted((t for t in specs if t.role == role), key=lambda t: t.layer)
+    @property
+    def entry_role(self) -> str:
+        """The role of the input the chain feeds: token ids (first segment) or the previous
+        segment's states."""
+        return "input_ids" if "input_ids" in self.names else "hidden"
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    base_model: str
-    family: str
+class ModelShape:
+    """The sizes that shape every graph and KV cache: what the exporter's family adapters read
+    from a model and the runtime reads from the manifest (as part of ModelInfo)."""
+
     num_layers: int
     hidden_size: int
     num_kv_heads: int
     head_dim: int
     vocab_size: int
     max_context: int
+
+
+@dataclass(frozen=True)
+class ModelInfo(ModelShape):
+    """The exported model: its shape, where it came from and its family."""
+
+    base_model: str
+    family: str
 
 
 @dataclass(frozen=True)
@@ -232,7 +280,7 @@ class Manifest:
             q = d.get("quantization")
             quant = (QuantizationInfo(**{**q, "graphs": tuple(q["graphs"]),
                                          "float_matmuls": tuple(q.get("float_matmuls", ()))}) if q else None)
-            return cls(
+            manifest = cls(
                 model=ModelInfo(**d["model"]),
                 tokenizer=TokenizerInfo(**{**tok, "files": tuple(tok["files"]), "eos_ids": tuple(tok["eos_ids"])}),
                 segments=segs,
@@ -243,6 +291,39 @@ class Manifest:
                 schema_version=v)
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        manifest.check_structure(where)
+        return manifest
+
+    def check_structure(self, where: str = "manifest") -> None:
+        """ManifestError unless the segments chain the whole model: contiguous layer ranges
+        from 0 to num_layers, an exit at the end of every segment but the last (which is the
+        model's own head), and every gate-mode exit's head index naming one of `heads`."""
+        n = self.model.num_layers
+        if not self.segments:
+            raise ManifestError(f"{where}: the manifest lists no segments")
+        expected = 0
+        for k, seg in enumerate(self.segments):
+            first, end = seg.layers
+            if first != expected:
+                what = "the model's first layer 0" if k == 0 else f"where segment {k - 1} ends ({expected})"
+                raise ManifestError(f"{where}: segment {k} starts at layer {first}, not at {what}: the layer "
+                                    f"ranges must be contiguous")
+            if end <= first:
+                raise ManifestError(f"{where}: segment {k} has the empty layer range [{first}, {end})")
+            expected = end
+            last = k == len(self.segments) - 1
+            if last and seg.exit is not None:
+                raise ManifestError(f"{where}: the last segment ({k}) has an exit; it must end in the model's own head")
+            if not last and seg.exit is None:
+                raise ManifestError(f"{where}: segment {k} has no exit; every segment but the last ends in one")
+            if seg.exit is not None and seg.exit.exit_layer != end:
+                raise ManifestError(f"{where}: segment {k}'s exit is after layer {seg.exit.exit_layer}, but the "
+                                    f"segment ends at layer {end}")
+            if seg.exit is not None and seg.exit.head is not None and not 0 <= seg.exit.head < len(self.heads):
+                raise ManifestError(f"{where}: segment {k}'s exit runs head {seg.exit.head}, but the manifest lists "
+                                    f"{len(self.heads)} head graph(s)")
+        if expected != n:
+            raise ManifestError(f"{where}: the segments cover layers [0, {expected}), but the model has {n} layers")
 
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
@@ -261,12 +342,24 @@ class Manifest:
         return [s.exit for s in self.segments if s.exit is not None]
 
     def thresholds_for(self, target: float) -> list[float | None]:
-        key = _target_key(target)
+        key = target_key(target)
         if key not in self.calibration.by_target:
             raise ManifestError(f"no thresholds for target {target} in this export; "
                                 f"available: {sorted(self.calibration.by_target)}")
         return list(self.calibration.by_target[key])
 
 
-def _target_key(target: float) -> str:
+def target_key(target: float) -> str:
+    """The key of `target` in CalibrationInfo.by_target ("0.9", "0.95"): one spelling for
+    the exporter that writes the table and the runtime that looks rows up."""
     return f"{float(target):g}"
+
+
+def to_json_thresholds(thresholds) -> list[float | None]:
+    """Thresholds as the manifest and checkpoints store them: +inf (never exits) -> None."""
+    return [None if t is None or t == float("inf") else float(t) for t in thresholds]
+
+
+def from_json_thresholds(thresholds) -> list[float]:
+    """Stored thresholds back to numbers: None (never exits) -> +inf."""
+    return [float("inf") if t is None else float(t) for t in thresholds]

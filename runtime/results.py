@@ -20,7 +20,7 @@ import numpy as np
 @dataclass(frozen=True)
 class TokenRecord:
     token: int
-    exit_index: int  # segment whose head produced the token; the last segment = full model
+    segment: int  # index of the segment whose head produced the token; the last segment = full model
     exit_layer: int  # decoder layers computed for this token's decision
     confidence: float
     seconds: float
@@ -120,7 +120,7 @@ class GenerationResult:
                 "work": {k: _finite(v) for k, v in self.work().items()},
                 "latency_seconds": {k: _finite(v) for k, v in self.latency().items()},
                 "exits": {str(k): v for k, v in self.exit_histogram().items()},
-                "records": [{"token": r.token, "text": r.text, "exit_layer": r.exit_layer,
+                "records": [{"token": r.token, "text": r.text, "segment": r.segment, "exit_layer": r.exit_layer,
                              "confidence": r.confidence, "seconds": r.seconds,
                              "layer_positions": r.layer_positions, "fill_positions": r.fill_positions,
                              "calls": r.calls, "rollbacks": r.rollbacks} for r in self.records]}

@@ -129,7 +129,8 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
     `gate_width` (or gates=True: width 8), random (untrained) exit gates too and confidence 'gate'."""
     import torch
 
-    from exporter.checkpoint import CheckpointConfig, save_checkpoint, to_json_thresholds
+    from exporter.checkpoint import CheckpointConfig, save_checkpoint
+    from runtime.manifest import to_json_thresholds
     from exporter.heads import ExitHeads
     from exporter.recipes import ModelSource
 

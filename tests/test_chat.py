@@ -135,7 +135,7 @@ def test_second_turn_prefills_only_new_tokens(chat_export, thresholds):
     assert counter.fed == len(second.prompt_tokens) - held + 11  # new prompt tokens + 11 decode steps
     assert second.prefill_tokens == len(second.prompt_tokens) - held
     if thresholds != "never":
-        assert any(r.exit_index < 3 for r in first.records + second.records)  # exits really happened
+        assert any(r.segment < 3 for r in first.records + second.records)  # exits really happened
     fresh = Runtime.load(chat_export[0]).generate(second.prompt_tokens, 12, thresholds=thresholds)
     assert fresh.tokens == second.tokens and fresh.cached_tokens == 0
 

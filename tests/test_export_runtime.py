@@ -124,9 +124,9 @@ def test_threshold_zero_exits_first_and_never_is_full(exported):
     folder, _ = exported["gpt_neox"]
     rt = Runtime.load(folder)
     r0 = rt.generate(PROMPT, 8, thresholds=[0.0, 0.0, 0.0])
-    assert {rec.exit_index for rec in r0.records} == {0}
+    assert {rec.segment for rec in r0.records} == {0}
     rf = rt.generate(PROMPT, 8, thresholds="never")
-    assert {rec.exit_index for rec in rf.records} == {len(rt.manifest.segments) - 1}
+    assert {rec.segment for rec in rf.records} == {len(rt.manifest.segments) - 1}
     assert rf.mean_layers == rt.manifest.model.num_layers
 
 

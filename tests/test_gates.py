@@ -9,7 +9,8 @@ from conftest import SAMPLE_TEXT, tiny_backbone
 
 from exporter import api
 from exporter.calibrate import calibrate_thresholds
-from exporter.checkpoint import load_gates, load_heads, read_config, read_scores, to_json_thresholds
+from exporter.checkpoint import load_gates, load_heads, read_config, read_scores
+from runtime.manifest import to_json_thresholds
 from exporter.data import make_splits
 from exporter.gates import ExitGates, train_gates
 from exporter.heads import ExitHeads
@@ -117,7 +118,7 @@ def test_gated_runtime_matches_in_graph_heads(gated):
         a = rt_gate.generate(prompt, 12, thresholds=forced)
         b = rt_head.generate(prompt, 12, thresholds=forced)
         assert a.tokens == b.tokens
-        assert {r.exit_index for r in a.records[1:]} == {k}
+        assert {r.segment for r in a.records[1:]} == {k}
     # exits disabled: both are the full model
     assert rt_gate.generate(prompt, 12, thresholds="never").tokens == rt_head.generate(prompt, 12, thresholds="never").tokens
 
@@ -128,7 +129,7 @@ def test_gated_defer_cache_is_exact(gated):
     rt = Runtime.load(api.export(ckpt, out=d / "g2", backbone=bb))
     prompt = "It is a truth universally"
     calibrated = rt.generate(prompt, 24)  # the calibrated gates decide
-    exits = [r.exit_index for r in calibrated.records]
+    exits = [r.segment for r in calibrated.records]
     assert min(exits) < len(EXITS) and max(exits) == len(EXITS), exits  # early exits, and deep tokens after them
     ids = list(rt.encode(prompt)) + list(calibrated.tokens)
     full = rt.new_cache()

@@ -9,7 +9,7 @@ from exporter import api
 from exporter.families import LayerCache
 from runtime import Runtime
 from runtime.kv_cache import KVCache
-from runtime.runtime import StepStats
+from runtime.chain import StepStats
 
 PROMPT = "It is a truth universally acknowledged"
 

@@ -9,7 +9,7 @@ import torch
 from conftest import SAMPLE_TEXT, make_checkpoint, tiny_backbone
 
 from exporter import api
-from exporter.checkpoint import read_config, read_scores
+from exporter.checkpoint import Checkpoint, read_config, read_scores
 from exporter.onnx_export import export_graph
 from exporter.quant_calibrate import quantized_backbone
 from exporter.quantize import Scheme, dequantized, quantize_graph
@@ -86,7 +86,7 @@ def test_fake_quant_reproduces_the_int4_graph_logits(int4_export, tmp_path, leve
     rt = Runtime.load(folder)
     ids = rt.encode(PROMPT)
     _, _, _, logits = rt.step(ids, rt.new_cache(), rt.resolve_thresholds("never"), want_logits=True)
-    qbb, _, _, n = quantized_backbone(bb, ckpt, read_config(ckpt), Scheme.for_precision("int4", accuracy_level=level))
+    qbb, _, _, n = quantized_backbone(bb, Checkpoint.open(ckpt), Scheme.for_precision("int4", accuracy_level=level))
     assert n == 7 * bb.shape.num_layers + 1 + 2 * 3  # every decoder Linear, the LM head, 3 adapters
     with torch.no_grad():
         fake = qbb.model(torch.from_numpy(ids)[None]).logits[0, -1].numpy()

@@ -25,7 +25,8 @@ from conftest import make_checkpoint, torch_early_exit
 
 from exporter import api
 from runtime import ManifestError, Runtime
-from runtime import tensorrt_backend as tb
+from runtime import tensorrt as tb
+from runtime.tensorrt import versions as trt_versions
 from runtime.backends import OnnxRuntimeBackend
 from runtime.manifest import Manifest
 
@@ -281,8 +282,8 @@ def fake_gpu(monkeypatch):
     """Install the fakes; returns (tensorrt, cudart) so a test can change version or GPU."""
     cudart = FakeCudart()
     trt = FakeTensorRT(cudart)
-    monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_versions, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_versions, "import_cudart", lambda: cudart)
     return trt, cudart
 
 
@@ -308,7 +309,7 @@ def test_check_can_build_without_tensorrt(monkeypatch):
     def missing():
         raise ImportError("No module named 'tensorrt'")
 
-    monkeypatch.setattr(tb, "import_tensorrt", missing)
+    monkeypatch.setattr(trt_versions, "import_tensorrt", missing)
     with pytest.raises(RuntimeError, match=f"{NEEDS}.*use --backend onnx.*tensorrt package cannot be imported"):
         check_can_build()
 
@@ -317,8 +318,8 @@ def test_check_can_build_without_gpu(monkeypatch):
     from exporter.tensorrt_build import check_can_build
 
     cudart = FakeCudart(devices=0)
-    monkeypatch.setattr(tb, "import_tensorrt", lambda: FakeTensorRT(cudart))
-    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_versions, "import_tensorrt", lambda: FakeTensorRT(cudart))
+    monkeypatch.setattr(trt_versions, "import_cudart", lambda: cudart)
     with pytest.raises(RuntimeError, match=f"{NEEDS}.*no CUDA GPU is visible.*InsufficientDriver"):
         check_can_build()
     assert not tb.TensorRTBackend.available()
@@ -328,7 +329,7 @@ def test_check_can_build_without_gpu(monkeypatch):
 def test_check_can_build_old_tensorrt(monkeypatch):
     from exporter.tensorrt_build import check_can_build
 
-    monkeypatch.setattr(tb, "import_tensorrt", lambda: FakeTensorRT(FakeCudart(), version="8.6.1"))
+    monkeypatch.setattr(trt_versions, "import_tensorrt", lambda: FakeTensorRT(FakeCudart(), version="8.6.1"))
     with pytest.raises(RuntimeError, match="TensorRT 8.6.1 is too old"):
         check_can_build()
 
@@ -350,13 +351,13 @@ def test_cli_export_tensorrt_without_gpu_fails_cleanly(onnx_export, tmp_path, mo
 
 
 def test_runtime_tensorrt_without_gpu_is_a_manifest_error(engines, monkeypatch):
-    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart(devices=0))
+    monkeypatch.setattr(trt_versions, "import_cudart", lambda: FakeCudart(devices=0))
     with pytest.raises(ManifestError, match="running TensorRT engines needs an NVIDIA GPU.*leave providers unset"):
         Runtime.load(engines, providers="tensorrt")
 
 
 def test_no_engine_in_manifest(onnx_export, fake_gpu):
-    with pytest.raises(ManifestError, match=r"has no TensorRT engine.*python -m runtime.tensorrt_backend"):
+    with pytest.raises(ManifestError, match=r"has no TensorRT engine.*python -m runtime.tensorrt"):
         Runtime.load(onnx_export[0], providers="tensorrt")
 
 
@@ -380,7 +381,7 @@ def test_gate_mode_head_graphs_get_engines(gated_export, fake_gpu, tmp_path):
     ref, rt = Runtime.load(folder), Runtime.load(folder, providers="tensorrt")
     for thresholds in ("never", [0.0, 0.0, 0.0], None):
         a, b = ref.generate(PROMPT, 12, thresholds=thresholds), rt.generate(PROMPT, 12, thresholds=thresholds)
-        assert b.tokens == a.tokens and [r.exit_index for r in b.records] == [r.exit_index for r in a.records]
+        assert b.tokens == a.tokens and [r.segment for r in b.records] == [r.segment for r in a.records]
     with pytest.raises(ManifestError, match="graph head.onnx has no TensorRT engine"):
         tb.TensorRTBackend(gated_export, Manifest.load(gated_export).heads[0])
 
@@ -390,7 +391,7 @@ def test_engine_compatibility_check():
     engine = {"tensorrt_version": "10.9.0.34", "compute_capability": "8.7"}
     tb.check_engine_compatible(engine, "10.9.0.34", "8.7")
     with pytest.raises(ManifestError, match=r"built with TensorRT 10.9.0.34, this device has TensorRT 10.13.0.*"
-                                            r"not portable.*python -m runtime.tensorrt_backend runs/x"):
+                                            r"not portable.*python -m runtime.tensorrt runs/x"):
         tb.check_engine_compatible(engine, "10.13.0", "8.7", folder="runs/x")
     with pytest.raises(ManifestError, match=r"built for compute capability 8.7, this GPU is 9.0.*not portable"):
         tb.check_engine_compatible(engine, "10.9.0.34", "9.0")
@@ -491,7 +492,7 @@ def test_tensorrt_chain_matches_pytorch(engines, onnx_export, fake_gpu):
         tokens, exits, confs = torch_early_exit(bb, heads, prompt, 16, th)
         b = rt.generate(prompt, 16, thresholds=thresholds, stop_at_eos=False)
         assert list(b.tokens) == tokens
-        assert [r.exit_index for r in b.records] == exits
+        assert [r.segment for r in b.records] == exits
         assert np.allclose([r.confidence for r in b.records], confs, atol=1e-4)
         if thresholds is MIXED:
             assert len(set(exits)) == 4  # really mixes the exits
@@ -646,7 +647,7 @@ def test_sampling_reads_topk_logits_from_the_device(engines, fake_gpu):
 
 
 def test_runtime_stays_torch_free_with_tensorrt_module():
-    code = ("import sys, runtime, runtime.tensorrt_backend, exporter.tensorrt_build; "
+    code = ("import sys, runtime, runtime.tensorrt, exporter.tensorrt_build; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -673,7 +674,7 @@ def test_gpu_tensorrt_tokens_match_onnxruntime_cpu(real_engines):
         a = ref.generate(PROMPT, 24, thresholds=thresholds)
         b = rt.generate(PROMPT, 24, thresholds=thresholds)
         assert b.tokens == a.tokens
-        assert [r.exit_index for r in b.records] == [r.exit_index for r in a.records]
+        assert [r.segment for r in b.records] == [r.segment for r in a.records]
 
 
 @pytest.mark.gpu

@@ -9,7 +9,8 @@ from conftest import make_checkpoint
 
 from exporter import api
 from exporter.calibrate import calibrate_thresholds
-from exporter.checkpoint import read_config, read_scores, scores_file, to_json_thresholds
+from exporter.checkpoint import read_config, read_scores, scores_file
+from runtime.manifest import to_json_thresholds
 from exporter.onnx_export import TARGETS
 from exporter.scores import ExitScores
 from runtime import Runtime

@@ -12,10 +12,10 @@ The calls follow transformers 5.24 (see ../shared/KNOWN.md): layers take `cache=
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from runtime.manifest import ModelShape
 
 
 class UnsupportedArchitecture(ValueError):
@@ -71,16 +71,6 @@ def causal_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype,
     allowed = allowed.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, S, P+S)
     neg = torch.finfo(dtype).min
     return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), neg, dtype=dtype)).unsqueeze(1)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden_size: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_context: int
 
 
 class Family:

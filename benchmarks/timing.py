@@ -1,0 +1,164 @@
+"""Timing rows: one worker process per row (benchmarks/optimum_worker.py, or the script of a
+backend timed elsewhere), all kept alive and taking turns pass by pass so that load from other
+jobs on shared cores spreads over every row; medians over passes; what machine and versions
+the figures come from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "optimum_worker.py"
+WORKERS = {"llamacpp": HERE / "llamacpp_worker.py"}  # backends timed by another script (same protocol)
+
+
+class Worker:
+    """One row's optimum_worker.py process, kept alive so that rows take turns pass by pass."""
+
+    def __init__(self, key: str, python: Path, spec: dict, tmp: Path, timeout: float):
+        self.key, self.timeout = key, timeout
+        slug = "".join(ch if ch.isalnum() else "_" for ch in key)
+        path = tmp / f"{slug}.json"
+        path.write_text(json.dumps(spec))
+        self.stderr = open(tmp / f"{slug}.err", "w+")
+        script = WORKERS.get(spec["backend"], WORKER)
+        self.proc = subprocess.Popen([str(python), str(script), str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=os.environ.copy())
+
+    def ask(self, command: str | None = None) -> dict:
+        """Send a command (None: just wait for the next answer) and read one JSON line."""
+        if command:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            self.stderr.seek(0)
+            lines = [x for x in self.stderr.read().strip().splitlines() if x.strip()]
+            why = "timed out" if not ready else f"exited with code {self.proc.returncode}"
+            raise RuntimeError(f"worker {why}: {lines[-1] if lines else 'no error output'}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def time_rows(specs: dict[str, tuple[Path, dict]], repeats: int, tmp: Path, timeout: float
+              ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Start every row's worker (one at a time, so loading is not timed against each other), then
+    `repeats` rounds in which each row runs one pass over all prompts, the order rotating by one
+    every round. Returns {row: {"passes": [...], **summary}} and {row: why it failed}."""
+    workers: dict[str, Worker] = {}
+    failed: dict[str, str] = {}
+    for key, (python, spec) in specs.items():
+        print(f"[bench] loading {key}", file=sys.stderr, flush=True)
+        w = Worker(key, python, spec, tmp, timeout)
+        try:
+            w.ask()  # ready
+            workers[key] = w
+        except RuntimeError as e:
+            failed[key] = str(e)
+    passes: dict[str, list[dict]] = {k: [] for k in workers}
+    for i in range(repeats):
+        order = list(workers)
+        order = order[i % len(order):] + order[:i % len(order)] if order else order
+        for key in order:
+            if key in failed:
+                continue
+            try:
+                passes[key].append(workers[key].ask("pass"))
+            except RuntimeError as e:
+                failed[key] = str(e)
+        done = {k: f"{p[-1]['tokens_per_second']:.0f}" for k, p in passes.items() if p and k not in failed}
+        print(f"[bench] round {i + 1}/{repeats} tokens/s: {done}", file=sys.stderr, flush=True)
+    out = {}
+    for key, w in workers.items():
+        if key not in failed:
+            try:
+                out[key] = {"passes": passes[key], **w.ask("quit")}
+            except RuntimeError as e:
+                failed[key] = str(e)
+        w.close()
+        w.stderr.close()
+    return out, failed
+
+
+def summarize(passes: list[dict]) -> dict:
+    """Medians over passes, the spread, the tokens of the first pass, determinism across passes."""
+    tps = [p["tokens_per_second"] for p in passes]
+    ftl = [p["first_token_seconds"] for p in passes]
+    med = statistics.median(tps)
+    out = {"tokens_per_second": med, "tokens_per_second_runs": tps, "tokens_per_second_best": max(tps),
+           "tokens_per_second_spread": (max(tps) - min(tps)) / 2 / med if med else None,
+           "first_token_seconds": statistics.median(ftl), "first_token_seconds_runs": ftl,
+           "deterministic": all(p["tokens"] == passes[0]["tokens"] for p in passes),
+           "tokens": passes[0]["tokens"]}
+    extras = [e for p in passes for e in p["extra"] if e]
+    if extras:
+        out["layers"] = [e["layers"] for e in passes[0]["extra"]]
+        steps = [x for e in extras for x in e["step_seconds"][1:]]
+        out["runtime_step_tokens_per_second"] = len(steps) / sum(steps) if sum(steps) > 0 else None
+        # per-token decode latency over all passes and prompts (the first token carries the prefill)
+        out["latency_ms"] = {k: float(np.percentile(steps, q)) * 1e3 for k, q in (("p50", 50), ("p95", 95))}
+        out["latency_ms"]["max"] = max(steps) * 1e3
+        first = passes[0]["extra"]  # work is deterministic: one pass says it
+        if "layer_positions" in first[0]:
+            n = sum(len(e["layers"]) for e in first)
+            run = sum(e["layer_positions"] for e in first)
+            out["work"] = {"layer_positions_per_token": run / n,
+                           "plain_layer_positions_per_token": sum(e["plain_layer_positions"] for e in first) / n,
+                           "share": run / sum(e["plain_layer_positions"] for e in first),
+                           "owed_share": sum(e["owed"] for e in first) / sum(e["plain_layer_positions"] for e in first),
+                           # decode steps only (what a budget bounds): tokens after the first, vs num_layers each
+                           "decode_share": sum(sum(e["step_layer_positions"][1:]) for e in first)
+                           / max(1, sum((len(e["layers"]) - 1) * e["num_layers"] for e in first)),
+                           "fill_positions_per_token": sum(e["fill_positions"] for e in first) / n,
+                           "calls_per_token": sum(e["calls"] for e in first) / n,
+                           "rollbacks_per_token": sum(e["rollbacks"] for e in first) / n}
+    return out
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": affinity, "memory_gib": mem,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def main_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for p in ("torch", "transformers", "onnxruntime", "onnx", "numpy", "tokenizers"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,239 @@
+"""The segment chain: one step runs the segments until an exit is confident.
+
+One decoding step for the positions [p0, p] (the prompt at prefill, one token after):
+
+    for each segment j:
+        x = its pending states (positions earlier tokens skipped) + the new positions
+        run the segment: new KV for its layers, the head's (token, confidence) for the
+        last position, and the hidden states for the next segment
+        if confidence >= threshold[j]: hand the hidden states to the KV policy and stop
+    otherwise the last segment's token is the model's own
+
+A step is all-or-nothing: if a graph fails, the cache is as it was before the step.
+With `defer`, the positions waiting for the deepest segment (the pending states of all
+segments together, so each segment's too) are bounded (`max_pending`): past the bound the
+step flushes them deep, and no decode call carries more than max_pending + 1 positions.
+The last segment also reports the full model's token at every position it ran
+(`StepStats.full_tokens`), which exact mode checks early tokens against
+(runtime/generation.py). `fill` gives skipped layers only their keys/values
+(runtime/kv_cache.py). Every tensor is found by its role in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import Backend
+from .kv_buffer import KVBufferCache
+from .kv_cache import POLICIES, KVCache
+from .manifest import GraphSpec, Manifest, ManifestError, SegmentSpec
+from .sampling import dense_logits
+
+# Positions that may wait for the deepest segment before they are flushed deep. Chosen by
+# measurement of one pass of the whole chain vs the positions it carries: stories260K on the
+# shared, loaded 2-core machine (benchmarks/results/stories260k/deferral_cost.md) 1.03x one
+# position's cost at 8 positions, 1.15x at 32, 1.8x at 64; SmolLM2 on 2 cores (issue 13)
+# 1.15x at 4, 1.35x at 8, 2x at 16; an H200 (../shared/KNOWN.md) 1.1x at 8, 1.14x at 32.
+# 8 keeps the slowest token within ~1.4x of a plain step on the CPU model and pays a forced
+# flush at most once per 8 early tokens; on a GPU a larger bound (16-32) costs little.
+DEFAULT_MAX_PENDING = 8
+DECODE_DIM = "decode_sequence"  # manifest dim: positions one segment call takes in decode (bound + 1)
+
+
+@dataclass
+class StepStats:
+    """Work done by one step (or flush): what TokenRecord reports."""
+
+    layer_positions: int = 0  # decoder layers x positions run by segment graphs
+    fill_positions: int = 0  # skipped layers x positions whose K/V were filled
+    calls: int = 0  # graph calls
+    seconds: float = 0.0
+    full_tokens: dict[int, int] = field(default_factory=dict)  # position -> the full model's next token
+
+    def add(self, other: "StepStats") -> None:
+        self.layer_positions += other.layer_positions
+        self.fill_positions += other.fill_positions
+        self.calls += other.calls
+        self.seconds += other.seconds
+
+
+class Chain:
+    """The exported segments and their backends: steps, flushes, and the work they do.
+    `Runtime` adds the tokenizer, thresholds and generation on top."""
+
+    def __init__(self, manifest: Manifest, backends: list[Backend], kv_policy: str,
+                 head_backends: list[Backend] = (), fill_backends: list[Backend | None] = (),
+                 max_pending: int | None = None):
+        if kv_policy not in POLICIES:
+            raise ValueError(f"unknown KV policy {kv_policy!r}; choose one of {POLICIES}")
+        self.manifest = manifest
+        self.backends = backends
+        self.head_backends = list(head_backends)  # gate mode: exit heads, run only for leaving tokens
+        self.kv_policy = kv_policy
+        self.dtype = np.dtype("float16" if manifest.precision == "fp16" else "float32")
+        self.fill_backends = list(fill_backends) or [None] * len(backends)  # fill policy: K/V of skipped layers
+        self.max_pending = self.default_max_pending(manifest) if max_pending is None else int(max_pending)
+        if self.max_pending < 0:
+            raise ValueError(f"max_pending must be >= 0, got {max_pending}")
+        self.num_layers = [sg.layers[1] - sg.layers[0] for sg in manifest.segments]
+
+    @staticmethod
+    def default_max_pending(manifest: Manifest) -> int:
+        """The bound the export sized its decode profiles for, else DEFAULT_MAX_PENDING."""
+        d = manifest.dims.get(DECODE_DIM)
+        return int(d["max"]) - 1 if d and d.get("max") else DEFAULT_MAX_PENDING
+
+    # -- one step ------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        """Positions a generation may reach: the model's context, or the KV buffers' capacity."""
+        kv = self.manifest.kv_cache
+        return min(self.manifest.model.max_context, kv.capacity) if kv.layout == "buffer" else self.manifest.model.max_context
+
+    def new_cache(self) -> KVCache:
+        m = self.manifest.model
+        layers = [s.layers[1] - s.layers[0] for s in self.manifest.segments]
+        if self.manifest.kv_cache.layout == "buffer":
+            return KVBufferCache.allocate(layers, m.num_kv_heads, m.head_dim, self.max_context, self.dtype,
+                                          self.kv_policy)
+        return KVCache.empty(layers, m.num_kv_heads, m.head_dim, self.dtype)
+
+    def _run_segment(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats) -> dict:
+        """Run segment j on x (positions [length_j, end)) and keep its new KV: returned arrays
+        (concat), or written in place (buffer). Its pending states are in its cache then."""
+        seg, backend = self.manifest.segments[j], self.backends[j]
+        if isinstance(cache, KVBufferCache):
+            out = cache.run(j, seg, backend, x, end)
+        else:
+            out = backend.run(self._feeds(seg, x, cache, j, end))
+            cache.store(j, [out[s.name] for s in seg.per_layer(seg.outputs, "present_key")],
+                        [out[s.name] for s in seg.per_layer(seg.outputs, "present_value")])
+        cache.take_pending(j)
+        n = x.shape[1]
+        stats.layer_positions += n * self.num_layers[j]
+        stats.calls += 1
+        tokens_all = seg.names.get("tokens_all")
+        if tokens_all in out:  # last segment: the full model's next token at every position it ran
+            stats.full_tokens.update((end - n + i, int(t)) for i, t in enumerate(np.asarray(out[tokens_all])[0]))
+        return out
+
+    def _fill(self, j: int, hidden: np.ndarray, start: int, cache: KVCache, stats: StepStats) -> None:
+        """Fill policy: a token left after segment j with `hidden` at positions [start, start+S).
+        Every deeper layer gets the keys/values of that state (projections only), in one call."""
+        spec = self.manifest.segments[j + 1].kv_fill
+        pos = np.arange(start, start + hidden.shape[1], dtype=np.int64)[None, :]
+        out = self.fill_backends[j + 1].run(spec.feeds({"hidden": hidden, "position_ids": pos}))
+        by_layer = {(t.role, t.layer): out[t.name] for t in spec.outputs}
+        for k in range(j + 1, len(self.manifest.segments)):
+            layers = range(*self.manifest.segments[k].layers)
+            cache.append(k, [by_layer["fill_key", l] for l in layers], [by_layer["fill_value", l] for l in layers])
+            stats.fill_positions += hidden.shape[1] * self.num_layers[k]
+        stats.calls += 1
+
+    def _feeds(self, seg: SegmentSpec, x: np.ndarray, cache: KVCache, j: int, end: int) -> dict:
+        st = cache.segments[j]
+        feeds = seg.feeds({seg.entry_role: x, "attention_mask": np.ones((1, end), dtype=np.int64),
+                           "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :]})
+        for spec, arr in zip(seg.per_layer(seg.inputs, "past_key"), st.keys):
+            feeds[spec.name] = arr
+        for spec, arr in zip(seg.per_layer(seg.inputs, "past_value"), st.values):
+            feeds[spec.name] = arr
+        return feeds
+
+    def step(self, ids: np.ndarray, cache: KVCache, thresholds: list[float], want_logits: bool = False,
+             stats: StepStats | None = None):
+        """Feed token ids (positions cache.position ..) and return (token, exit index, confidence, logits).
+
+        All or nothing: on any error the cache is as before. With `defer`, once more than
+        `max_pending` positions wait (all segments together), they are flushed deep before
+        returning. `stats` collects the work."""
+        stats = StepStats() if stats is None else stats
+        mark = cache.mark()
+        try:
+            result = self._step(np.asarray(ids).reshape(1, -1).astype(np.int64), cache, thresholds, want_logits,
+                                stats)
+            if self.kv_policy == "defer" and sum(cache.pending_counts()) > self.max_pending:
+                self._flush(cache, stats)
+            return result
+        except BaseException:
+            cache.rollback(mark)
+            raise
+
+    def _step(self, ids: np.ndarray, cache: KVCache, thresholds: list[float], want_logits: bool, stats: StepStats):
+        start0 = cache.position
+        end = start0 + ids.shape[1]
+        if self.kv_policy == "fill" and ids.shape[1] > 1:
+            # a filled prompt would approximate every prompt position's deeper keys/values:
+            # the prompt runs the whole model (its first token is the model's own)
+            thresholds = [float("inf")] * len(thresholds)
+        hidden, start = None, start0
+        for j, seg in enumerate(self.manifest.segments):
+            if j == 0:
+                x = ids
+            else:
+                begin = cache.segments[j].length
+                x = cache.segment_input(j, hidden, start).astype(self.dtype, copy=False)
+                start = begin
+            out = self._run_segment(j, x, cache, end, stats)
+            conf = float(out[seg.name("confidence")][0])
+            if seg.exit is None:
+                cache.position = end
+                return int(out[seg.name("token")][0]), j, conf, self._logits(seg, out, want_logits)
+            hidden = out[seg.name("hidden_out")]
+            if conf >= thresholds[j]:
+                if self.kv_policy == "defer":
+                    cache.defer(j + 1, hidden, start)
+                else:
+                    self._fill(j, hidden, start, cache, stats)
+                cache.position = end
+                graph = seg
+                if seg.exit.head is not None:  # gate said exit: now, and only now, run the head
+                    graph = self.manifest.heads[seg.exit.head]
+                    exit_hidden = out[seg.name("exit_hidden")]
+                    out = self.head_backends[seg.exit.head].run(graph.feeds({"exit_hidden": exit_hidden}))
+                    stats.calls += 1
+                return int(out[graph.name("token")][0]), j, conf, self._logits(graph, out, want_logits)
+        raise RuntimeError("the last segment has an exit; the manifest is inconsistent")
+
+    def flush(self, cache: KVCache, stats: StepStats | None = None) -> StepStats:
+        """Run every pending position through the deeper segments now (all or nothing)."""
+        stats = StepStats() if stats is None else stats
+        mark = cache.mark()
+        try:
+            self._flush(cache, stats)
+        except BaseException:
+            cache.rollback(mark)
+            raise
+        return stats
+
+    def _flush(self, cache: KVCache, stats: StepStats) -> None:
+        first = cache.first_pending()
+        if first is None:
+            return
+        end = cache.position  # shallower segments hold every position: pending ends here
+        hidden, start = None, None
+        for j in range(first, len(self.manifest.segments)):
+            begin = cache.segments[j].length
+            x = cache.segment_input(j, hidden, start).astype(self.dtype, copy=False)
+            out = self._run_segment(j, x, cache, end, stats)
+            hidden, start = out.get(self.manifest.segments[j].names.get("hidden_out")), begin
+
+    def owed(self, cache: KVCache) -> int:
+        """Layer-positions the deferred states still need (each waits in one segment)."""
+        total = self.manifest.model.num_layers
+        return sum(n * (total - sg.layers[0]) for n, sg in zip(cache.pending_counts(), self.manifest.segments))
+
+    def _logits(self, graph: SegmentSpec | GraphSpec, out: dict, want: bool) -> np.ndarray | None:
+        """The head's logits (B, vocab): the full row if the graph has it, else (when asked)
+        its top-k spread over the vocabulary with -inf elsewhere."""
+        names = graph.names
+        if "logits" in names or not want:
+            return out.get(names["logits"]) if "logits" in names else None
+        if "topk_values" not in names:
+            raise ManifestError("sampling needs logits, and this export has neither top-k nor full logits "
+                                "(it predates them): re-export, or use greedy decoding (temperature 0)")
+        values = np.asarray(out[names["topk_values"]])  # from the GPU if there
+        indices = np.asarray(out[names["topk_indices"]])
+        return dense_logits(values, indices, self.manifest.model.vocab_size)

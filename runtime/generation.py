@@ -1,0 +1,207 @@
+"""One generation, from a prompt to TokenRecords: the options checked before the first
+token, the token loop (with exact mode's verification and rollback), text pieces, stop
+rules, and the kept KV cache handed back for the next call.
+
+Exact mode (defer, greedy): the last segment's token for every position it runs checks the
+tokens that left early; on a mismatch the caches roll back to that position and generation
+continues from the full model's token, so the output is the full model's greedy output. A
+token is shown once it is final: at once without exact mode, once checked with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .chain import StepStats
+from .detokenize import IncrementalDecoder
+from .kv_cache import KVCache
+from .manifest import ManifestError
+from .prefix_cache import KeptSequence
+from .results import GenerationResult, Stream, TokenRecord
+from .sampling import SamplingParams, Sampler
+from .stopping import Stopping
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+@dataclass
+class GenerationRun:
+    """What one generation needs besides its records, and what `generate` reads back after it."""
+
+    prompt: list[int]
+    stopping: Stopping
+    sampler: Sampler
+    thresholds: list[float]
+    cached: int = 0  # prompt tokens the kept cache already held
+    exact: bool = False  # verify early tokens with the last segment (defer, greedy)
+    eos: frozenset = frozenset()  # exact mode verifies these before stopping
+    stop: str | None = None
+
+
+@dataclass
+class _Token:
+    """A token made by a step (or by a rollback: the full model's), not yet shown."""
+
+    token: int
+    segment: int  # the segment whose head produced it; the last one = the full model
+    exit_layer: int
+    confidence: float
+    work: StepStats = field(default_factory=StepStats)  # the work of its step (and carried work)
+    rollbacks: int = 0
+    owed: int = 0  # layer-positions deferred work still needs once it is shown
+
+
+def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
+    """Check everything before the first token, so errors surface at the call, not at the
+    first next() of a stream."""
+    options = dict(options)
+    thresholds = options.pop("thresholds", None)
+    stop_at_eos = options.pop("stop_at_eos", True)
+    stopping = Stopping.build(rt.manifest.tokenizer.eos_ids if stop_at_eos else (), options.pop("stop", None),
+                              options.pop("max_time", None), options.pop("cancel", None))
+    reuse = bool(options.pop("reuse_cache", False))
+    exact = bool(options.pop("exact", False))
+    if "stream" in options:
+        raise TypeError("generate() always returns a GenerationResult: use Runtime.stream(...) for records")
+    try:
+        params = SamplingParams(**options)
+    except TypeError:
+        raise TypeError(f"unknown generation options {sorted(options)}; see Runtime.stream") from None
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    ids = rt.encode(prompt)
+    limit = rt.max_context
+    if len(ids) >= limit:
+        what = "KV buffer capacity" if rt.manifest.kv_cache.layout == "buffer" else "model's context"
+        raise ValueError(f"prompt is {len(ids)} tokens; the {what} is {limit}")
+    if exact:
+        if not Sampler(params).greedy:
+            raise ValueError("exact mode reproduces the full model's greedy output: use temperature 0")
+        if rt.kv_policy != "defer":
+            raise ValueError("exact mode needs the 'defer' KV policy (the fill policy's caches are approximate)")
+        if rt.manifest.segments[-1].output("tokens_all") is None:
+            raise ManifestError("exact mode needs the last segment's per-position tokens (output 'tokens_all'), "
+                                "which this export lacks: re-export it")
+    run = GenerationRun(ids.tolist(), stopping, Sampler(params), rt.resolve_thresholds(thresholds), exact=exact,
+                        eos=frozenset(rt.manifest.tokenizer.eos_ids if stop_at_eos else ()))
+
+    def finish(records: list[TokenRecord]) -> GenerationResult:
+        text = rt.tokenizer.decode([r.token for r in records])
+        if run.stop == "stop":  # cut before the stop string, as the stream did
+            text = text[:stopping.stop.find(text)]
+        return GenerationResult.from_records(run.prompt, records, text, rt.manifest.model.num_layers,
+                                             stop_reason=run.stop, cached_tokens=run.cached)
+
+    return Stream(_records(rt, ids, max_new_tokens, reuse, run), finish)
+
+
+def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[int],
+            run: GenerationRun) -> Iterator[_Token]:
+    """Tokens in order, each once final: every token unless run.exact, where an early token
+    is final once the last segment has checked it (flushing what waits when generation
+    would end). Each carries the work of its step (and of discarded tokens and flushes)."""
+    sampler, p, exact = run.sampler, cache.position + len(x), run.exact
+    last, n_layers = len(rt.manifest.segments) - 1, rt.manifest.model.num_layers
+    made: list[_Token] = []  # one per token so far; token i sits at position p + i
+    verified, shown = 0, 0
+    carry = StepStats()  # work of discarded tokens and flushes, for the next record
+    while True:
+        done = len(made) >= n or (made and made[-1].token in run.eos)
+        if done and verified == len(made):
+            return
+        stats, t0 = StepStats(), time.perf_counter()
+        if done:  # exact: what is left unverified runs deep now
+            rt.flush(cache, stats)
+        else:
+            token, j, conf, logits = rt.step(x, cache, run.thresholds, want_logits=not sampler.greedy,
+                                               stats=stats)
+            if not sampler.greedy:
+                token = sampler.pick(logits[0], history)
+            made.append(_Token(token, j, rt.manifest.segments[j].layers[1], conf))
+            history.append(token)
+            x = np.array([token], dtype=np.int64)
+        stats.seconds = time.perf_counter() - t0
+        carry.add(stats)
+        if exact:
+            for pos in sorted(stats.full_tokens):
+                i = pos + 1 - p  # the full model's token for made[i]
+                if not 0 <= i < len(made):
+                    continue
+                full = stats.full_tokens[pos]
+                if made[i].token != full:  # roll back to that position, continue from the model's token
+                    for r in made[i:]:
+                        carry.add(r.work)
+                    rollbacks = 1 + sum(r.rollbacks for r in made[i:])
+                    del made[i:]
+                    del history[p + i:]
+                    cache.truncate(p + i)
+                    made.append(_Token(full, last, n_layers, float("nan"), rollbacks=rollbacks))
+                    history.append(full)
+                    x = np.array([full], dtype=np.int64)
+                    verified = i + 1
+                    break
+                verified = max(verified, i + 1)
+        else:
+            verified = len(made)
+        if len(made) > shown:  # the newest token not yet shown takes this step's (and carried) work
+            made[-1].work.add(carry)
+            carry = StepStats()
+        owed = rt.owed(cache)
+        while shown < verified:
+            made[shown].owed = owed
+            shown += 1
+            yield made[shown - 1]
+
+
+def _records(rt: "Runtime", ids: np.ndarray, max_new_tokens: int, reuse: bool,
+             run: GenerationRun) -> Iterator[TokenRecord]:
+    limit = rt.max_context
+    run.stopping.start = time.perf_counter()  # max_time counts from the first step, not from the call
+    # this generation owns the kept cache until it ends: a second stream started meanwhile
+    # finds none and pre-fills from scratch instead of sharing (and corrupting) this one
+    kept, rt.kept = rt.kept, None
+    reused = kept.reuse_for(ids) if (reuse and kept is not None) else None
+    cache, run.cached = reused if reused else (rt.new_cache(), 0)
+    stopping = run.stopping
+    history = ids.tolist()  # the sequence so far: the repetition penalty looks at all of it
+    consistent = True
+    out_ids: list[int] = []
+    try:
+        n = min(max_new_tokens, limit - len(ids))
+        if n == 0:
+            run.stop = "max_new_tokens" if max_new_tokens == 0 else "context"
+            return
+        detok = IncrementalDecoder(rt.tokenizer)  # complete characters only, linear time
+        text, shown = "", 0
+        for i, r in enumerate(_tokens(rt, ids[run.cached:], cache, n, history, run)):
+            token = r.token
+            out_ids.append(token)
+            text += detok.add(token)
+            limit_reason = None if i < n - 1 else ("max_new_tokens" if n == max_new_tokens else "context")
+            run.stop, end = stopping.check(token, text, limit_reason)
+            if run.stop and run.stop != "stop":  # the last token: show what is still pending too
+                text += detok.flush()
+                end = len(text)
+            w = r.work
+            yield TokenRecord(token, r.segment, r.exit_layer, r.confidence, w.seconds,
+                              text[shown:max(shown, end)], run.stop, w.layer_positions, w.fill_positions,
+                              w.calls, r.owed, r.rollbacks)
+            shown = max(shown, end)
+            if run.stop:
+                return
+    except Exception:  # a failed step left the cache as before it, but this call is over: keep none
+        consistent = False
+        raise
+    finally:  # finished, closed or failed: hand the cache back for the next call to reuse
+        final = ids.tolist() + out_ids  # exact mode: the cache may hold unverified positions beyond these
+        if consistent and cache.position > len(final):
+            cache.truncate(len(final))
+        if consistent and cache.position > 0:
+            rt.kept = KeptSequence(final, cache)  # holds final[:cache.position]
+
