@@ -46,12 +46,7 @@ SECTIONS = [
      "`python benchmarks/domains.py runs/smollm2-135m/ckpt --target 0.95 --margin 0.03 --out "
      "benchmarks/results/smollm2-135m/domains-margin0.03`; without the margin (`domains/`) the exiting "
      "tokens agreed 0.939 [0.927, 0.950] on held-out text and 33 of 49 cells fell short."),
-    ("Learning curve (SmolLM2-135M)", "smollm2-135m/learning_curve/learning_curve.md",
-     "`python benchmarks/learning_curve.py smollm2-135m --tokens 40960 163840 --epochs 1.25 --out "
-     "benchmarks/results/smollm2-135m/learning_curve`. The recipe's 409,600-token point is the main job's "
-     "checkpoint (1,000 steps): per-exit agreement 0.167, 0.183, 0.203, 0.228, 0.254, 0.350, 0.491, 0.653 "
-     "(exits 6-27) on its held-out text, 0.979 of the layers at target 0.95 with the 0.03 margin "
-     "(`runs/smollm2-135m/ckpt/lama.json`)."),
+    ("Learning curve (SmolLM2-135M, partial)", "smollm2-135m/learning_curve/README.md", None),
     ("Gate features (SmolLM2-135M)", "smollm2-135m/gate_features/gate_features.md", None),
 ]
 
