@@ -74,17 +74,25 @@ def ensure_checkpoint(model: str, ckpt: Path, data: list[str] | None) -> float |
     return time.perf_counter() - t0
 
 
-def ensure_export(ckpt: Path, export_dir: Path, precision: str = "fp32", data: list[str] | None = None
-                  ) -> float | None:
-    """Export once; again when the heads changed after the last export (or the precision differs)."""
+# precision variants a benchmark can compare in one run: name -> (precision, export options)
+VARIANTS = {"int8": ("int8", None), "int4": ("int4", None),
+            "int4-requant": ("int4", {"exact_blocks": False})}  # int4 before GGUF blocks were kept
+
+
+def ensure_export(ckpt: Path, export_dir: Path, precision: str = "fp32", data: list[str] | None = None,
+                  quant_options: dict | None = None) -> float | None:
+    """Export once; again when the heads changed after the last export (or the precision or
+    the exact-blocks choice differs)."""
     manifest = export_dir / "manifest.json"
-    if (manifest.is_file() and manifest.stat().st_mtime >= (ckpt / "heads.safetensors").stat().st_mtime
-            and json.loads(manifest.read_text()).get("precision") == precision):
-        return None
+    if manifest.is_file() and manifest.stat().st_mtime >= (ckpt / "heads.safetensors").stat().st_mtime:
+        m = json.loads(manifest.read_text())
+        exact = bool(any(((m.get("quantization") or {}).get("exact_blocks") or {}).values()))
+        if m.get("precision") == precision and (quant_options or {}).get("exact_blocks", exact) == exact:
+            return None
     from exporter import api
 
     t0 = time.perf_counter()
-    api.export(ckpt, out=export_dir, precision=precision, data=data)
+    api.export(ckpt, out=export_dir, precision=precision, data=data, quant_options=quant_options)
     return time.perf_counter() - t0
 
 
@@ -155,7 +163,8 @@ def benchmark(args) -> dict:
     del bb, heads, gates
 
     # timing rows: one process each, interleaved pass by pass
-    setup = Setup({"prompts": prompts, "max_new_tokens": args.new_tokens, "threads": args.threads},
+    setup = Setup({"prompts": prompts, "max_new_tokens": args.new_tokens, "threads": args.threads,
+                   "thread_pool": args.thread_pool},
                   model_path, gguf, work, export_dir)
 
     def evaluate(p) -> dict:  # a policy row's teacher-forced figures and its simulated held-out outcome
@@ -169,7 +178,7 @@ def benchmark(args) -> dict:
     quant = {}
     for prec in args.precisions:  # rows g: each precision's own export, thresholds calibrated on it
         qdir = work / f"onnx-{prec}"
-        ensure_export(ckpt, qdir, prec, args.data)
+        ensure_export(ckpt, qdir, *VARIANTS[prec][:1], args.data, VARIANTS[prec][1])
         m = Manifest.load(qdir)
         quant[prec] = dataclasses.asdict(m.quantization) if m.quantization else None
         entries += quantized_rows(setup, prec, qdir, m, args.quant_targets)
@@ -197,7 +206,7 @@ def benchmark(args) -> dict:
         "train_config": cfg,
         "settings": {"prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "budget_unit": args.budget_unit, "kv_policies": args.kv_policies,
-                     "max_pending": args.max_pending,
+                     "max_pending": args.max_pending, "thread_pool": args.thread_pool,
                      "exit_check_cost_layers": calib_scores.check_cost,
                      "plain_chain_compute": float(calib_scores.costs()[-1]), "threads": args.threads,
                      "heldout_windows": int(len(windows)),
@@ -310,9 +319,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV policies for the exit rows (default: defer). fill: skipped layers get only K/V "
                         "projections; exact: defer + verification by the full model's head (its greedy output)")
     p.add_argument("--max-pending", type=int, help="runtime bound on deferred positions (default: the export's)")
+    p.add_argument("--thread-pool", choices=["shared", "session"], default="shared",
+                   help="our chain's onnxruntime threads: one shared spinning pool (as `lama generate`) or one per session")
     p.add_argument("--optimum-python", default=str(OPTIMUM_PYTHON), help="python of the optimum venv")
     p.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON), help="python of the llama.cpp venv (row f)")
-    p.add_argument("--precisions", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+    p.add_argument("--precisions", nargs="*", default=["int8", "int4"], choices=sorted(VARIANTS),
                    help="quantized exports timed as rows g (default int8 int4; give none for no such rows)")
     p.add_argument("--quant-targets", type=float, nargs="*", default=[0.95],
                    help="agreement targets for the quantized rows (besides exits off; default 0.95)")

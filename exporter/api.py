@@ -91,7 +91,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     if min_share > 0:
         from .placement import keep_gates, keep_heads, prune_exits, take_exits
 
-        keep = prune_exits(scores[scores_file("calibration", kind)], target, min_share)
+        keep = prune_exits(scores[scores_file("calibration", kind)], target, min_share, recipe.margin)
         scores = {name: take_exits(s, keep) for name, s in scores.items()}
         keep_heads(heads, keep)
         if gates is not None:
@@ -160,15 +160,29 @@ def _reports(calib, heldout, thresholds, target, delta) -> dict:
 
 def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: float | None = None,
               budget: float | None = None, confidence: str | None = None,
-              margin: float | None = None) -> dict[str, CalibrationReport]:
+              margin: float | None = None, exit_min_share: float | None = None,
+              backbone=None) -> dict[str, CalibrationReport]:
     """Choose new thresholds from the stored scores: an agreement target (optionally with a
     statistical guarantee) or an EERO compute budget. `confidence` switches the score the
     thresholds apply to ("gate" for the trained gates, or the head's "top1"/"margin" kind
-    it was trained with). `margin`: calibrate at target + margin (default: the checkpoint's)."""
+    it was trained with). `margin`: calibrate at target + margin (default: the checkpoint's).
+    `exit_min_share`: first drop the exits that would send out less than this share of the
+    calibration tokens at the target (exporter/placement.py; rewrites heads, gates and scores)."""
     if (target is None) == (budget is None):
         raise ValueError("give exactly one of target (agreement, e.g. 0.95) or budget (compute share, e.g. 0.5)")
     ckpt = Checkpoint.open(checkpoint)
     config = ckpt.config
+    if margin is None:
+        margin = (config.policy or {}).get("margin", 0.0)
+    if exit_min_share:
+        if target is None:
+            raise ValueError("exit_min_share prunes exits at an agreement target: give target, not budget")
+        if confidence is not None and confidence != config.confidence:
+            raise ValueError("prune with the checkpoint's own confidence, then switch it in a second call")
+        from .placement import prune_checkpoint
+
+        ckpt, _ = prune_checkpoint(ckpt, exit_min_share, target, margin, backbone)
+        config = ckpt.config
     if confidence is not None:
         if score_kind(confidence) == "head" and confidence != config.head_confidence:
             raise ValueError(f"the stored head scores use confidence {config.head_confidence!r}; "
@@ -186,8 +200,6 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
         thresholds = [float(t) for t in result.thresholds]
         config.policy = {"kind": "budget", "budget": budget, "mu": float(result.mu)}
     else:
-        if margin is None:
-            margin = (config.policy or {}).get("margin", 0.0)
         thresholds = calibrate_thresholds(calib, target, delta=delta, margin=margin)
         config.policy = {"kind": "target", "target": target, "delta": delta, "margin": margin}
     config.thresholds = to_json_thresholds(thresholds)

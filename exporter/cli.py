@@ -49,7 +49,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     from . import api
 
     reports = api.calibrate(a.checkpoint, target=a.target, delta=a.delta, budget=a.budget, confidence=a.confidence,
-                            margin=a.margin)
+                            margin=a.margin, exit_min_share=a.exit_min_share)
     if a.json:
         print(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
     else:
@@ -60,7 +60,8 @@ def cmd_export(a: argparse.Namespace) -> None:
     from . import api
 
     quant = {k: v for k, v in (("block_size", a.block_size), ("symmetric", a.symmetric),
-                                ("accuracy_level", a.accuracy_level)) if v is not None}
+                                ("accuracy_level", a.accuracy_level), ("exact_blocks", a.exact_blocks))
+             if v is not None}
     out = api.export(a.checkpoint, out=a.out, precision=a.precision, backend=a.backend,
                      with_logits=a.with_logits, workspace_gb=a.workspace_gb, kv=a.kv, kv_capacity=a.kv_capacity,
                      data=a.data, quant_options=quant or None)
@@ -71,7 +72,8 @@ def cmd_export(a: argparse.Namespace) -> None:
     if q is not None:
         c = q.calibration
         print(f"{q.bits}-bit weights (blocks of {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}, "
-              f"accuracy level {q.accuracy_level}): {q.quantized_matmuls} MatMulNBits in {len(q.graphs)} graphs")
+              f"accuracy level {q.accuracy_level}): {q.quantized_matmuls} MatMulNBits in {len(q.graphs)} graphs"
+              + (f"; GGUF blocks kept exactly: {q.exact_blocks}" if any(q.exact_blocks.values()) else ""))
         if "teacher_forced_agreement_vs_fp32" in c:
             print(f"quantized full model vs fp32: teacher-forced top-1 agreement "
                   f"{c['teacher_forced_agreement_vs_fp32']:.4f} on {c['teacher_forced_tokens']} held-out tokens, "
@@ -112,6 +114,9 @@ def add_host_commands(sub) -> None:
                    "text (default: the checkpoint's; the SmolLM2 recipe uses 0.03, measured per domain)")
     c.add_argument("--confidence", choices=["top1", "margin", "gate"],
                    help="score the thresholds apply to (default: keep the checkpoint's); gate = trained exit gates")
+    c.add_argument("--exit-min-share", type=float,
+                   help="first drop the exits that send out less than this share of the calibration tokens at "
+                        "--target (each costs a check and a segment call; rewrites the checkpoint's heads and scores)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_calibrate)
 
@@ -126,6 +131,9 @@ def add_host_commands(sub) -> None:
                    help="int8/int4: symmetric blocks (no zero point); default: symmetric")
     e.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="int8/int4: MatMulNBits accuracy_level (4 = int8 activations in the CPU kernel, default)")
+    e.add_argument("--exact-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep weights that hold GGUF Q4_1/Q8_0 blocks exactly instead of re-quantizing them "
+                        "(default: on for int4, off for int8)")
     e.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
     e.add_argument("--with-logits", action="store_true",
                    help="also output full logits (every export samples over the heads' top-64 logits; "

@@ -111,6 +111,12 @@ class ExitGates(nn.Module):
         """Estimated probability that exit k's top-1 token agrees with the full model."""
         return torch.sigmoid(self.logit(k, hidden, prev, position, vocab_input))
 
+    def forward(self, k: int, hidden: torch.Tensor, prev: torch.Tensor | None = None,
+                position: torch.Tensor | None = None, vocab_input: torch.Tensor | None = None) -> torch.Tensor:
+        """`score`, called as the module so that every op of the gate (the shortlist's product
+        included) is named under /gates/ in exported graphs, which quantization leaves in float."""
+        return self.score(k, hidden, prev, position, vocab_input)
+
     def macs(self) -> int:
         return sum(p.numel() for p in self.gates[0].parameters()) + self.n_short * self.short_w.shape[-1]
 

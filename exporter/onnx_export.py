@@ -89,14 +89,14 @@ def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Pat
     return [t for t in inputs if t.name in graph_inputs]
 
 
-def _quantize(path: Path, scheme) -> tuple[str, int, list[str]] | None:
+def _quantize(path: Path, scheme) -> tuple[str, int, list[str], dict] | None:
     """int8/int4: rewrite the graph's weight MatMuls as MatMulNBits before its checksum is taken."""
     if scheme is None:
         return None
     from .quantize import quantize_graph
 
-    made, left = quantize_graph(path, scheme)
-    return path.name, made, left
+    made, left, exact = quantize_graph(path, scheme)
+    return path.name, made, left, exact
 
 
 def _file_facts(path: Path) -> dict:
@@ -297,9 +297,10 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             from .quant_calibrate import uncalibrated_record
 
             quantized = [q for q in quantized if q is not None]
-            quant_info = scheme.info([f for f, _, _ in quantized], sum(n for _, n, _ in quantized),
-                                     [f"{f}:{m}" for f, _, left in quantized for m in left],
-                                     quant_cal.record if quant_cal else uncalibrated_record(config))
+            quant_info = scheme.info([q[0] for q in quantized], sum(q[1] for q in quantized),
+                                     [f"{q[0]}:{m}" for q in quantized for m in q[2]],
+                                     quant_cal.record if quant_cal else uncalibrated_record(config),
+                                     {k: sum(q[3][k] for q in quantized) for k in ("q4_1", "q8_0")})
             if quant_cal is not None:  # the quantized scores travel with the export, for later study
                 (tmp / "scores").mkdir()
                 for name, sc in quant_cal.scores.items():

@@ -5,7 +5,8 @@ runtime (an extra graph call). An exit that sends out under `min_share` of the
 calibration tokens at the target is pure cost, so after training we drop such exits one
 at a time (the least used first) and recalibrate the rest, since removing an exit
 changes which tokens reach the later ones. `lama train --exits auto` trains heads at
-every other layer and lets this choose; a recipe sets `exit_min_share` to prune its own list.
+every other layer and lets this choose; a recipe sets `exit_min_share` to prune its own list;
+`lama calibrate --exit-min-share` prunes a trained checkpoint (`prune_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ def take_exits(scores: ExitScores, keep: list[int]) -> ExitScores:
                       scores.domain, scores.domains)
 
 
-def prune_exits(scores: ExitScores, target: float, min_share: float) -> list[int]:
+def prune_exits(scores: ExitScores, target: float, min_share: float, margin: float = 0.0) -> list[int]:
     """Indices of the exits to keep: each sends >= min_share of the calibration tokens out at
-    `target` once the others are recalibrated without the dropped ones. At least one stays."""
+    `target` (fitted at target + margin, as the thresholds will be) once the others are
+    recalibrated without the dropped ones. At least one stays."""
     if not 0.0 <= min_share < 1.0:
         raise ValueError(f"exit_min_share must be in [0, 1), got {min_share}")
     keep = list(range(scores.num_exits))
     while len(keep) > 1:
         sub = take_exits(scores, keep)
-        share = simulate(sub, calibrate_thresholds(sub, target)).coverage
+        share = simulate(sub, calibrate_thresholds(sub, target, margin=margin)).coverage
         worst = int(np.argmin(share))
         if share[worst] >= min_share:
             break
@@ -54,3 +56,35 @@ def keep_gates(gates, keep: list[int]) -> None:
     gates.gates = nn.ModuleList(gates.gates[i] for i in keep)
     for name in ("scalar_mean", "scalar_std", "short_w", "short_b"):
         setattr(gates, name, getattr(gates, name)[keep].clone())
+
+
+def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float = 0.0, backbone=None):
+    """Drop a trained checkpoint's exits that send out < `min_share` of the calibration tokens
+    at `target` (+ margin), in place: heads, gates and every stored score file keep only the
+    exits that stay (the caller recalibrates). Returns (the reopened Checkpoint, kept layers)."""
+    from .backbone import load_backbone
+    from .checkpoint import SPLITS, Checkpoint, save_checkpoint, scores_file
+
+    ck = Checkpoint.open(checkpoint)
+    config = ck.config
+    keep = prune_exits(ck.scores("calibration"), target, min_share, margin)
+    if len(keep) == len(config.exits):
+        return ck, list(config.exits)
+    bb = backbone or load_backbone(config.source)
+    heads = ck.heads(bb)
+    gates = ck.gates(bb) if config.gate_width and (ck.path / "gates.safetensors").is_file() else None
+    scores = {}
+    for split in SPLITS:
+        for kind in ("head", "gate"):
+            if (ck.path / scores_file(split, kind)).is_file():
+                scores[scores_file(split, kind)] = take_exits(ck.scores(split, kind), keep)
+    keep_heads(heads, keep)
+    if gates is not None:
+        keep_gates(gates, keep)
+    dropped = [e for i, e in enumerate(config.exits) if i not in keep]
+    config.exits = [config.exits[i] for i in keep]
+    config.thresholds = [config.thresholds[i] for i in keep] if config.thresholds else config.thresholds
+    config.train = {**(config.train or {}), "exit_min_share": min_share,
+                    "pruned_exits": sorted(set((config.train or {}).get("pruned_exits", [])) | set(dropped))}
+    save_checkpoint(ck.path, config, heads, scores, gates)
+    return Checkpoint.open(ck.path), list(config.exits)

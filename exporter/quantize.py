@@ -28,9 +28,10 @@ from runtime.manifest import QuantizationInfo
 
 EXCLUDE_PREFIXES = ("/gates/",)  # node-name prefixes left in float: the exit gates (Segment.gates)
 SCHEMES = {
-    # precision -> (bits, block size, symmetric, accuracy level); chosen by measurement, see README
-    "int4": (4, 32, True, 4),
-    "int8": (8, 32, True, 4),
+    # precision -> (bits, block size, symmetric, accuracy level, exact GGUF blocks); chosen by
+    # measurement, see README
+    "int4": (4, 32, True, 4, True),
+    "int8": (8, 32, True, 4, False),
 }
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -41,15 +42,16 @@ class Scheme:
     block_size: int
     symmetric: bool
     accuracy_level: int
+    exact_blocks: bool = False  # weights that hold GGUF Q4_1/Q8_0 blocks keep them (exporter/gguf_blocks.py)
 
     @classmethod
     def for_precision(cls, precision: str, *, block_size: int | None = None, symmetric: bool | None = None,
-                      accuracy_level: int | None = None) -> "Scheme":
+                      accuracy_level: int | None = None, exact_blocks: bool | None = None) -> "Scheme":
         if precision not in SCHEMES:
             raise ValueError(f"no quantization scheme for precision {precision!r}; choose one of {sorted(SCHEMES)}")
-        bits, block, sym, acc = SCHEMES[precision]
+        bits, block, sym, acc, exact = SCHEMES[precision]
         s = cls(bits, block if block_size is None else block_size, sym if symmetric is None else symmetric,
-                acc if accuracy_level is None else accuracy_level)
+                acc if accuracy_level is None else accuracy_level, exact if exact_blocks is None else exact_blocks)
         if s.block_size < 16 or s.block_size & (s.block_size - 1):
             raise ValueError(f"block size must be a power of two >= 16, got {s.block_size}")
         if s.accuracy_level not in (0, 1, 2, 3, 4):
@@ -57,8 +59,11 @@ class Scheme:
         return s
 
     def info(self, graphs: list[str], quantized_matmuls: int, float_matmuls: list[str],
-             calibration: dict | None = None) -> QuantizationInfo:
-        return QuantizationInfo(method="onnxruntime MatMulNBits (weight-only, round-to-nearest)", bits=self.bits,
+             calibration: dict | None = None, exact: dict | None = None) -> QuantizationInfo:
+        method = "onnxruntime MatMulNBits (weight-only, round-to-nearest)"
+        if exact and any(exact.values()):
+            method += "; GGUF blocks kept exactly: Q4_1 as 4-bit d*q + float block offsets, Q8_0 as 8-bit"
+        return QuantizationInfo(method=method, bits=self.bits, exact_blocks=dict(exact or {}),
                                 block_size=self.block_size, symmetric=self.symmetric,
                                 accuracy_level=self.accuracy_level, graphs=tuple(graphs),
                                 quantized_matmuls=quantized_matmuls, float_matmuls=tuple(float_matmuls),
@@ -105,22 +110,29 @@ def _quantizer_class():
     return MatMulNBitsQuantizer
 
 
-def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str]]:
-    """Quantize `path` in place; returns (MatMulNBits nodes made, constant MatMuls left in float)."""
+def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str], dict]:
+    """Quantize `path` in place; returns (MatMulNBits nodes made, constant MatMuls left in float,
+    {"q4_1": n, "q8_0": n} weights whose GGUF blocks were kept exactly)."""
     import onnx
+
+    from .gguf_blocks import PREFIX, encode_exact_blocks
 
     MatMulNBitsQuantizer = _quantizer_class()
     model = onnx.load(str(path))
     _constant_weights_to_initializers(model)
+    exact = {"q4_1": 0, "q8_0": 0}
+    if scheme.exact_blocks:
+        exact = encode_exact_blocks(model, EXCLUDE_PREFIXES, scheme.accuracy_level)
+    keep = EXCLUDE_PREFIXES + (PREFIX,)  # the gates, and the exact blocks' own small float products
     names, _ = _constant_matmuls(model)
-    exclude = [n for n in names if n.startswith(EXCLUDE_PREFIXES)]
+    exclude = [n for n in names if n.startswith(keep)]
     q = MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=scheme.block_size, is_symmetric=scheme.symmetric,
                              accuracy_level=scheme.accuracy_level or None, nodes_to_exclude=exclude)
     q.process()
     out = q.model.model
     made = sum(n.op_type == "MatMulNBits" for n in out.graph.node)
     left, _ = _constant_matmuls(out)
-    unexpected = [n for n in left if not n.startswith(EXCLUDE_PREFIXES)]
+    unexpected = [n for n in left if not n.startswith(keep)]
     if unexpected:
         raise RuntimeError(f"{path.name}: onnxruntime's quantizer left weight MatMuls in float: {unexpected[:5]}")
     for f in path.parent.glob(path.name + ".data"):
@@ -128,7 +140,7 @@ def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str]]:
     big = out.ByteSize() > EXTERNAL_DATA_BYTES
     onnx.save_model(out, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
     onnx.checker.check_model(str(path))
-    return made, left
+    return made, [n for n in left if not n.startswith(PREFIX)], exact
 
 
 # -- the same weights in PyTorch ---------------------------------------------------------------
@@ -163,22 +175,29 @@ def dequantized(weight: np.ndarray, scheme: Scheme) -> np.ndarray:
     return deq.reshape(cols, k_blocks * bs)[:, :rows].T  # (K, N)
 
 
-def _int8_activations(block_size: int):
-    """A forward pre-hook that rounds a Linear's input as MatMulNBits does at accuracy level 4:
-    symmetric int8 per row, one scale per block of `block_size` inputs (max |x| / 127)."""
+def int8_blocks(block_size: int):
+    """x -> x rounded as MatMulNBits rounds its input at accuracy level 4: symmetric int8 per
+    row, one scale per block of `block_size` inputs (max |x| / 127), half to even."""
     import torch
     import torch.nn.functional as F
 
-    def hook(module, args):
-        x = args[0]
+    def round8(x):
         k = x.shape[-1]
         pad = -k % block_size
         xb = F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block_size)  # (..., K/bs, bs)
         scale = xb.abs().amax(-1, keepdim=True) / 127.0
         scale = scale.masked_fill(scale == 0, 1.0)
-        xq = (torch.round(xb / scale) * scale)  # half to even, like the kernel
-        xq = xq.reshape(*x.shape[:-1], -1)[..., :k]
-        return (xq,) + tuple(args[1:])
+        return (torch.round(xb / scale) * scale).reshape(*x.shape[:-1], -1)[..., :k]
+
+    return round8
+
+
+def _int8_activations(block_size: int):
+    """A forward pre-hook that rounds a Linear's input as MatMulNBits does at accuracy level 4."""
+    round8 = int8_blocks(block_size)
+
+    def hook(module, args):
+        return (round8(args[0]),) + tuple(args[1:])
 
     return hook
 
@@ -189,9 +208,12 @@ def fake_quantize(modules, scheme: Scheme) -> int:
 
     A weight shared by several modules (a tied LM head) is quantized once per module and
     untied from the others, so the embedding lookup keeps its float table as in the graphs.
-    Returns the number of weights replaced."""
+    With `scheme.exact_blocks`, weights that hold GGUF blocks get their exact encoding's
+    numerics instead (gguf_blocks.exact_twin). Returns the number of weights replaced."""
     import torch
     from torch import nn
+
+    from .gguf_blocks import exact_twin
 
     seen: set[int] = set()
     count = 0
@@ -199,10 +221,12 @@ def fake_quantize(modules, scheme: Scheme) -> int:
         for m in root.modules():
             if isinstance(m, nn.Linear) and id(m) not in seen:
                 seen.add(id(m))
+                count += 1
+                if scheme.exact_blocks and exact_twin(m, scheme.accuracy_level):
+                    continue
                 w = m.weight.detach().float().numpy().T  # torch keeps (N, K); MatMul's weight is (K, N)
                 deq = torch.from_numpy(np.ascontiguousarray(dequantized(w, scheme).T))
                 m.weight = nn.Parameter(deq.to(m.weight.dtype), requires_grad=False)
                 if scheme.accuracy_level == 4:
                     m.register_forward_pre_hook(_int8_activations(scheme.block_size))
-                count += 1
     return count

@@ -91,7 +91,7 @@ class Segment(nn.Module):
         last = hidden[:, -1, :]  # (B, D): the head only runs where the runtime needs a decision
         if self.gated:
             z = self.heads.vocab_input(self.index, last) if "shortlist" in self.gates.features else None
-            outs = [self.gates.score(self.index, last, entry, position_ids[:, -1], z),
+            outs = [self.gates(self.index, last, entry, position_ids[:, -1], z),
                     self.heads.head_input(self.index, last)]
         else:
             if self.is_last:

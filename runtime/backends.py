@@ -7,6 +7,7 @@ here (`available()`), so the runtime and the tests can say why a path is skipped
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,41 @@ class Backend(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+THREAD_POOLS = ("shared", "session")
+_shared_pool: dict[str, int | None] = {}
+# onnxruntime keeps one environment per process, with or without a shared pool, while any
+# session lives; these are its words when a session asks for the other kind
+_POOL_CLASH = {"EnvCreatedWithGlobalThreadPools": "session", "must be false when using a global": "shared"}
+
+
+def shared_thread_pool(threads: int | None) -> bool:
+    """Size (once per process) the onnxruntime thread pool that sessions share: `threads`
+    threads (None: onnxruntime's default, one per core). False when an earlier call fixed
+    another size, which then stays (onnxruntime cannot resize it)."""
+    if "threads" not in _shared_pool:
+        from onnxruntime.capi import _pybind_state
+
+        _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)  # 0: onnxruntime's default size
+        _shared_pool["threads"] = threads
+    return _shared_pool["threads"] == threads
+
+
+def _session_options(ort, pool: str, threads: int | None):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if pool == "shared":
+        # one spinning pool for every session of the chain: a segment's small ops do not wait
+        # for sleeping threads to wake (SmolLM2 int4 chain ~+15%, README "Threads")
+        opts.use_per_session_threads = False
+    else:
+        # spinning threads of N per-session pools fight for the same cores: a chain of 8
+        # segments ran 5x slower with the default (../shared/KNOWN.md)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+    return opts
+
+
 class OnnxRuntimeBackend:
     """onnxruntime InferenceSession with settings that suit a chain of small graphs."""
 
@@ -29,17 +65,18 @@ class OnnxRuntimeBackend:
     GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
                                "MIGraphXExecutionProvider", "DmlExecutionProvider"})
 
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 thread_pool: str = "session"):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        # Spinning threads of N sessions fight for the same cores: a chain of 8 segments ran
-        # 5x slower with the default (../shared/KNOWN.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
+        if thread_pool not in THREAD_POOLS:
+            raise ValueError(f"thread_pool must be one of {THREAD_POOLS}, got {thread_pool!r}")
+        pool = thread_pool if providers == ["CPUExecutionProvider"] else "session"
+        if pool == "shared" and not shared_thread_pool(threads):
+            size = _shared_pool["threads"] or "onnxruntime's default number of"
+            warnings.warn(f"onnxruntime's shared thread pool already has {size} threads in this process; "
+                          f"sessions asking for {threads} run on it", stacklevel=3)
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
             hint = (" (GPU providers need the onnxruntime-gpu package in place of onnxruntime)"
@@ -47,10 +84,20 @@ class OnnxRuntimeBackend:
             raise ManifestError(f"onnxruntime providers {unknown} are not available here "
                                 f"(available: {ort.get_available_providers()}){hint}")
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            try:
+                self.session = ort.InferenceSession(str(path), sess_options=_session_options(ort, pool, threads),
+                                                    providers=providers)
+            except Exception as e:
+                other = next((p for k, p in _POOL_CLASH.items() if k in str(e)), None)
+                if other is None:
+                    raise
+                pool = other  # the process's sessions already use the other kind of pool
+                self.session = ort.InferenceSession(str(path), sess_options=_session_options(ort, pool, threads),
+                                                    providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ManifestError(f"{path.name}: onnxruntime cannot load this graph ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:300]})") from None
+        self.thread_pool = pool
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
@@ -127,7 +174,7 @@ class InPlaceBinding:
 
 
 def open_backend(folder: Path, seg: SegmentSpec, providers: list[str] | str | None = None,
-                 threads: int | None = None) -> Backend:
+                 threads: int | None = None, thread_pool: str = "session") -> Backend:
     if providers == "tensorrt" or providers == ["tensorrt"]:
         from .tensorrt import TensorRTBackend
 
@@ -138,4 +185,4 @@ def open_backend(folder: Path, seg: SegmentSpec, providers: list[str] | str | No
         return TensorRTBackend(folder, seg, device_outputs=present)
     if isinstance(providers, str):
         providers = [providers]
-    return OnnxRuntimeBackend(folder / seg.file, providers, threads)
+    return OnnxRuntimeBackend(folder / seg.file, providers, threads, thread_pool)

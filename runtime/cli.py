@@ -52,7 +52,7 @@ def _load(a: argparse.Namespace):
     note = f"loading {a.model_dir} (checking files) ..."
     if show:
         print(note, end="\r", file=sys.stderr, flush=True)
-    rt = Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy, threads=a.threads,
+    rt = Runtime.load(a.model_dir, providers=a.providers, kv_policy=a.kv_policy, threads=a.threads, thread_pool=a.thread_pool,
                       chat_template=a.chat_template, max_pending=a.max_pending)
     if show:
         print(" " * len(note), end="\r", file=sys.stderr, flush=True)
@@ -164,7 +164,10 @@ def _runtime_args() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("model_dir", type=Path, help="an export folder (manifest.json, segment graphs, tokenizer)")
     p.add_argument("--providers", nargs="+", help="onnxruntime providers, or 'tensorrt' for native engines")
-    p.add_argument("--threads", type=int, help="onnxruntime threads per session (default: onnxruntime's)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: onnxruntime's, one per core)")
+    p.add_argument("--thread-pool", choices=["shared", "session"], default="shared",
+                   help="shared: one spinning pool for all segments (CPU, default, ~15%% faster for int4); "
+                        "session: one sleeping pool per segment")
     p.add_argument("--kv-policy", choices=["defer", "fill"], default="defer",
                    help="defer: skipped layers run later, caches exact; fill: skipped layers get only K/V "
                         "projections of the exited state (saves their work, approximate)")

@@ -136,6 +136,28 @@ def test_runtime_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_thread_pools_give_the_same_tokens(exported):
+    """The shared (spinning, process-wide) pool and per-session pools are a speed choice only:
+    each runs in a fresh process (onnxruntime fixes the kind per process) and gives the same
+    tokens; a process whose sessions already share a pool keeps using it."""
+    folder, _ = exported["llama"]
+    code = ("import json, sys, warnings; from runtime import Runtime; "
+            "rt = Runtime.load(sys.argv[1], threads=2, thread_pool=sys.argv[2]); "
+            "r = rt.generate(sys.argv[3], 12, thresholds=[0.5] * len(rt.manifest.exits)); "
+            "warnings.simplefilter('error'); "
+            "again = Runtime.load(sys.argv[1], threads=2, thread_pool='session'); "
+            "print(json.dumps([[b.thread_pool for b in rt.backends], [b.thread_pool for b in again.backends], "
+            "list(r.tokens)]))")
+    out = {}
+    for pool in ("shared", "session"):
+        run = subprocess.run([sys.executable, "-c", code, str(folder), pool, PROMPT], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        out[pool] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(out["shared"][0]) == {"shared"} and set(out["session"][0]) == {"session"}
+    assert set(out["shared"][1]) == {"shared"}  # the process's pool kind wins, quietly
+    assert out["shared"][2] == out["session"][2] and len(out["shared"][2]) == 12
+
+
 # -- bad inputs ---------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -44,3 +44,30 @@ def test_train_with_auto_exits_keeps_a_consistent_checkpoint(tmp_path):
     heads, gates = load_heads(ck, bb, c), load_gates(ck, bb, c)  # the pruned weights load back
     assert len(heads.heads) == len(gates.gates) == len(c.exits)
     assert gates.score(0, torch.randn(2, bb.shape.hidden_size), torch.randn(2, bb.shape.hidden_size)).shape == (2,)
+
+
+def test_calibrate_prunes_a_trained_checkpoint_that_still_exports(tmp_path):
+    """`lama calibrate --exit-min-share`: the exits that would not fire are dropped from the
+    heads, gates and every score file, the rest recalibrated, and the export has their segments."""
+    from conftest import make_checkpoint
+
+    from runtime import Runtime
+
+    ck, bb = make_checkpoint(tmp_path, "llama", exits=(1, 2, 3), gates=True)
+    before = read_scores(ck, "calibration", "gate")
+    expect = prune_exits(before, 0.6, 0.05)
+    assert len(expect) < 3  # random heads: some exit sends out less than 5% at 0.6
+    api.calibrate(ck, target=0.6, exit_min_share=0.05, margin=0.0, backbone=bb)
+    c = read_config(ck)
+    assert c.exits == [before.exit_layers[i] for i in expect] and len(c.thresholds) == len(c.exits)
+    assert c.train["pruned_exits"] == sorted(set(before.exit_layers) - set(c.exits))
+    for split in ("calibration", "heldout"):
+        for kind in ("head", "gate"):
+            s = read_scores(ck, split, kind)
+            assert s.exit_layers == c.exits
+    assert np.array_equal(read_scores(ck, "calibration", "gate").confidence, before.confidence[:, expect])
+    out = api.export(ck, out=tmp_path / "onnx", backbone=bb)
+    rt = Runtime.load(out)
+    assert [e.exit_layer for e in rt.manifest.exits] == c.exits
+    assert len(rt.manifest.segments) == len(c.exits) + 1
+    assert len(rt.generate("Once upon a time", 4).tokens) == 4

@@ -70,7 +70,7 @@ def test_dequantized_weights_are_what_matmulnbits_multiplies_by(tmp_path):
         path = tmp_path / f"m{bits}{sym}.onnx"
         onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
         scheme = Scheme(bits, 32, sym, 0)
-        assert quantize_graph(path, scheme) == (1, [])
+        assert quantize_graph(path, scheme)[:2] == (1, [])
         y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         deq = dequantized(w, scheme)
         assert np.abs(y - x @ deq).max() < 1e-4
@@ -126,7 +126,7 @@ def test_quantized_chain_equals_the_whole_quantized_graph(int4_export, tmp_path)
     path = tmp_path / "whole.onnx"
     export_graph(whole, inputs, outputs, path, "fp32", bb.shape.vocab_size)
     q = Manifest.load(folder).quantization
-    made, _ = quantize_graph(path, Scheme(q.bits, q.block_size, q.symmetric, q.accuracy_level))
+    made, _, _ = quantize_graph(path, Scheme(q.bits, q.block_size, q.symmetric, q.accuracy_level))
     assert made == 7 * bb.shape.num_layers + 1
     rt = Runtime.load(folder)
     prompt = rt.encode(PROMPT).tolist()
@@ -179,3 +179,48 @@ def test_bad_quantization_requests(tmp_path):
         api.export(ckpt, out=tmp_path / "x", precision="fp32", backbone=bb, quant_options={"block_size": 32})
     with pytest.raises(ValueError, match="unknown precision"):
         api.export(ckpt, out=tmp_path / "x", precision="int3", backbone=bb)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_gguf_blocks_are_kept_exactly(tmp_path, level):
+    """Weights holding Q4_1 (d*q + m) or Q8_0 (d*q) blocks become MatMulNBits that multiply by
+    exactly those values (Q4_1's offsets as a float block-sum product); the PyTorch twin gives
+    the same numbers at either accuracy level; a weight without such blocks is re-quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort
+
+    from exporter.gguf_blocks import exact_twin, q4_1_blocks, q8_0_blocks
+
+    rng = np.random.default_rng(1)
+    k, n = 96, 40
+    d = rng.uniform(0.01, 0.05, (n, k // 32, 1)).astype(np.float32)
+    m = (-d * rng.uniform(4, 11, (n, k // 32, 1))).astype(np.float32)
+    q4 = rng.integers(0, 16, (n, k // 32, 32))
+    q4[..., 0], q4[..., 1] = 0, 15  # Q4_1 puts each block's min and max on levels 0 and 15
+    w41 = (d * q4 + m).reshape(n, k).T.astype(np.float32)
+    q8 = rng.integers(-127, 128, (n, k // 32, 32))
+    q8[..., 0] = 127
+    w80 = (d * q8).reshape(n, k).T.astype(np.float32)
+    other = rng.normal(size=(k, n)).astype(np.float32)
+    assert q4_1_blocks(w41) is not None and q8_0_blocks(w80) is not None
+    assert q4_1_blocks(other) is None and q8_0_blocks(other) is None
+    x = rng.normal(size=(2, 3, k)).astype(np.float32)
+    names = ["a", "b", "c"]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"/mm{i}") for i in names], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [None, None, n]) for i in names],
+                          [numpy_helper.from_array(w, f"W{i}") for i, w in zip(names, (w41, w80, other))])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    made, left, exact = quantize_graph(path, Scheme(4, 32, True, level, exact_blocks=True))
+    assert (made, left, exact) == (3, [], {"q4_1": 1, "q8_0": 1})
+    ya, yb, yc = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for y, w in ((ya, w41), (yb, w80)):
+        lin = torch.nn.Linear(k, n, bias=False)
+        lin.weight.data = torch.from_numpy(np.ascontiguousarray(w.T))
+        assert exact_twin(lin, level) is not None
+        twin = lin(torch.from_numpy(x)).detach().numpy()
+        assert np.abs(y - twin).max() < 1e-4 * np.abs(y).max()
+        if level == 0:
+            assert np.abs(y - x @ w).max() < 1e-4 * np.abs(y).max()
+    assert np.abs(yc - x @ other).max() > 1e-3  # the plain weight went through 4-bit rounding

@@ -1,0 +1,174 @@
+"""Keep a GGUF model's own quantized blocks in the int4 graphs, exactly.
+
+A model that ships as a GGUF file (SmolLM2: Q4_1 decoder weights, a Q8_0 embedding that is
+also the LM head) reaches us dequantized to float. Re-quantizing those floats with
+onnxruntime's block quantizer rounds them a second time: on SmolLM2 the int4 model then
+agrees with the float one on only ~63% of held-out tokens (benchmarks/quant_schemes.py),
+while llama.cpp runs the GGUF's blocks as they are. This module finds the blocks again in the
+float weights and encodes them without loss:
+
+* Q8_0 (`w = d * q`, q in [-127, 127], 32 inputs per block): an 8-bit MatMulNBits with
+  scale d and the default zero point 128: the same numbers.
+* Q4_1 (`w = d * q + m`, q in [0, 15]): MatMulNBits has integer zero points only, and -m/d
+  is not an integer, so the 4-bit part carries `d * q` (zero point 0) and the offsets come
+  back as a small float product: `y = x @ (d*q) + blocksum(x) @ m`, where blocksum(x) sums
+  each block of 32 inputs (one MatMul with a 0/1 matrix, shared by every weight that reads
+  the same input) and m is (K/32, N). Exact up to float rounding, at ~10 small extra ops per
+  layer.
+
+A block is taken as Q4_1 when its 32 values sit on 16 evenly spaced levels from its minimum
+(what Q4_1's quantizer produces: the minimum and maximum are levels 0 and 15), as Q8_0 when
+they are integer multiples of max|w| / 127; a weight is encoded only if every block passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 32
+PREFIX = "/gguf_exact/"  # names of the nodes this pass adds (the quantizer must leave them alone)
+_TOL = 1e-5  # relative to a block's largest value (fp32 rounding of d*q + m), far below half a level
+
+
+def q4_1_blocks(w: np.ndarray):
+    """(d, m, q) with w[k, n] = d[n, b] * q[n, b, i] + m[n, b] for k = 32*b + i, or None when
+    the (K, N) weight does not hold Q4_1 blocks."""
+    k, n = w.shape
+    if k % BLOCK:
+        return None
+    b = w.T.reshape(n, k // BLOCK, BLOCK).astype(np.float64)
+    lo, hi = b.min(-1), b.max(-1)
+    d = (hi - lo) / 15.0
+    safe = np.where(d > 0, d, 1.0)
+    q = np.rint((b - lo[..., None]) / safe[..., None])
+    err = np.abs(d[..., None] * q + lo[..., None] - b).max(-1)
+    if not np.all(err <= _TOL * (np.abs(lo) + 15 * np.abs(d) + 1e-30)):  # relative to the block's values
+        return None
+    return d.astype(np.float32), lo.astype(np.float32), q.astype(np.uint8)
+
+
+def q8_0_blocks(w: np.ndarray):
+    """(d, q) with w[k, n] = d[n, b] * q[n, b, i], q in [-127, 127], or None."""
+    k, n = w.shape
+    if k % BLOCK:
+        return None
+    b = w.T.reshape(n, k // BLOCK, BLOCK).astype(np.float64)
+    d = np.abs(b).max(-1) / 127.0
+    safe = np.where(d > 0, d, 1.0)
+    q = np.rint(b / safe[..., None])
+    err = np.abs(d[..., None] * q - b).max(-1)
+    if not np.all(err <= _TOL * (127 * d + 1e-30)):  # relative to the block's largest value
+        return None
+    return d.astype(np.float32), q.astype(np.int16)
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    """(N, blocks, 32) values 0..15 -> MatMulNBits' (N, blocks, 16) bytes, low nibble first."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_level: int = 4) -> dict:
+    """Rewrite, in place, every MatMul of `model` whose constant weight holds Q4_1 or Q8_0
+    blocks (nodes named with `exclude_prefixes` stay). Returns counts {"q4_1": n, "q8_0": n}."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    users: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            users[i] = users.get(i, 0) + 1
+    out_nodes, new_inits, sums, ones = [], [], {}, {}
+    counts = {"q4_1": 0, "q8_0": 0}
+
+    def nbits(x, name, k, n, bits, packed, scales, zp=None):
+        ins = [x, name + "_B", name + "_scales"] + ([name + "_zp"] if zp is not None else [])
+        new_inits.extend([numpy_helper.from_array(packed, name + "_B"),
+                          numpy_helper.from_array(scales.reshape(-1), name + "_scales")])
+        if zp is not None:
+            new_inits.append(numpy_helper.from_array(zp, name + "_zp"))
+        return ins
+
+    for node in g.node:
+        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w_name not in inits or node.name.startswith(exclude_prefixes) or node.name.startswith(PREFIX):
+            out_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[w_name])
+        if w.ndim != 2 or w.dtype != np.float32:
+            out_nodes.append(node)
+            continue
+        k, n = w.shape
+        name = PREFIX + (node.name or node.output[0]).strip("/").replace("/", "_")
+        x, y = node.input[0], node.output[0]
+        q41 = q4_1_blocks(w)
+        if q41 is not None:
+            d, m, q = q41
+            zp = np.zeros((n, -(-(k // BLOCK) // 2)), np.uint8)
+            ins = nbits(x, name, k, n, 4, _pack4(q), d, zp)
+            part = name + "_scaled"
+            out_nodes.append(helper.make_node("MatMulNBits", ins, [part], name=name, domain="com.microsoft",
+                                              K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=accuracy_level))
+            if x not in sums:  # blocksum(x): one MatMul with a 0/1 (K, K/32) matrix per input
+                if k not in ones:
+                    one = np.zeros((k, k // BLOCK), np.float32)
+                    one[np.arange(k), np.arange(k) // BLOCK] = 1.0
+                    ones[k] = f"{PREFIX}ones_{k}"
+                    new_inits.append(numpy_helper.from_array(one, ones[k]))
+                sums[x] = name + "_blocksum"
+                out_nodes.append(helper.make_node("MatMul", [x, ones[k]], [sums[x]], name=name + "_blocksum"))
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(m.T), name + "_offsets"))
+            out_nodes.append(helper.make_node("MatMul", [sums[x], name + "_offsets"], [name + "_offset"],
+                                              name=name + "_offset"))
+            out_nodes.append(helper.make_node("Add", [part, name + "_offset"], [y], name=name + "_add"))
+            counts["q4_1"] += 1
+        else:
+            q80 = q8_0_blocks(w)
+            if q80 is None:
+                out_nodes.append(node)
+                continue
+            d, q = q80
+            ins = nbits(x, name, k, n, 8, (q + 128).astype(np.uint8), d)  # zero point: 8-bit default 128
+            out_nodes.append(helper.make_node("MatMulNBits", ins, [y], name=name, domain="com.microsoft",
+                                              K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=accuracy_level))
+            counts["q8_0"] += 1
+        users[w_name] -= 1
+        if users[w_name] == 0:
+            g.initializer.remove(inits.pop(w_name))
+    del g.node[:]
+    g.node.extend(out_nodes)
+    g.initializer.extend(new_inits)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return counts
+
+
+def exact_twin(linear, accuracy_level: int = 4) -> str | None:
+    """Give a PyTorch nn.Linear the numerics of its exact encoding, if its weight holds GGUF
+    blocks: Q8_0 keeps its weight (at accuracy level 4 the kernel rounds the input to int8 per
+    block); Q4_1 computes round8(x) @ (d*q) + x @ m_expanded. Returns "q4_1", "q8_0" or None."""
+    import torch
+    import torch.nn.functional as F
+
+    from .quantize import int8_blocks
+
+    w = linear.weight.detach().float().numpy().T  # (K, N)
+    q41 = q4_1_blocks(w)
+    kind = "q4_1" if q41 is not None else ("q8_0" if q8_0_blocks(w) is not None else None)
+    if kind is None:
+        return None
+    round8 = int8_blocks(BLOCK) if accuracy_level == 4 else (lambda x: x)
+    if kind == "q8_0":
+        linear.register_forward_pre_hook(lambda mod, args: (round8(args[0]),) + tuple(args[1:]))
+        return kind
+    d, m, q = q41
+    n, nb = d.shape
+    scaled = torch.from_numpy((d[..., None] * q.astype(np.float32)).reshape(n, nb * BLOCK))  # (N, K)
+    offsets = torch.from_numpy(np.repeat(m, BLOCK, axis=1))  # (N, K): each block's m over its inputs
+    bias = linear.bias
+
+    def forward(x):
+        return F.linear(round8(x), scaled.to(x.dtype), bias) + F.linear(x, offsets.to(x.dtype))
+
+    linear.forward = forward
+    return kind
