@@ -83,11 +83,14 @@ def ensure_export(ckpt: Path, export_dir: Path, precision: str = "fp32", data: l
                   quant_options: dict | None = None) -> float | None:
     """Export once; again when the heads changed after the last export (or the precision or
     the exact-blocks choice differs)."""
+    from exporter.quantize import SCHEMES, Scheme
+
     manifest = export_dir / "manifest.json"
     if manifest.is_file() and manifest.stat().st_mtime >= (ckpt / "heads.safetensors").stat().st_mtime:
         m = json.loads(manifest.read_text())
         exact = bool(any(((m.get("quantization") or {}).get("exact_blocks") or {}).values()))
-        if m.get("precision") == precision and (quant_options or {}).get("exact_blocks", exact) == exact:
+        if m.get("precision") == precision and (precision not in SCHEMES or exact == Scheme.for_precision(
+                precision, **(quant_options or {})).exact_blocks):
             return None
     from exporter import api
 

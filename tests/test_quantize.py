@@ -38,7 +38,7 @@ def test_quantized_export_roundtrips_through_the_manifest(int4_export):
     # every weight MatMul became MatMulNBits, the tied LM head's included; the embedding Gather stays float
     per_graph = {f: sum(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / f)).graph.node) for f in q.graphs}
     assert sum(per_graph.values()) == q.quantized_matmuls
-    layer = 7  # q, k, v, o, gate, up, down
+    layer = 4  # q|k|v, o, gate|up, down (products of one input are fused: exporter/fuse_matmuls.py)
     assert per_graph["segment_00.onnx"] == layer + 2 + 1  # + adapter down/up + the LM head of the exit
     assert per_graph[m.segments[-1].file] == layer + 1  # + the model's own LM head
     assert any(i.name for i in onnx.load(str(folder / "segment_00.onnx")).graph.initializer
@@ -127,7 +127,7 @@ def test_quantized_chain_equals_the_whole_quantized_graph(int4_export, tmp_path)
     export_graph(whole, inputs, outputs, path, "fp32", bb.shape.vocab_size)
     q = Manifest.load(folder).quantization
     made, _, _ = quantize_graph(path, Scheme(q.bits, q.block_size, q.symmetric, q.accuracy_level))
-    assert made == 7 * bb.shape.num_layers + 1
+    assert made == 4 * bb.shape.num_layers + 1  # q|k|v, o, gate|up, down per layer; the LM head
     rt = Runtime.load(folder)
     prompt = rt.encode(PROMPT).tolist()
     chain = list(rt.generate(prompt, 24, thresholds="never", stop_at_eos=False).tokens)
@@ -206,15 +206,16 @@ def test_gguf_blocks_are_kept_exactly(tmp_path, level):
     assert q4_1_blocks(other) is None and q8_0_blocks(other) is None
     x = rng.normal(size=(2, 3, k)).astype(np.float32)
     names = ["a", "b", "c"]
-    g = helper.make_graph([helper.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"/mm{i}") for i in names], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+    # separate inputs: products of one input would be fused first (tested apart)
+    g = helper.make_graph([helper.make_node("MatMul", [f"x{i}", f"W{i}"], [f"y{i}"], name=f"/mm{i}") for i in names],
+                          "g", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [None, None, k]) for i in names],
                           [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [None, None, n]) for i in names],
                           [numpy_helper.from_array(w, f"W{i}") for i, w in zip(names, (w41, w80, other))])
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     made, left, exact = quantize_graph(path, Scheme(4, 32, True, level, exact_blocks=True))
     assert (made, left, exact) == (3, [], {"q4_1": 1, "q8_0": 1})
-    ya, yb, yc = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    ya, yb, yc = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {f"x{i}": x for i in names})
     for y, w in ((ya, w41), (yb, w80)):
         lin = torch.nn.Linear(k, n, bias=False)
         lin.weight.data = torch.from_numpy(np.ascontiguousarray(w.T))
@@ -224,3 +225,28 @@ def test_gguf_blocks_are_kept_exactly(tmp_path, level):
         if level == 0:
             assert np.abs(y - x @ w).max() < 1e-4 * np.abs(y).max()
     assert np.abs(yc - x @ other).max() > 1e-3  # the plain weight went through 4-bit rounding
+
+
+def test_products_of_one_input_are_fused_exactly():
+    """q, k, v (and gate, up) read the same input: one MatMul + Split gives identical outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort
+
+    from exporter.fuse_matmuls import fuse_shared_input_matmuls
+
+    rng = np.random.default_rng(2)
+    ws = {"q": (16, 16), "k": (16, 8), "v": (16, 8), "o": (8, 16)}
+    nodes = [helper.make_node("MatMul", ["x", f"W{n}"], [n], name=f"/{n}") for n in "qkv"]
+    nodes.append(helper.make_node("MatMul", ["v", "Wo"], ["o"], name="/o"))  # another input: stays
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, ws[n][1]]) for n in "qko"]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])], outs,
+                          [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), f"W{n}") for n, s in ws.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.normal(size=(3, 16)).astype(np.float32)}
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    assert fuse_shared_input_matmuls(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Split", "MatMul"]
+    onnx.checker.check_model(model)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    for a, b in zip(ref, got):
+        assert np.array_equal(a, b)
