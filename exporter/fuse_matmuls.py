@@ -13,6 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def initializers_and_users(graph) -> tuple[dict, dict[str, int]]:
+    """{name: initializer} and {tensor name: how many node inputs read it}: what a rewrite needs
+    to drop a weight once its last reader is gone."""
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for i in node.input:
+            users[i] = users.get(i, 0) + 1
+    return {t.name: t for t in graph.initializer}, users
+
+
 def fuse_shared_input_matmuls(model, exclude_prefixes: tuple[str, ...] = ()) -> int:
     """Fuse, in place, each group of >= 2 MatMuls with the same input and constant 2-D float32
     weights of the same input size (nodes named with `exclude_prefixes` stay apart). Returns
@@ -20,11 +30,7 @@ def fuse_shared_input_matmuls(model, exclude_prefixes: tuple[str, ...] = ()) -> 
     from onnx import helper, numpy_helper
 
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    users: dict[str, int] = {}
-    for node in g.node:
-        for i in node.input:
-            users[i] = users.get(i, 0) + 1
+    inits, users = initializers_and_users(g)
     groups: dict[tuple[str, int], list] = {}
     for node in g.node:
         if (node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits

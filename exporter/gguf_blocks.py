@@ -72,12 +72,10 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
     blocks (nodes named with `exclude_prefixes` stay). Returns counts {"q4_1": n, "q8_0": n}."""
     from onnx import helper, numpy_helper
 
+    from .fuse_matmuls import initializers_and_users
+
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    users: dict[str, int] = {}
-    for node in g.node:
-        for i in node.input:
-            users[i] = users.get(i, 0) + 1
+    inits, users = initializers_and_users(g)
     out_nodes, new_inits, sums, ones = [], [], {}, {}
     counts = {"q4_1": 0, "q8_0": 0}
 
