@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     for folder in a.exports:
         ids = [Tokenizer.from_file(str(folder / "tokenizer.json")).encode(t).ids for t in PROMPTS]
         for pool in ("shared", "session"):
-            specs[f"{folder.name}: {pool}"] = (Path(sys.executable), {
+            specs[f"{folder.parent.name}/{folder.name}: {pool}"] = (Path(sys.executable), {
                 "backend": "lama", "export_dir": str(folder), "thresholds": "never", "prompts": ids,
                 "max_new_tokens": a.new_tokens, "threads": a.threads, "thread_pool": pool,
                 "repo_root": str(HERE.parent)})

@@ -78,25 +78,31 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
                            keep_final=cfg.targets == "full", device=device, desc="caching train hidden states")
     cache_s = time.perf_counter() - t0
     heads, gates, rep, before, after = fit(bb, exits, feats, cfg, device)
-    del feats
+    split_feats = {name: cache_features(bb, splits[split], exits, topk=cfg.topk, folder=cache_root / split,
+                                        dtype="float32", keep_final=False, device=device,
+                                        desc=f"caching {split} hidden states")
+                   for split, name in (("calib", "calibration"), ("heldout", "heldout"))}
     scores: dict[str, ExitScores] = {}
-    for split, name in (("calib", "calibration"), ("heldout", "heldout")):
-        f = cache_features(bb, splits[split], exits, topk=cfg.topk, folder=cache_root / split, dtype="float32",
-                           keep_final=False, device=device, desc=f"caching {split} hidden states")
+    for name, f in split_feats.items():
         scores.update(score_split(bb, heads, gates, f, name, head_conf, device))
-        del f
-    if not keep_cache and not cache_dir:
-        shutil.rmtree(cache_root, ignore_errors=True)
     kind = score_kind(recipe.confidence)
     if min_share > 0:
-        from .placement import keep_gates, keep_heads, prune_exits, take_exits
+        from .placement import keep_heads, prune_exits
 
         keep = prune_exits(scores[scores_file("calibration", kind)], target, min_share, recipe.margin)
-        scores = {name: take_exits(s, keep) for name, s in scores.items()}
-        keep_heads(heads, keep)
-        if gates is not None:
-            keep_gates(gates, keep)
-        exits = [exits[i] for i in keep]
+        if len(keep) < len(exits):
+            keep_heads(heads, keep)
+            exits = [exits[i] for i in keep]
+            kept = {name: dataclasses.replace(f, exits=[f.exits[i] for i in keep]) for name, f in split_feats.items()}
+            if gates is not None:  # a gate's 'move' feature reads the previous exit, which pruning changes
+                gates = fit_gates(bb, heads, dataclasses.replace(feats, exits=[feats.exits[i] for i in keep]), cfg,
+                                  device)[0]
+            scores = {}
+            for name, f in kept.items():
+                scores.update(score_split(bb, heads, gates, f, name, head_conf, device))
+    del feats, split_feats
+    if not keep_cache and not cache_dir:
+        shutil.rmtree(cache_root, ignore_errors=True)
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
     thresholds = calibrate_thresholds(calib, target, margin=recipe.margin)
     config = CheckpointConfig(
@@ -121,7 +127,6 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
 def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
     """Heads (and gates) trained on cached features: (heads, gates | None, TrainReport,
     agreement before, agreement after) with agreements measured on 1024 training tokens."""
-    from .gates import ExitGates, train_gates
     from .heads import ExitHeads
     from .train import exit_scores, train_heads
 
@@ -131,14 +136,25 @@ def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
     probe = dataclasses.replace(gate_feats, rows=gate_feats.rows[:1024])  # a diagnostic: keep it cheap
     before = exit_scores(bb, heads, probe, device=device).agree.mean(axis=0)
     rep = train_heads(bb, heads, feats, cfg, device=device)
-    agree = exit_scores(bb, heads, gate_feats, device=device).agree
+    gates, agree = fit_gates(bb, heads, feats, cfg, device)
     after = agree[:len(probe.rows)].mean(axis=0)
-    gates = None
-    if cfg.gates:
-        gates = ExitGates(len(exits), bb.shape.hidden_size, cfg.gate_width, cfg.gate_features,
-                          min(cfg.gate_shortlist, bb.shape.vocab_size))
-        train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
     return heads, gates, rep, before, after
+
+
+def fit_gates(bb, heads, feats, cfg: TrainConfig, device):
+    """(gates | None when the config trains none, the heads' agreement on the gates' tokens):
+    gates trained on `cfg.gate_tokens` of the training features, for the heads' exits."""
+    from .gates import ExitGates, train_gates
+    from .train import exit_scores
+
+    gate_feats = feats.with_tokens(cfg.gate_tokens, seed=cfg.seed)
+    agree = exit_scores(bb, heads, gate_feats, device=device).agree
+    if not cfg.gates:
+        return None, agree
+    gates = ExitGates(len(heads.exits), bb.shape.hidden_size, cfg.gate_width, cfg.gate_features,
+                      min(cfg.gate_shortlist, bb.shape.vocab_size))
+    train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
+    return gates, agree
 
 
 def score_split(bb, heads, gates, feats, name: str, head_conf: str, device) -> dict[str, ExitScores]:

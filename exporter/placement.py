@@ -60,10 +60,16 @@ def keep_gates(gates, keep: list[int]) -> None:
 
 def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float = 0.0, backbone=None):
     """Drop a trained checkpoint's exits that send out < `min_share` of the calibration tokens
-    at `target` (+ margin), in place: heads, gates and every stored score file keep only the
-    exits that stay (the caller recalibrates). Returns (the reopened Checkpoint, kept layers)."""
+    at `target` (+ margin), in place: heads and gates keep only the exits that stay, and the
+    calibration and held-out scores are computed again on the same windows, because a gate's
+    `move` feature reads the previous exit's state, which pruning changes (the gates keep their
+    training; `lama train` with `exit_min_share` retrains them instead). The caller
+    recalibrates. Returns (the reopened Checkpoint, kept layers)."""
+    from .api import score_split
     from .backbone import load_backbone
-    from .checkpoint import SPLITS, Checkpoint, save_checkpoint, scores_file
+    from .cache import cache_features
+    from .checkpoint import Checkpoint, save_checkpoint
+    from .data import default_data_dir, make_splits, read_docs
 
     ck = Checkpoint.open(checkpoint)
     config = ck.config
@@ -72,19 +78,25 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
         return ck, list(config.exits)
     bb = backbone or load_backbone(config.source)
     heads = ck.heads(bb)
-    gates = ck.gates(bb) if config.gate_width and (ck.path / "gates.safetensors").is_file() else None
-    scores = {}
-    for split in SPLITS:
-        for kind in ("head", "gate"):
-            if (ck.path / scores_file(split, kind)).is_file():
-                scores[scores_file(split, kind)] = take_exits(ck.scores(split, kind), keep)
+    gates = ck.gates(bb) if config.confidence == "gate" or (ck.path / "gates.safetensors").is_file() else None
     keep_heads(heads, keep)
     if gates is not None:
         keep_gates(gates, keep)
     dropped = [e for i, e in enumerate(config.exits) if i not in keep]
     config.exits = [config.exits[i] for i in keep]
+    cfg = (config.train or {}).get("config", {})
+    docs = read_docs(config.train.get("data") or [default_data_dir()])  # the windows `lama train` drew
+    splits = make_splits(docs, bb.tokenizer, cfg["seq_len"], {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")},
+                         seed=cfg["seed"])
+    scores = {}
+    for split, name in (("calib", "calibration"), ("heldout", "heldout")):
+        f = cache_features(bb, splits[split], config.exits, topk=cfg.get("topk", 64), keep_final=False,
+                           desc=f"scoring {split} again")
+        scores.update(score_split(bb, heads, gates, f, name, config.head_confidence, "cpu"))
     config.thresholds = [config.thresholds[i] for i in keep] if config.thresholds else config.thresholds
     config.train = {**(config.train or {}), "exit_min_share": min_share,
-                    "pruned_exits": sorted(set((config.train or {}).get("pruned_exits", [])) | set(dropped))}
+                    "pruned_exits": sorted(set((config.train or {}).get("pruned_exits", [])) | set(dropped)),
+                    "gates_trained_with_exits": (config.train or {}).get("gates_trained_with_exits")
+                    or sorted(set(config.exits) | set(dropped))}
     save_checkpoint(ck.path, config, heads, scores, gates)
     return Checkpoint.open(ck.path), list(config.exits)

@@ -35,12 +35,21 @@ SECTIONS = [
      "smollm2-135m/exit_cost.md", "![agreement vs compute](benchmarks/results/smollm2-135m/exit_cost.png)"),
     ("Side by side on SmolLM2-135M (gate mode): fp32, int8, int4, KV policies, llama.cpp, optimum",
      "smollm2-135m/results.md", None),
-    ("Work per KV policy on SmolLM2-135M", "smollm2-135m/kv_policies.md", None),
+    ("Work per KV policy on SmolLM2-135M (the earlier run, all 8 exits)", "smollm2-135m/kv_policies.md", None),
+    ("How faithful each 4-bit model is: llama.cpp's Q4_1 run and our int4 exports (SmolLM2-135M)",
+     "smollm2-135m/llamacpp_fidelity/llamacpp_fidelity.md",
+     "`python benchmarks/llamacpp_fidelity.py runs/smollm2-135m/ckpt-pruned runs/bench/smollm2-pruned/onnx-int4 "
+     "runs/bench/smollm2-pruned/onnx-int4-requant --out benchmarks/results/smollm2-135m/llamacpp_fidelity`."),
     ("Where the int4 chain's time goes (SmolLM2-135M)", "smollm2-135m/profile-int4/profile.md",
-     "`python benchmarks/profile_chain.py runs/bench/smollm2/onnx-int4 --threads 2 --out "
-     "benchmarks/results/smollm2-135m/profile-int4` (profiled, so slower than the benchmark's row; the "
-     "'KV cache methods' line wraps the bound-buffer run itself with the `buffer` KV layout, so it and "
-     "'Python glue' are not separable there)."),
+     "`python benchmarks/profile_chain.py runs/bench/smollm2-pruned/onnx-int4 --threads 2 --out "
+     "benchmarks/results/smollm2-135m/profile-int4` (profiled, with a pool per session, so slower than the "
+     "benchmark's row; the 'KV cache methods' line wraps the bound-buffer run itself with the `buffer` KV "
+     "layout, so it and 'Python glue' are not separable there). 'MatMul' and most of 'Add' are the float "
+     "block-offset products that keep the GGUF's Q4_1 blocks exact."),
+    ("Thread pools for a chain of sessions (SmolLM2-135M)", "smollm2-135m/thread_pools/thread_pools.md",
+     "`python benchmarks/thread_pools.py runs/bench/smollm2-pruned/onnx-int4 runs/bench/smollm2-pruned/onnx-int4-requant "
+     "runs/bench/smollm2/onnx-int4 --threads 2 --repeats 9 --out benchmarks/results/smollm2-135m/thread_pools` "
+     "(`smollm2/onnx-int4` is the earlier export: all 8 exits, 9 segments, no fused products, re-quantized)."),
     ("Does the promise hold on text calibration never saw? (SmolLM2-135M, per domain)",
      "smollm2-135m/domains-margin0.03/domains.md",
      "`python benchmarks/domains.py runs/smollm2-135m/ckpt --target 0.95 --margin 0.03 --out "
