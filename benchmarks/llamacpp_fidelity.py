@@ -25,6 +25,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
+from report import write_report  # noqa: E402 (beside this script)
+
 LLAMACPP_PYTHON = HERE / ".venv-llamacpp" / "bin" / "python"
 
 _LLAMA = """
@@ -85,10 +87,7 @@ def main(argv=None) -> int:
     md = [f"# Top-1 agreement with the float model on {windows.size} held-out tokens (teacher-forced)", "",
           "| model | agreement with fp32 |", "|---|---:|"]
     md += [f"| {r['model']} | {r['agreement_vs_fp32']:.3f} |" for r in rows if r["agreement_vs_fp32"] is not None]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "llamacpp_fidelity.json").write_text(json.dumps(res, indent=1))
-    (a.out / "llamacpp_fidelity.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(a.out, "llamacpp_fidelity", res, "\n".join(md) + "\n")
     return 0
 
 

@@ -156,6 +156,16 @@ def policy_table(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(out: Path, name: str, res: dict, md: str) -> None:
+    """A result as machines and people read it: OUT/NAME.json and OUT/NAME.md, the table printed."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{name}.md").write_text(md)
+    print(md)
+
+
 def plain(x):
     """JSON-safe: numpy scalars to Python, NaN/inf to null."""
     if isinstance(x, dict):

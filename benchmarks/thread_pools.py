@@ -11,7 +11,6 @@ four fixed openings, 32 greedy tokens each. Writes thread_pools.json / .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
-from timing import machine_info, summarize, time_rows  # noqa: E402 (beside this script)
+from report import write_report  # noqa: E402 (beside this script)
+from timing import machine_info, summarize, time_rows  # noqa: E402
 
 PROMPTS = ["The old house at the end of the street had been empty for years, and",
            "In 1887 the city council voted to build a new bridge across the river because",
@@ -73,10 +73,7 @@ def main(argv=None) -> int:
                  if r["row"].endswith("shared") and other and "failed" not in other else "")
         same = " (same tokens)" if ratio and other["tokens"] == r["tokens"] else ""
         lines.append(f"| {r['row']} | {r['tokens_per_second']:.1f} | ±{100 * r['spread']:.0f}% | {ratio}{same} |")
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "thread_pools.json").write_text(json.dumps(res, indent=1))
-    (a.out / "thread_pools.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(a.out, "thread_pools", res, "\n".join(lines) + "\n")
     return 0
 
 
