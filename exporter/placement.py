@@ -61,9 +61,9 @@ def keep_gates(gates, keep: list[int]) -> None:
 def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float = 0.0, backbone=None):
     """Drop a trained checkpoint's exits that send out < `min_share` of the calibration tokens
     at `target` (+ margin), in place: heads and gates keep only the exits that stay, and the
-    calibration and held-out scores are computed again on the same windows, because a gate's
-    `move` feature reads the previous exit's state, which pruning changes (the gates keep their
-    training; `lama train` with `exit_min_share` retrains them instead). The caller
+    gates are trained again (on `gate_tokens` of the training windows, one frozen pass over
+    them) and the calibration and held-out scores computed again on the same windows, because a
+    gate's `move` feature reads the previous exit's state, which pruning changes. The caller
     recalibrates. Returns (the reopened Checkpoint, kept layers)."""
     from .api import score_split
     from .backbone import load_backbone
@@ -88,6 +88,8 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
     docs = read_docs(config.train.get("data") or [default_data_dir()])  # the windows `lama train` drew
     splits = make_splits(docs, bb.tokenizer, cfg["seq_len"], {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")},
                          seed=cfg["seed"])
+    if gates is not None and splits["train"].num_tokens:
+        gates = _retrain_gates(bb, heads, config, cfg, splits["train"])
     scores = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         f = cache_features(bb, splits[split], config.exits, topk=cfg.get("topk", 64), keep_final=False,
@@ -96,7 +98,27 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
     config.thresholds = [config.thresholds[i] for i in keep] if config.thresholds else config.thresholds
     config.train = {**(config.train or {}), "exit_min_share": min_share,
                     "pruned_exits": sorted(set((config.train or {}).get("pruned_exits", [])) | set(dropped)),
-                    "gates_trained_with_exits": (config.train or {}).get("gates_trained_with_exits")
-                    or sorted(set(config.exits) | set(dropped))}
+                    "gates_retrained_after_pruning": gates is not None and bool(splits["train"].num_tokens)}
     save_checkpoint(ck.path, config, heads, scores, gates)
     return Checkpoint.open(ck.path), list(config.exits)
+
+
+def _retrain_gates(bb, heads, config, cfg: dict, train):
+    """Gates for the kept exits, trained as `lama train` trains them, on a random draw of whole
+    training windows worth `gate_tokens` (the heads stay as they are)."""
+    import dataclasses
+
+    from .api import fit_gates
+    from .cache import cache_features
+    from .recipes import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = dataclasses.replace(TrainConfig(**{k: v for k, v in cfg.items() if k in fields}), gates=True,
+                             gate_width=config.gate_width, gate_features=list(config.gate_features),
+                             gate_shortlist=config.gate_shortlist)
+    n = max(1, tc.gate_tokens // train.ids.shape[1])
+    pick = np.sort(np.random.default_rng(tc.seed).permutation(len(train.ids))[:n])
+    sub = dataclasses.replace(train, ids=train.ids[pick], domain=train.domain[pick])
+    feats = cache_features(bb, sub, list(heads.exits), topk=tc.topk, keep_final=False,
+                           desc="caching gate training windows")
+    return fit_gates(bb, heads, feats, tc, "cpu")[0]

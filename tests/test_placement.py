@@ -80,3 +80,25 @@ def test_calibrate_prunes_a_trained_checkpoint_that_still_exports(tmp_path):
     assert [e.exit_layer for e in rt.manifest.exits] == c.exits
     assert len(rt.manifest.segments) == len(c.exits) + 1
     assert len(rt.generate("Once upon a time", 4).tokens) == 4
+
+
+def test_pruning_retrains_gates_when_the_training_windows_are_known(tmp_path):
+    """With training windows recorded (as `lama train` records them), pruning trains the gates
+    again for the kept exits: their 'move' feature now starts at another exit."""
+    from conftest import make_checkpoint
+
+    from exporter.api import _rewrite_config
+
+    ck, bb = make_checkpoint(tmp_path, "llama", exits=(1, 2, 3), gates=True)
+    c = read_config(ck)
+    c.train["config"].update(train_tokens=640, gate_tokens=320, gate_steps=5)
+    _rewrite_config(ck, c)
+    old = load_gates(ck, bb).state_dict()
+    api.calibrate(ck, target=0.6, exit_min_share=0.05, margin=0.0, backbone=bb)
+    c = read_config(ck)
+    assert c.train["gates_retrained_after_pruning"] and len(c.exits) < 3
+    new = load_gates(ck, bb)
+    assert len(new.gates) == len(c.exits)
+    kept = [[1, 2, 3].index(e) for e in c.exits]
+    assert not torch.equal(new.gates[0][0].weight, old[f"gates.{kept[0]}.0.weight"])  # trained again
+    assert read_scores(ck, "heldout", "gate").exit_layers == c.exits
