@@ -167,7 +167,7 @@ def _load_lama(spec: dict):
     from runtime import Runtime
 
     rt = Runtime.load(spec["export_dir"], threads=spec["threads"], kv_policy=spec.get("kv_policy", "defer"),
-                      max_pending=spec.get("max_pending"), thread_pool=spec.get("thread_pool", "shared"))
+                      max_pending=spec.get("max_pending"), thread_pool=spec.get("thread_pool", "session"))
     th = spec.get("thresholds")  # "never", a target (manifest by_target) or a list (None = never)
     n = spec["max_new_tokens"]
     exact = bool(spec.get("exact"))

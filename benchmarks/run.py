@@ -322,8 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV policies for the exit rows (default: defer). fill: skipped layers get only K/V "
                         "projections; exact: defer + verification by the full model's head (its greedy output)")
     p.add_argument("--max-pending", type=int, help="runtime bound on deferred positions (default: the export's)")
-    p.add_argument("--thread-pool", choices=["shared", "session"], default="shared",
-                   help="our chain's onnxruntime threads: one shared spinning pool (as `lama generate`) or one per session")
+    p.add_argument("--thread-pool", choices=["shared", "session"], default="session",
+                   help="our chain's onnxruntime threads: one pool per session (default) or one shared spinning pool")
     p.add_argument("--optimum-python", default=str(OPTIMUM_PYTHON), help="python of the optimum venv")
     p.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON), help="python of the llama.cpp venv (row f)")
     p.add_argument("--precisions", nargs="*", default=["int8", "int4"], choices=sorted(VARIANTS),

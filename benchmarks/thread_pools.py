@@ -3,8 +3,8 @@
     python benchmarks/thread_pools.py EXPORT [EXPORT ...] [--threads 2] [--repeats 9] [--out DIR]
 
 For each export, two rows in the same run (benchmarks/timing.py: one worker process each,
-taking turns pass by pass): the chain with exits off under `thread_pool="shared"` (what
-`lama generate` uses) and under `thread_pool="session"` (the Python API's default). Prompts:
+taking turns pass by pass): the chain with exits off under `thread_pool="shared"` (opt-in) and under
+`thread_pool="session"` (the default). Prompts:
 four fixed openings, 32 greedy tokens each. Writes thread_pools.json / .md.
 """
 

@@ -50,9 +50,9 @@ class Runtime(Chain):
         positions, all segments together (default: the export's, else DEFAULT_MAX_PENDING).
         thread_pool: "session" (a pool per session whose threads sleep between calls) or "shared"
         (CPU: one spinning onnxruntime pool for every session of the process, sized once by
-        `threads`: ~15% faster for SmolLM2's int4 chain, but onnxruntime then refuses any
-        session in this process that asks for a pool of its own, so it is for processes that
-        run only the chain, as `lama generate` does)."""
+        `threads`: 1.05-1.09x for SmolLM2's int4 chain on idle cores, slower on busy ones; and
+        onnxruntime then refuses any session in this process that asks for a pool of its own,
+        so it is for processes that run only the chain)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ManifestError(f"export folder not found: {folder}")
