@@ -73,6 +73,8 @@ class OnnxRuntimeBackend:
         if thread_pool not in THREAD_POOLS:
             raise ValueError(f"thread_pool must be one of {THREAD_POOLS}, got {thread_pool!r}")
         pool = thread_pool if providers == ["CPUExecutionProvider"] else "session"
+        if "threads" in _shared_pool:  # this process made the shared pool: onnxruntime allows no other kind now
+            pool = "shared"
         if pool == "shared" and not shared_thread_pool(threads):
             size = _shared_pool["threads"] or "onnxruntime's default number of"
             warnings.warn(f"onnxruntime's shared thread pool already has {size} threads in this process; "
