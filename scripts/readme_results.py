@@ -55,7 +55,7 @@ SECTIONS = [
      "`python benchmarks/domains.py runs/smollm2-135m/ckpt --target 0.95 --margin 0.03 --out "
      "benchmarks/results/smollm2-135m/domains-margin0.03`; without the margin (`domains/`) the exiting "
      "tokens agreed 0.939 [0.927, 0.950] on held-out text and 33 of 49 cells fell short."),
-    ("Learning curve (SmolLM2-135M, partial)", "smollm2-135m/learning_curve/README.md", None),
+    ("Learning curve (SmolLM2-135M)", "smollm2-135m/learning_curve/README.md", None),
     ("Gate features (SmolLM2-135M)", "smollm2-135m/gate_features/gate_features.md", None),
 ]
 
