@@ -48,7 +48,6 @@ def main(argv=None) -> int:
 
     from exporter.backbone import load_backbone
     from exporter.checkpoint import Checkpoint
-    from exporter.data import default_data_dir, make_splits, read_docs
     from exporter.fetch import resolve_local
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,14 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--llamacpp-python", type=Path, default=LLAMACPP_PYTHON)
     p.add_argument("--out", type=Path, default=Path("runs") / "llamacpp_fidelity")
     a = p.parse_args(argv)
-    config = Checkpoint.open(a.checkpoint).config
+    checkpoint = Checkpoint.open(a.checkpoint)
+    config = checkpoint.config
     if not config.source.gguf_file:
         raise SystemExit(f"{a.checkpoint}: the model does not come from a GGUF file; llama.cpp has nothing to run")
-    cfg = config.train["config"]
     bb = load_backbone(config.source)
-    counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
-    windows = make_splits(read_docs(config.train.get("data") or [default_data_dir()]), bb.tokenizer, cfg["seq_len"],
-                          counts, seed=cfg["seed"])["heldout"].ids
+    windows = checkpoint.splits(bb.tokenizer)["heldout"].ids
     with torch.no_grad():
         ref = np.concatenate([bb.model(torch.from_numpy(windows[i:i + 8])).logits.argmax(-1).numpy()
                               for i in range(0, len(windows), 8)])

@@ -181,7 +181,8 @@ def benchmark(args) -> dict:
     quant = {}
     for prec in args.precisions:  # rows g: each precision's own export, thresholds calibrated on it
         qdir = work / f"onnx-{prec}"
-        ensure_export(ckpt, qdir, *VARIANTS[prec][:1], args.data, VARIANTS[prec][1])
+        precision, options = VARIANTS[prec]
+        ensure_export(ckpt, qdir, precision, args.data, options)
         m = Manifest.load(qdir)
         quant[prec] = dataclasses.asdict(m.quantization) if m.quantization else None
         entries += quantized_rows(setup, prec, qdir, m, args.quant_targets)

@@ -93,13 +93,11 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
         if len(keep) < len(exits):
             keep_heads(heads, keep)
             exits = [exits[i] for i in keep]
-            kept = {name: dataclasses.replace(f, exits=[f.exits[i] for i in keep]) for name, f in split_feats.items()}
             if gates is not None:  # a gate's 'move' feature reads the previous exit, which pruning changes
-                gates = fit_gates(bb, heads, dataclasses.replace(feats, exits=[feats.exits[i] for i in keep]), cfg,
-                                  device)[0]
+                gates = fit_gates(bb, heads, feats.with_exits(keep), cfg, device)[0]
             scores = {}
-            for name, f in kept.items():
-                scores.update(score_split(bb, heads, gates, f, name, head_conf, device))
+            for name, f in split_feats.items():
+                scores.update(score_split(bb, heads, gates, f.with_exits(keep), name, head_conf, device))
     del feats, split_feats
     if not keep_cache and not cache_dir:
         shutil.rmtree(cache_root, ignore_errors=True)

@@ -89,6 +89,10 @@ class Features:
         rows = np.flatnonzero(np.isin(self.sequence, pick))
         return dataclasses.replace(self, rows=rows)
 
+    def with_exits(self, keep: list[int]) -> "Features":
+        """The same tokens with only the exits at indices `keep` (pruned exits)."""
+        return dataclasses.replace(self, exits=[self.exits[i] for i in keep])
+
     def remove(self) -> None:
         """Delete the on-disk cache (after training, unless the caller keeps it)."""
         if self.folder is not None:

@@ -184,6 +184,20 @@ class Checkpoint:
     def gates(self, backbone):
         return load_gates(self.path, backbone, self.config)
 
+    def splits(self, tokenizer, data: list | None = None) -> dict:
+        """The text windows `lama train` drew for this checkpoint ({"train", "calib", "heldout"}:
+        Windows), from its training record: the same text (`data`, else the recorded paths, else
+        ../shared/data), tokenizer, window length, token counts and seed."""
+        from .data import default_data_dir, make_splits, read_docs
+
+        cfg = self.config.train.get("config") if self.config.train else None
+        if not cfg:
+            raise ValueError(f"{self.path} has no training record (seq_len, token counts, seed) to redraw its "
+                             "text windows")
+        texts = read_docs(data or self.config.train.get("data") or [default_data_dir()])
+        counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
+        return make_splits(texts, tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
+
     def with_config(self, config: CheckpointConfig) -> "Checkpoint":
         """The same folder under another config (e.g. thresholds recalibrated on the way);
         the scores already read are shared."""

@@ -148,17 +148,18 @@ def exact_twin(linear, accuracy_level: int = 4) -> str | None:
     import torch
     import torch.nn.functional as F
 
-    from .quantize import int8_blocks
+    from .quantize import _int8_activations, int8_blocks
 
     w = linear.weight.detach().float().numpy().T  # (K, N)
     q41 = q4_1_blocks(w)
     kind = "q4_1" if q41 is not None else ("q8_0" if q8_0_blocks(w) is not None else None)
     if kind is None:
         return None
-    round8 = int8_blocks(BLOCK) if accuracy_level == 4 else (lambda x: x)
     if kind == "q8_0":
-        linear.register_forward_pre_hook(lambda mod, args: (round8(args[0]),) + tuple(args[1:]))
+        if accuracy_level == 4:
+            linear.register_forward_pre_hook(_int8_activations(BLOCK))
         return kind
+    round8 = int8_blocks(BLOCK) if accuracy_level == 4 else (lambda x: x)
     d, m, q = q41
     n, nb = d.shape
     scaled = torch.from_numpy((d[..., None] * q.astype(np.float32)).reshape(n, nb * BLOCK))  # (N, K)

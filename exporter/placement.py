@@ -68,8 +68,7 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
     from .api import score_split
     from .backbone import load_backbone
     from .cache import cache_features
-    from .checkpoint import Checkpoint, save_checkpoint
-    from .data import default_data_dir, make_splits, read_docs
+    from .checkpoint import GATES, Checkpoint, save_checkpoint
 
     ck = Checkpoint.open(checkpoint)
     config = ck.config
@@ -78,16 +77,14 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
         return ck, list(config.exits)
     bb = backbone or load_backbone(config.source)
     heads = ck.heads(bb)
-    gates = ck.gates(bb) if config.confidence == "gate" or (ck.path / "gates.safetensors").is_file() else None
+    gates = ck.gates(bb) if config.confidence == "gate" or (ck.path / GATES).is_file() else None
     keep_heads(heads, keep)
     if gates is not None:
         keep_gates(gates, keep)
     dropped = [e for i, e in enumerate(config.exits) if i not in keep]
     config.exits = [config.exits[i] for i in keep]
-    cfg = (config.train or {}).get("config", {})
-    docs = read_docs(config.train.get("data") or [default_data_dir()])  # the windows `lama train` drew
-    splits = make_splits(docs, bb.tokenizer, cfg["seq_len"], {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")},
-                         seed=cfg["seed"])
+    splits = ck.splits(bb.tokenizer)  # the windows `lama train` drew
+    cfg = config.train["config"]
     if gates is not None and splits["train"].num_tokens:
         gates = _retrain_gates(bb, heads, config, cfg, splits["train"])
     scores = {}

@@ -83,17 +83,12 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
                         data: list[str | Path] | None = None) -> QuantCalibration:
     """Scores, thresholds and reports of the fake-quantized model on the checkpoint's own splits."""
     config = checkpoint.config
-    from .data import default_data_dir, make_splits, read_docs
     from .train import cache_features, exit_scores, gate_scores
 
-    cfg = config.train.get("config") if config.train else None
-    if not cfg:
-        raise ValueError("the checkpoint has calibration scores but no training record (seq_len, token counts, "
-                         "seed) to redraw its text windows: quantized scores cannot be recomputed")
-    paths = data or config.train.get("data") or [default_data_dir()]
-    texts = read_docs(paths)  # as api.train reads them: the same domains, the same windows
-    counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
-    splits = make_splits(texts, bb.tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
+    try:
+        splits = checkpoint.splits(bb.tokenizer, data)  # the same domains, the same windows as api.train
+    except ValueError as e:
+        raise ValueError(f"{e}: quantized scores cannot be recomputed") from None
     qbb, heads, gates, n_weights = quantized_backbone(bb, checkpoint, scheme)
     exits = list(config.exits)
     kind = score_kind(config.confidence)
