@@ -12,7 +12,8 @@ greedily, and splits every decode token (the prefill step is left out) into:
     ort executor     onnxruntime's `model_run` time minus its kernels: scheduling, allocations
     binding          run() as Python sees it minus `model_run`: numpy -> OrtValue inputs, outputs
                      back to numpy, the Python/C++ crossing
-    KV cache         the cache object's methods (numpy concatenation / copies of the past KV)
+    KV cache         the cache object's methods (numpy concatenation / copies of the past KV),
+                     not counting the segment runs they make themselves (the in-place buffer does)
     Python glue      step() minus all of the above: feeds, thresholds, bookkeeping
     detokenize       generate() minus step(): incremental decoding of the text
 
@@ -43,26 +44,36 @@ PROMPT = ("Once upon a time, in a small village at the edge of a great forest, t
 
 
 class Clock:
-    """Accumulates wall time per key and per decode step."""
+    """Accumulates wall time per key and per decode step. Clocked calls nest (the KV buffer's
+    `run()` calls the segment's `run_bound()`, `step()` calls both): each key gets its own time
+    only (exclusive), so the parts add up to step() and none is counted twice."""
 
     def __init__(self):
         self.step = -1  # -1 until the first step() (prefill is step 0)
         self.total: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._children: list[float] = []  # per open clocked call: time spent in clocked calls inside it
 
     def add(self, key: str, seconds: float) -> None:
         if self.step >= 1:  # decode steps only
             self.total[key] += seconds
             self.calls[key] += 1
 
+    def call(self, key: str, fn, *a, **k):
+        """fn(*a, **k) with its time minus the clocked calls inside it added to `key`."""
+        self._children.append(0.0)
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            elapsed = time.perf_counter() - t0
+            inner = self._children.pop()
+            if self._children:
+                self._children[-1] += elapsed
+            self.add(key, elapsed - inner)
+
     def timed(self, key: str, fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.add(key, time.perf_counter() - t0)
-        return wrapper
+        return lambda *a, **k: self.call(key, fn, *a, **k)
 
 
 def _profiling_session(path: Path, threads: int | None, prefix: Path, providers: list[str]):
@@ -98,10 +109,7 @@ def instrument(rt, clock: Clock, threads: int | None, out: Path) -> list[tuple[s
             def run(*args, _inner=inner, _name=name, _steps=steps):
                 _steps.append(clock.step)
                 clock.add(f"bytes_in:{_name}", sum(getattr(v, "nbytes", 0) for v in args[-1].values()))
-                t0 = time.perf_counter()
-                res = _inner(*args)
-                clock.add(f"run:{_name}", time.perf_counter() - t0)
-                return res
+                return clock.call(f"run:{_name}", _inner, *args)
 
             setattr(backend, method, run)
         wired.append((name, backend, steps))
@@ -111,7 +119,7 @@ def instrument(rt, clock: Clock, threads: int | None, out: Path) -> list[tuple[s
         clock.step += 1
         t0 = time.perf_counter()
         try:
-            return step(*a, **k)
+            return clock.call("glue", step, *a, **k)  # exclusive: step() minus runs and KV cache work
         finally:
             clock.add("step", time.perf_counter() - t0)
 
@@ -186,14 +194,13 @@ def profile(export_dir: Path, prompt: str, new_tokens: int, threshold, threads: 
                          "binding_ms": 1e3 * (run_s - model_run) / decode_tokens,
                          "bytes_in_per_call": clock.total.get(f"bytes_in:{name}", 0.0) / max(calls, 1)})
     step_s = clock.total["step"]
-    runs_s = sum(clock.total.get(f"run:{n}", 0.0) for n, _, _ in wired)
     kv_s = clock.total.get("kv_cache", 0.0)
     per_tok = lambda s: 1e3 * s / decode_tokens  # noqa: E731
     kern = sum(s["kernels_ms"] for s in segments)
     totals = {"token_ms": per_tok(step_s), "kernels_ms": kern,
               "ort_executor_ms": sum(s["ort_executor_ms"] for s in segments),
               "binding_ms": sum(s["binding_ms"] for s in segments), "kv_cache_ms": per_tok(kv_s),
-              "python_glue_ms": per_tok(step_s - runs_s - kv_s),
+              "python_glue_ms": per_tok(clock.total.get("glue", 0.0)),
               "run_calls_per_token": sum(s["calls_per_token"] for s in segments)}
     layers = [r.exit_layer for r in records[1:]]
     return {

@@ -27,6 +27,12 @@ def _check_note(res: dict) -> str:
     return "the check is the exit head, whose LM head covers the whole vocabulary"
 
 
+def _ratio(x: float | None, ci: list[float] | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def markdown(res: dict, command: str) -> str:
     s = res["settings"]
     base = next((r.get("speedup_baseline") for r in res["rows"] if r.get("speedup_baseline")), None)
@@ -55,10 +61,11 @@ def markdown(res: dict, command: str) -> str:
         f"Speed-up is over row {base_name}: the median over rounds of the ratio between rows that ran back to "
         f"back (robust to load changes between rounds). Agreement and ROUGE-L are against row a's greedy tokens. "
         f"Teacher-forced columns use all {s['heldout_windows']} held-out windows of {s['seq_len']} tokens.", "",
-        "| row | tokens/s (spread) | speed-up | first token (ms) | p95 token (ms) | peak RSS MB (after imports) | "
+        "| row | tokens/s (spread) | speed-up [95% CI] | vs llama.cpp [95% CI] | first token (ms) | p95 token (ms) | "
+        "peak RSS MB (after imports) | "
         "decided at layer | work (layer-positions vs plain) | decode work | greedy agreement | ROUGE-L | "
         "teacher-forced agreement | perplexity | share of oracle speed-up | greedy agreement vs same-precision full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         if r["status"] == "skipped":
@@ -69,7 +76,8 @@ def markdown(res: dict, command: str) -> str:
         spread = (r.get("measured") or {}).get("tokens_per_second_spread")
         tps = _f(r.get("tokens_per_second"), ".1f") + (f" (±{spread:.0%})" if spread is not None else "")
         lines.append(
-            f"| {r['row']} | {tps}{est} | {_f(r.get('speedup'), '.2f')}x{est} | "
+            f"| {r['row']} | {tps}{est} | {_ratio(r.get('speedup'), r.get('speedup_ci95'))}{est} | "
+            f"{_ratio(r.get('vs_llamacpp'), r.get('vs_llamacpp_ci95'))} | "
             f"{_f(r.get('first_token_ms'), '.2f')} | {_f(r.get('p95_ms'), '.2f')} | {rss} | "
             f"{_f(r.get('mean_layers'), '.2f')} | {_f(r.get('work_share'), '.3f')} | "
             f"{_f(r.get('decode_work_share'), '.3f')} | "
@@ -84,7 +92,9 @@ def markdown(res: dict, command: str) -> str:
         "", "Notes:", "",
         "- tokens/s: decode speed after the first token, wall clock around each generate call (the runtime's "
         "rows include its incremental detokenization; transformers' rows return ids only); spread = half the "
-        "range over passes, relative to the median. First token: prefill of the prompt + first token, median "
+        "range over passes, relative to the median. Ratios (speed-up, vs llama.cpp) are medians of per-round "
+        "ratios; [95% CI] is a bootstrap interval of that median over the rounds: a ratio whose interval holds "
+        "1.00 is within noise. First token: prefill of the prompt + first token, median "
         "over prompts. With exits, the prompt's deeper layers are deferred when the first token exits early "
         "(`defer` KV policy), so part of the prefill moves into later tokens.",
         "- Peak RSS: VmHWM of the worker process (Python, libraries, model, caches); in brackets its RSS after "
@@ -114,7 +124,7 @@ def markdown(res: dict, command: str) -> str:
             continue
         c = q.get("calibration", {})
         exact = q.get("exact_blocks") or {}
-        kept = (f" (GGUF blocks kept exactly: {exact.get('q4_1', 0)} Q4_1 weights as 4-bit d*q + float block "
+        kept = (f" (GGUF blocks kept exactly: {exact.get('q4_1', 0)} Q4_1 weights as 4-bit d*(q-8) + float block "
                 f"offsets, {exact.get('q8_0', 0)} Q8_0 as 8-bit; only the rest re-quantized)" if any(exact.values())
                 else " (every weight re-quantized)")
         lines.append(f"- {prec}: {q['bits']}-bit MatMulNBits weights, blocks of {q['block_size']}, "

@@ -238,6 +238,20 @@ def _outcome(o) -> dict:
             "coverage": [round(float(x), 4) for x in o.coverage]}
 
 
+def ratio_interval(ratios: list[float], level: float = 0.95, draws: int = 4000) -> list[float] | None:
+    """Bootstrap interval of the median per-round ratio (rounds resampled; a fixed seed, so a
+    report is reproducible from its passes). It says how well the run pins the ratio down: the
+    rows of a round ran back to back, so load that drifts between rounds cancels in the ratio;
+    what is left is pass-to-pass noise, which more rounds shrink."""
+    if len(ratios) < 3:
+        return None
+    x = np.asarray(ratios, dtype=float)
+    idx = np.random.default_rng(0).integers(0, len(x), (draws, len(x)))
+    med = np.median(x[idx], axis=1)
+    lo, hi = np.quantile(med, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
 def derive(rows: list[dict], num_layers: int, oracle_layers: float, oracle_tf: dict) -> None:
     """Fill the comparable numbers of every row, add the oracle row (e), and the ratios."""
     by = {r["row"][0]: r for r in rows if r["row"][0] in "abc"}  # the full-model rows
@@ -266,6 +280,11 @@ def derive(rows: list[dict], num_layers: int, oracle_layers: float, oracle_tf: d
         y = base.get("measured", {}).get("tokens_per_second_runs")
         return statistics.median(a / b for a, b in zip(x, y)) if x and y else None
 
+    def interval(r: dict, base: dict) -> list[float] | None:
+        x = r.get("measured", {}).get("tokens_per_second_runs")
+        y = base.get("measured", {}).get("tokens_per_second_runs")
+        return ratio_interval([a / b for a, b in zip(x, y)]) if x and y else None
+
     chain = by.get("c") if by.get("c", {}).get("measured") else None
     layer_gain = num_layers / oracle_layers
     if chain:
@@ -275,12 +294,16 @@ def derive(rows: list[dict], num_layers: int, oracle_layers: float, oracle_tf: d
                      "note": "not measured: row c's tokens/s x num_layers / oracle mean layers (held-out scores)"})
     base_key = "b" if by.get("b", {}).get("measured") else "c"
     base = by.get(base_key) if by.get(base_key, {}).get("measured") else None
+    llama = next((r for r in rows if r["row"].startswith("f") and r.get("measured")), None)
     for r in rows:
         if r.get("measured"):
             if base:
                 r["speedup"], r["speedup_baseline"] = paired(r, base), base_key
+                r["speedup_ci95"] = interval(r, base)
             if chain:
                 r["speedup_vs_chain"] = paired(r, chain)
+            if llama:
+                r["vs_llamacpp"], r["vs_llamacpp_ci95"] = paired(r, llama), interval(r, llama)
         elif r["kind"] == "oracle" and base and chain:
             r["speedup"], r["speedup_baseline"] = paired(chain, base) * layer_gain, base_key
         if r["kind"] in ("target", "budget") and r.get("speedup_vs_chain") and layer_gain > 1:

@@ -10,11 +10,16 @@ float weights and encodes them without loss:
 * Q8_0 (`w = d * q`, q in [-127, 127], 32 inputs per block): an 8-bit MatMulNBits with
   scale d and the default zero point 128: the same numbers.
 * Q4_1 (`w = d * q + m`, q in [0, 15]): MatMulNBits has integer zero points only, and -m/d
-  is not an integer, so the 4-bit part carries `d * q` (zero point 0) and the offsets come
-  back as a small float product: `y = x @ (d*q) + blocksum(x) @ m`, where blocksum(x) sums
-  each block of 32 inputs (one MatMul with a 0/1 matrix, shared by every weight that reads
-  the same input) and m is (K/32, N). Exact up to float rounding, at ~10 small extra ops per
-  layer.
+  is not an integer, so the 4-bit part carries `d * (q - 8)` (the kernel's default zero point
+  8: no zero-point input, its fastest path) and the rest comes back as a small float product:
+  `y = x @ (d*(q-8)) + blocksum(x) @ (m + 8d)`, where blocksum(x) sums each block of 32 inputs
+  (one MatMul with a 0/1 matrix, shared by every weight that reads the same input) and
+  m + 8d is (K/32, N). Exact up to float rounding, at ~3 small extra ops per layer input.
+  Centring matters beyond speed: at accuracy level 4 the kernel rounds x to int8 per block,
+  and that rounding error is weighted by the 4-bit part's values. With `d*q` (all >= 0, mean
+  ~7.5d) it is weighted by much larger numbers than the weights themselves; with `d*(q-8)`
+  by about the weights (m ~ -7.5d), which is what llama.cpp's Q4_1 x q8_1 product does
+  (it folds m into the rounded activations' block sums).
 
 A block is taken as Q4_1 when its 32 values sit on 16 evenly spaced levels from its minimum
 (what Q4_1's quantizer produces: the minimum and maximum are levels 0 and 15), as Q8_0 when
@@ -62,6 +67,12 @@ def q8_0_blocks(w: np.ndarray):
     return d.astype(np.float32), q.astype(np.int16)
 
 
+def _centred_offsets(d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """m + 8d, each block's offset once the 4-bit part is d * (q - 8) (float64 sum: exact for
+    the fp16 d and m a GGUF stores, then rounded once to fp32)."""
+    return (m.astype(np.float64) + 8.0 * d.astype(np.float64)).astype(np.float32)
+
+
 def _pack4(q: np.ndarray) -> np.ndarray:
     """(N, blocks, 32) values 0..15 -> MatMulNBits' (N, blocks, 16) bytes, low nibble first."""
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
@@ -79,13 +90,10 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
     out_nodes, new_inits, sums, ones = [], [], {}, {}
     counts = {"q4_1": 0, "q8_0": 0}
 
-    def nbits(x, name, k, n, bits, packed, scales, zp=None):
-        ins = [x, name + "_B", name + "_scales"] + ([name + "_zp"] if zp is not None else [])
+    def nbits(x, name, packed, scales):  # MatMulNBits inputs; no zero point: the kernel's default
         new_inits.extend([numpy_helper.from_array(packed, name + "_B"),
                           numpy_helper.from_array(scales.reshape(-1), name + "_scales")])
-        if zp is not None:
-            new_inits.append(numpy_helper.from_array(zp, name + "_zp"))
-        return ins
+        return [x, name + "_B", name + "_scales"]
 
     for node in g.node:
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -102,8 +110,7 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
         q41 = q4_1_blocks(w)
         if q41 is not None:
             d, m, q = q41
-            zp = np.zeros((n, -(-(k // BLOCK) // 2)), np.uint8)
-            ins = nbits(x, name, k, n, 4, _pack4(q), d, zp)
+            ins = nbits(x, name, _pack4(q), d)  # default zero point 8: d * (q - 8)
             part = name + "_scaled"
             out_nodes.append(helper.make_node("MatMulNBits", ins, [part], name=name, domain="com.microsoft",
                                               K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=accuracy_level))
@@ -115,7 +122,7 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
                     new_inits.append(numpy_helper.from_array(one, ones[k]))
                 sums[x] = name + "_blocksum"
                 out_nodes.append(helper.make_node("MatMul", [x, ones[k]], [sums[x]], name=name + "_blocksum"))
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(m.T), name + "_offsets"))
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(_centred_offsets(d, m).T), name + "_offsets"))
             out_nodes.append(helper.make_node("MatMul", [sums[x], name + "_offsets"], [name + "_offset"],
                                               name=name + "_offset"))
             out_nodes.append(helper.make_node("Add", [part, name + "_offset"], [y], name=name + "_add"))
@@ -126,7 +133,7 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
                 out_nodes.append(node)
                 continue
             d, q = q80
-            ins = nbits(x, name, k, n, 8, (q + 128).astype(np.uint8), d)  # zero point: 8-bit default 128
+            ins = nbits(x, name, (q + 128).astype(np.uint8), d)  # zero point: 8-bit default 128
             out_nodes.append(helper.make_node("MatMulNBits", ins, [y], name=name, domain="com.microsoft",
                                               K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=accuracy_level))
             counts["q8_0"] += 1
@@ -144,7 +151,8 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
 def exact_twin(linear, accuracy_level: int = 4) -> str | None:
     """Give a PyTorch nn.Linear the numerics of its exact encoding, if its weight holds GGUF
     blocks: Q8_0 keeps its weight (at accuracy level 4 the kernel rounds the input to int8 per
-    block); Q4_1 computes round8(x) @ (d*q) + x @ m_expanded. Returns "q4_1", "q8_0" or None."""
+    block); Q4_1 computes round8(x) @ (d*(q-8)) + x @ (m+8d)_expanded. Returns "q4_1", "q8_0"
+    or None."""
     import torch
     import torch.nn.functional as F
 
@@ -162,8 +170,9 @@ def exact_twin(linear, accuracy_level: int = 4) -> str | None:
     round8 = int8_blocks(BLOCK) if accuracy_level == 4 else (lambda x: x)
     d, m, q = q41
     n, nb = d.shape
-    scaled = torch.from_numpy((d[..., None] * q.astype(np.float32)).reshape(n, nb * BLOCK))  # (N, K)
-    offsets = torch.from_numpy(np.repeat(m, BLOCK, axis=1))  # (N, K): each block's m over its inputs
+    centred = q.astype(np.float32) - 8.0
+    scaled = torch.from_numpy((d[..., None] * centred).reshape(n, nb * BLOCK))  # (N, K)
+    offsets = torch.from_numpy(np.repeat(_centred_offsets(d, m), BLOCK, axis=1))  # (N, K): m + 8d per block
     bias = linear.bias
 
     def forward(x):

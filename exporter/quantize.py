@@ -62,7 +62,7 @@ class Scheme:
              calibration: dict | None = None, exact: dict | None = None) -> QuantizationInfo:
         method = "onnxruntime MatMulNBits (weight-only, round-to-nearest)"
         if exact and any(exact.values()):
-            method += "; GGUF blocks kept exactly: Q4_1 as 4-bit d*q + float block offsets, Q8_0 as 8-bit"
+            method += "; GGUF blocks kept exactly: Q4_1 as 4-bit d*(q-8) + float block offsets m+8d, Q8_0 as 8-bit"
         return QuantizationInfo(method=method, bits=self.bits, exact_blocks=dict(exact or {}),
                                 block_size=self.block_size, symmetric=self.symmetric,
                                 accuracy_level=self.accuracy_level, graphs=tuple(graphs),

@@ -33,8 +33,11 @@ def test_profile_chain_splits_each_token(tmp_path, precision="int4"):
     t = p["totals"]
     assert p["decode_tokens"] == 5 and p["precision"] == precision
     assert t["run_calls_per_token"] == len(p["segments"]) == 4  # exits off: every segment, once per token
-    parts = t["kernels_ms"] + t["ort_executor_ms"] + t["binding_ms"] + t["kv_cache_ms"] + t["python_glue_ms"]
-    assert parts == pytest.approx(t["token_ms"], rel=1e-6)
+    parts = [t["kernels_ms"], t["ort_executor_ms"], t["binding_ms"], t["kv_cache_ms"], t["python_glue_ms"]]
+    # each part timed on its own (nested clocks count their own time only): none negative, and they
+    # add up to step() up to the clocks' own overhead
+    assert min(parts) >= 0, parts
+    assert sum(parts) == pytest.approx(t["token_ms"], rel=0.02)
     assert t["kernels_ms"] > 0 and all(s["kernels_ms"] > 0 and s["binding_ms"] >= 0 for s in p["segments"])
     assert "MatMulNBits" in p["kernels_by_op_ms"]
     assert "| kernels (onnxruntime profiler) |" in prof.markdown(p)
@@ -75,3 +78,29 @@ def test_llamacpp_worker_speaks_the_benchmark_protocol(tmp_path, monkeypatch):
     assert ready["ready"] and summary["backend"] == "llamacpp" and summary["info"]["n_threads"] == 2
     assert [len(t) for t in passed["tokens"]] == [5, 5]
     assert passed["tokens"][0][0] == (3 * 7 + 1) % 97
+
+
+def test_ratios_are_paired_by_round_with_an_interval():
+    """run.derive: speed-ups and the llama.cpp ratio are medians of per-round ratios, with a
+    bootstrap interval that is narrow when two rows move together round by round (drifting
+    load cancels) and holds 1.00 when they do not differ beyond the noise."""
+    run = _load("run")
+    drift = [60.0, 45.0, 70.0, 52.0, 66.0, 40.0, 58.0, 63.0, 49.0]  # the machine's speed, round by round
+    rows = [{"row": "b: optimum", "kind": "full", "measured": {"tokens_per_second_runs": [x / 3 for x in drift]}},
+            {"row": "f: llama.cpp", "kind": "full", "measured": {"tokens_per_second_runs": drift}},
+            {"row": "g: int4 chain, exits off", "kind": "quant-full",
+             "measured": {"tokens_per_second_runs": [0.8 * x * (1 + 0.01 * (-1) ** i) for i, x in enumerate(drift)]}},
+            {"row": "g: noisy", "kind": "quant-full",
+             "measured": {"tokens_per_second_runs": [x * (1 + 0.2 * (-1) ** i) for i, x in enumerate(drift)]}}]
+    for r in rows:
+        m = r["measured"]
+        m.update(tokens_per_second=sorted(m["tokens_per_second_runs"])[4], first_token_seconds=0.1,
+                 peak_rss_mb=1.0, rss_after_imports_mb=1.0, tokens=[[1, 2]])
+    run.derive(rows, num_layers=30, oracle_layers=30.0, oracle_tf={})
+    g, noisy = rows[2], rows[3]
+    assert g["vs_llamacpp"] == pytest.approx(0.8, rel=0.02) and g["speedup"] == pytest.approx(2.4, rel=0.02)
+    lo, hi = g["vs_llamacpp_ci95"]
+    assert 0.78 < lo <= 0.8 <= hi < 0.82  # a 40% swing of the machine's speed, yet a 2% interval
+    lo, hi = noisy["vs_llamacpp_ci95"]
+    assert lo < 1.0 < hi  # within noise: the interval says so
+    assert run.ratio_interval([1.0, 1.1]) is None  # too few rounds for an interval
