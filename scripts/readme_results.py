@@ -42,9 +42,8 @@ SECTIONS = [
      "runs/bench/smollm2-pruned/onnx-int4-requant --out benchmarks/results/smollm2-135m/llamacpp_fidelity`."),
     ("Where the int4 chain's time goes (SmolLM2-135M)", "smollm2-135m/profile-int4/profile.md",
      "`python benchmarks/profile_chain.py runs/bench/smollm2-pruned/onnx-int4 --threads 2 --out "
-     "benchmarks/results/smollm2-135m/profile-int4` (profiled, with a pool per session, so slower than the "
-     "benchmark's row; the 'KV cache methods' line wraps the bound-buffer run itself with the `buffer` KV "
-     "layout, so it and 'Python glue' are not separable there). 'MatMul' and most of 'Add' are the float "
+     "benchmarks/results/smollm2-135m/profile-int4` (profiled: onnxruntime's profiler adds a few "
+     "microseconds per node, so slower than the benchmark's row). 'MatMul' and most of 'Add' are the float "
      "block-offset products that keep the GGUF's Q4_1 blocks exact."),
     ("Thread pools for a chain of sessions (SmolLM2-135M)", "smollm2-135m/thread_pools/thread_pools.md",
      "`python benchmarks/thread_pools.py runs/bench/smollm2-pruned/onnx-int4 runs/bench/smollm2-pruned/onnx-int4-requant "
