@@ -41,7 +41,7 @@ SECTIONS = [
      "`python benchmarks/llamacpp_fidelity.py runs/smollm2-135m/ckpt-pruned runs/bench/smollm2-pruned/onnx-int4 "
      "runs/bench/smollm2-pruned/onnx-int4-requant --out benchmarks/results/smollm2-135m/llamacpp_fidelity`."),
     ("Where the int4 chain's time goes (SmolLM2-135M)", "smollm2-135m/profile-int4/profile.md",
-     "`python benchmarks/profile_chain.py runs/bench/smollm2-pruned/onnx-int4 --threads 2 --out "
+     "`python benchmarks/profile_chain.py runs/bench/smollm2-main/onnx-int4 --threads 2 --out "
      "benchmarks/results/smollm2-135m/profile-int4` (profiled: onnxruntime's profiler adds a few "
      "microseconds per node, so slower than the benchmark's row). 'MatMul' and most of 'Add' are the float "
      "block-offset products that keep the GGUF's Q4_1 blocks exact."),
