@@ -274,16 +274,19 @@ def derive(rows: list[dict], num_layers: int, oracle_layers: float, oracle_tf: d
             r["rouge_l"] = float(np.mean([rouge_l(a, b) for a, b in zip(ref, m["tokens"])]))
             r["identical_to_a"] = m["tokens"] == ref
 
-    def paired(r: dict, base: dict) -> float | None:
-        """Median over rounds of the per-round ratio: the rows of one round ran back to back."""
+    def ratios(r: dict, base: dict) -> list[float] | None:
+        """Per-round ratios of tokens/s: the rows of one round ran back to back."""
         x = r.get("measured", {}).get("tokens_per_second_runs")
         y = base.get("measured", {}).get("tokens_per_second_runs")
-        return statistics.median(a / b for a, b in zip(x, y)) if x and y else None
+        return [a / b for a, b in zip(x, y)] if x and y else None
+
+    def paired(r: dict, base: dict) -> float | None:
+        q = ratios(r, base)
+        return statistics.median(q) if q else None
 
     def interval(r: dict, base: dict) -> list[float] | None:
-        x = r.get("measured", {}).get("tokens_per_second_runs")
-        y = base.get("measured", {}).get("tokens_per_second_runs")
-        return ratio_interval([a / b for a, b in zip(x, y)]) if x and y else None
+        q = ratios(r, base)
+        return ratio_interval(q) if q else None
 
     chain = by.get("c") if by.get("c", {}).get("measured") else None
     layer_gain = num_layers / oracle_layers

@@ -82,22 +82,25 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
                                         dtype="float32", keep_final=False, device=device,
                                         desc=f"caching {split} hidden states")
                    for split, name in (("calib", "calibration"), ("heldout", "heldout"))}
-    scores: dict[str, ExitScores] = {}
-    for name, f in split_feats.items():
-        scores.update(score_split(bb, heads, gates, f, name, head_conf, device))
+    keep = list(range(len(exits)))  # indices of the exits that stay (all, unless pruned below)
+
+    def scored(name: str) -> dict[str, ExitScores]:
+        return score_split(bb, heads, gates, split_feats[name].with_exits(keep), name, head_conf, device)
+
     kind = score_kind(recipe.confidence)
-    if min_share > 0:
+    scores: dict[str, ExitScores] = scored("calibration")
+    if min_share > 0:  # pruning reads the calibration scores only: held-out is scored once, below
         from .placement import keep_heads, prune_exits
 
-        keep = prune_exits(scores[scores_file("calibration", kind)], target, min_share, recipe.margin)
-        if len(keep) < len(exits):
+        pruned = prune_exits(scores[scores_file("calibration", kind)], target, min_share, recipe.margin)
+        if len(pruned) < len(exits):
+            keep = pruned
             keep_heads(heads, keep)
             exits = [exits[i] for i in keep]
             if gates is not None:  # a gate's 'move' feature reads the previous exit, which pruning changes
                 gates = fit_gates(bb, heads, feats.with_exits(keep), cfg, device)[0]
-            scores = {}
-            for name, f in split_feats.items():
-                scores.update(score_split(bb, heads, gates, f.with_exits(keep), name, head_conf, device))
+            scores = scored("calibration")
+    scores.update(scored("heldout"))
     del feats, split_feats
     if not keep_cache and not cache_dir:
         shutil.rmtree(cache_root, ignore_errors=True)
