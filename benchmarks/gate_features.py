@@ -1,6 +1,7 @@
 """Which gate features earn their place? Coverage at 95% precision per exit, by feature set.
 
-    python benchmarks/gate_features.py CHECKPOINT CACHE_DIR [--steps 300] [--sets hidden hidden+move ...] [--out DIR]
+    python benchmarks/gate_features.py CHECKPOINT CACHE_DIR [--steps 300] [--sets hidden hidden+move ...]
+                                       [--references] [--out DIR]
 
 CHECKPOINT: a `lama train` checkpoint (its heads, and the head agreements stored in
 calibration_scores.npz / heldout_scores.npz); CACHE_DIR: the feature cache that run kept
@@ -15,7 +16,9 @@ scores: no vocabulary-sized head runs again) and measured on the held-out tokens
 * in the chain: thresholds calibrated at 0.95 on the first half of the held-out windows,
   mean layers computed and agreement on the second half.
 
-Writes gate_features.json / .md into --out (default CHECKPOINT/reports/gate_features).
+--references adds rows that are not in the exported graph (gate_references.py): the head's
+full-vocabulary softmax, and consistency between consecutive exits' top-1 words, to tell a
+weak gate from heads that cannot know. Writes gate_features.json / .md into --out (default CHECKPOINT/reports/gate_features).
 """
 
 from __future__ import annotations
@@ -64,10 +67,8 @@ def coverage_at_precision(score: np.ndarray, agree: np.ndarray, precision: float
 def main(argv=None) -> int:
     from exporter.backbone import load_backbone
     from exporter.cache import load_features
-    from exporter.calibrate import calibrate_thresholds
     from exporter.checkpoint import load_heads, read_config, read_scores
     from exporter.gates import ExitGates, train_gates
-    from exporter.scores import simulate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--shortlist", type=int, default=256)
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--sets", nargs="+", help="feature sets to compare, e.g. hidden hidden+move (default: all six)")
+    p.add_argument("--references", action="store_true",
+                   help="add the reference rows of gate_references.py (full-vocabulary head softmax, consistency)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     sets = [tuple(x.split("+")) for x in a.sets] if a.sets else SETS
@@ -89,26 +92,18 @@ def main(argv=None) -> int:
         raise SystemExit("the cache does not hold the checkpoint's calibration / held-out tokens")
     seqs = np.unique(held_s.sequence)
     first = np.isin(held_s.sequence, seqs[: len(seqs) // 2])
-    results = []
+    results, gates = [], None
     for feats in sets:
         t0 = time.perf_counter()
         gates = ExitGates(len(cfg.exits), bb.shape.hidden_size, a.width, feats, min(a.shortlist, bb.shape.vocab_size))
         train_gates(gates, bb, heads, cal_f, cal_s.agree, steps=a.steps, seed=0)
         score = gates.score_features(bb, heads, held_f)
-        per_exit = []
-        for k, layer in enumerate(cfg.exits):
-            ag = held_s.agree[:, k]
-            per_exit.append({"exit_layer": layer, "auc": auc(score[:, k], ag),
-                             "coverage_at_95": coverage_at_precision(score[:, k], ag, 0.95),
-                             "oracle_coverage": float(ag.mean())})
-        scored = dataclasses.replace(held_s, confidence=score)
-        th = calibrate_thresholds(scored.subset(first), a.target)
-        chain = simulate(scored.subset(~first), th)
         results.append({"features": list(feats), "macs": gates.macs(), "seconds": time.perf_counter() - t0,
-                        "per_exit": per_exit,
-                        "chain": {"layers": chain.layers, "agreement": chain.agreement,
-                                  "exit_share": float((chain.exit_index < len(cfg.exits)).mean())}})
-        print(feats, [round(e["coverage_at_95"], 3) for e in per_exit], round(chain.layers, 2), flush=True)
+                        **evaluate(score, held_s, cfg.exits, first, a.target)})
+    if a.references:
+        results += references(a, bb, heads, gates, results[-1]["features"], cal_f, held_f, cal_s, held_s, first)
+    for r in results:
+        print(r["features"], [round(e["coverage_at_95"], 3) for e in r["per_exit"]], round(r["chain"]["layers"], 2))
     res = {"checkpoint": str(a.checkpoint), "calibration_tokens": cal_s.num_tokens,
            "heldout_tokens": held_s.num_tokens, "num_layers": cfg.num_layers, "target": a.target, "sets": results}
     out = a.out or a.checkpoint / "reports" / "gate_features"
@@ -117,6 +112,45 @@ def main(argv=None) -> int:
     (out / "gate_features.md").write_text(markdown(res))
     print(markdown(res))
     return 0
+
+
+def evaluate(score: np.ndarray, held_s, exits: list[int], first: np.ndarray, target: float) -> dict:
+    """Per exit AUC / coverage at 95% precision / oracle, and the chain with thresholds fitted on
+    the held-out windows in `first`, measured on the others."""
+    from exporter.calibrate import calibrate_thresholds
+    from exporter.scores import simulate
+
+    per_exit = []
+    for k, layer in enumerate(exits):
+        ag = held_s.agree[:, k]
+        per_exit.append({"exit_layer": layer, "auc": auc(score[:, k], ag),
+                         "coverage_at_95": coverage_at_precision(score[:, k], ag, 0.95),
+                         "oracle_coverage": float(ag.mean())})
+    scored = dataclasses.replace(held_s, confidence=score)
+    chain = simulate(scored.subset(~first), calibrate_thresholds(scored.subset(first), target))
+    return {"per_exit": per_exit, "chain": {"layers": chain.layers, "agreement": chain.agreement,
+                                            "exit_share": float((chain.exit_index < len(exits)).mean())}}
+
+
+def references(a, bb, heads, gates, gate_set, cal_f, held_f, cal_s, held_s, first) -> list[dict]:
+    """The reference rows (gate_references.py): none of them is in the exported graph."""
+    import gate_references as ref
+    from exporter.checkpoint import read_scores
+    from exporter.gates import shortlist_ids
+
+    head_held = read_scores(a.checkpoint, "heldout", "head")
+    if head_held.num_tokens != held_s.num_tokens:
+        raise SystemExit("the checkpoint's head scores do not cover its held-out tokens")
+    ids = shortlist_ids(cal_f, min(a.shortlist, bb.shape.vocab_size))
+    gate_cal, gate_held = gates.score_features(bb, heads, cal_f), gates.score_features(bb, heads, held_f)
+    short_cal, short_held = (ref.top_words(heads, f, shortlist=ids)["top1"] for f in (cal_f, held_f))
+    words_cal, words_held = ref.top_words(heads, cal_f), ref.top_words(heads, held_f)
+    rows = {"head softmax (reference)": head_held.confidence,
+            f"{'+'.join(gate_set)} + consistency (reference)":
+                ref.gate_consistency(gate_cal, gate_held, short_cal, short_held, cal_s.agree),
+            "head softmax + consistency (reference)": ref.softmax_consistency(words_cal, words_held, cal_s.agree)}
+    return [{"features": [name], "macs": None, "reference": True,
+             **evaluate(score, held_s, list(held_s.exit_layers), first, a.target)} for name, score in rows.items()]
 
 
 def markdown(res: dict) -> str:
@@ -131,9 +165,17 @@ def markdown(res: dict) -> str:
     for s in res["sets"]:
         cells = [f"{e['coverage_at_95']:.3f} / {e['auc']:.3f}" if e["auc"] is not None else "-" for e in s["per_exit"]]
         lines.append(f"| {'+'.join(s['features'])} | " + " | ".join(cells)
-                     + f" | {s['chain']['layers']:.2f} | {s['chain']['agreement']:.3f} | {s['macs']} |")
+                     + f" | {s['chain']['layers']:.2f} | {s['chain']['agreement']:.3f} | {s['macs'] or '-'} |")
     lines.append("| oracle | " + " | ".join(f"{e['oracle_coverage']:.3f}" for e in res["sets"][0]["per_exit"])
                  + " | | | |")
+    if any(s.get("reference") for s in res["sets"]):
+        lines += ["", "Reference rows are not in the exported graph (benchmarks/gate_references.py): the head's own "
+                  "top-1 probability over the whole vocabulary (a vocabulary-sized product per check); the last "
+                  "gate's logit with whether the shortlist's top-1 equals the previous exit's (logistic fit on the "
+                  "calibration tokens); the head's top-1 and top-1 minus top-2 probabilities with whether its "
+                  "top-1 equals the previous exit's and for how many exits in a row (same fit). Where they cover "
+                  "no more than the gate, the gate is not what limits coverage: the heads' agreement is not "
+                  "predictable at 95% precision from these signals."]
     return "\n".join(lines) + "\n"
 
 

@@ -104,3 +104,50 @@ def test_ratios_are_paired_by_round_with_an_interval():
     lo, hi = noisy["vs_llamacpp_ci95"]
     assert lo < 1.0 < hi  # within noise: the interval says so
     assert run.ratio_interval([1.0, 1.1]) is None  # too few rounds for an interval
+
+
+def test_gate_references_consistency_streak_and_fit():
+    import numpy as np
+    import torch
+
+    ref = _load("gate_references")
+    top1 = np.array([[1, 1, 1, 2], [3, 1, 1, 1], [5, 6, 5, 5]])
+    same, streak = ref.consistency(top1, 3)
+    assert same.tolist() == [0, 1, 1] and streak.tolist() == [0, 2, 1]  # row 3: exit 2 agrees, exit 1 breaks it
+    assert ref.consistency(top1, 0)[1].tolist() == [0, 0, 0]
+
+    # the fit ranks by the informative feature, not the noise one
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 2))
+    y = rng.random(4000) < 1 / (1 + np.exp(-3 * x[:, 0]))
+    s = ref.logistic_scores(x[:2000], y[:2000], x[2000:])
+    assert np.corrcoef(s, x[2000:, 0])[0, 1] > 0.99
+
+    # top words: chunked, over the whole vocabulary or a shortlist, equal to a plain argmax
+    class Heads:
+        exits = [0, 1]
+        w = torch.randn(50, 8)
+
+        def vocab_matrix(self, k):
+            return self.w * (k + 1), None
+
+        def vocab_input(self, k, h):
+            return h + k
+
+    class Feats:
+        h = torch.randn(7, 8)
+        num_tokens, active = 7, np.arange(7)
+
+        def hidden(self, k, rows):
+            return self.h[rows]
+
+    heads, feats = Heads(), Feats()
+    full = ref.top_words(heads, feats, chunk=3)
+    short_ids = torch.tensor([4, 9, 17, 30])
+    short = ref.top_words(heads, feats, shortlist=short_ids, chunk=3)
+    for k in range(2):
+        logits = (feats.h + k) @ (heads.w * (k + 1)).T
+        p = torch.softmax(logits, -1)
+        assert full["top1"][:, k].tolist() == logits.argmax(-1).tolist()
+        assert np.allclose(full["p"][:, k, 0], p.max(-1).values.numpy(), atol=1e-6)
+        assert short["top1"][:, k].tolist() == short_ids[logits[:, short_ids].argmax(-1)].tolist()
