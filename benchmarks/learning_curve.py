@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from exporter.checkpoint import score_kind, scores_file
     from exporter.data import default_data_dir, make_splits, read_docs
     from exporter.scores import oracle, simulate
-    from exporter.train import check_exits, default_exits, resolve_device
+    from exporter.train import check_exits, default_exits, resolve_device, score_split
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe")
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
         steps = max(50, int(round(a.epochs * sub.num_tokens / cfg.batch_tokens)))
         t1 = time.perf_counter()
         heads, gates, rep, _, _ = api.fit(bb, exits, sub, dataclasses.replace(cfg, steps=steps), device)
-        sc = {**api.score_split(bb, heads, gates, calib, "calibration", head_conf, device),
-              **api.score_split(bb, heads, gates, held, "heldout", head_conf, device)}
+        sc = {**score_split(bb, heads, gates, calib, "calibration", head_conf, device),
+              **score_split(bb, heads, gates, held, "heldout", head_conf, device)}
         cal_s, held_s = sc[scores_file("calibration", kind)], sc[scores_file("heldout", kind)]
         th = calibrate_thresholds(cal_s, recipe.target)
         out = simulate(held_s, th)

@@ -124,11 +124,10 @@ def markdown(res: dict, command: str) -> str:
             continue
         c = q.get("calibration", {})
         exact = q.get("exact_blocks") or {}
-        kept = (f" (GGUF blocks kept exactly: {exact.get('q4_1', 0)} Q4_1 weights as 4-bit d*(q-8) + float block "
-                f"offsets, {exact.get('q8_0', 0)} Q8_0 as 8-bit; only the rest re-quantized)" if any(exact.values())
-                else " (every weight re-quantized)")
-        lines.append(f"- {prec}: {q['bits']}-bit MatMulNBits weights, blocks of {q['block_size']}, "
-                     f"{'symmetric' if q['symmetric'] else 'asymmetric'}, accuracy level {q['accuracy_level']}{kept}; the "
+        kept = (f"exact blocks: {exact.get('q4_1', 0)} Q4_1 and {exact.get('q8_0', 0)} Q8_0 weights, only the rest "
+                "re-quantized" if any(exact.values()) else "every weight re-quantized")
+        lines.append(f"- {prec}: {q['method']}; {q['bits']}-bit, blocks of {q['block_size']}, "
+                     f"{'symmetric' if q['symmetric'] else 'asymmetric'}, accuracy level {q['accuracy_level']}; {kept}; the "
                      f"quantized full model agrees with the fp32 one on "
                      f"{_f(c.get('teacher_forced_agreement_vs_fp32'), '.3f')} of held-out tokens (teacher-forced), "
                      f"{_f(c.get('greedy_agreement_vs_fp32'), '.3f')} greedy; its exits are calibrated on its own outputs, "

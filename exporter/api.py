@@ -46,7 +46,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     from .backbone import load_backbone
     from .cache import cache_features
     from .data import default_data_dir, make_splits, read_docs
-    from .train import check_exits, default_exits, resolve_device
+    from .train import check_exits, default_exits, resolve_device, score_split
 
     recipe = model if isinstance(model, Recipe) else resolve_recipe(model)
     cfg = dataclasses.replace(recipe.train, **{k: v for k, v in train_overrides.items() if v is not None})
@@ -156,16 +156,6 @@ def fit_gates(bb, heads, feats, cfg: TrainConfig, device):
                       min(cfg.gate_shortlist, bb.shape.vocab_size))
     train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
     return gates, agree
-
-
-def score_split(bb, heads, gates, feats, name: str, head_conf: str, device) -> dict[str, ExitScores]:
-    """{score file name: ExitScores} for one split: head confidences, and gate scores if gates."""
-    from .train import exit_scores, gate_scores
-
-    out = {scores_file(name): exit_scores(bb, heads, feats, head_conf, device=device)}
-    if gates is not None:  # same tokens and agreements, scored by the gates
-        out[scores_file(name, "gate")] = gate_scores(out[scores_file(name)], bb, heads, feats, gates, device=device)
-    return out
 
 
 def _reports(calib, heldout, thresholds, target, delta) -> dict:

@@ -65,7 +65,7 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
     them) and the calibration and held-out scores computed again on the same windows, because a
     gate's `move` feature reads the previous exit's state, which pruning changes. The caller
     recalibrates. Returns (the reopened Checkpoint, kept layers)."""
-    from .api import score_split
+    from .train import score_split
     from .backbone import load_backbone
     from .cache import cache_features
     from .checkpoint import GATES, Checkpoint, save_checkpoint

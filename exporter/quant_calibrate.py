@@ -83,7 +83,7 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
                         data: list[str | Path] | None = None) -> QuantCalibration:
     """Scores, thresholds and reports of the fake-quantized model on the checkpoint's own splits."""
     config = checkpoint.config
-    from .train import cache_features, exit_scores, gate_scores
+    from .train import cache_features, score_split
 
     try:
         splits = checkpoint.splits(bb.tokenizer, data)  # the same domains, the same windows as api.train
@@ -96,10 +96,7 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
     tf = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         feats = cache_features(qbb, splits[split], exits, desc=f"caching quantized {split} hidden states")
-        head = exit_scores(qbb, heads, feats, config.head_confidence)
-        scores[scores_file(name)] = head
-        if gates is not None:
-            scores[scores_file(name, "gate")] = gate_scores(head, qbb, heads, feats, gates)
+        scores.update(score_split(qbb, heads, gates, feats, name, config.head_confidence, "cpu"))
         if split == "heldout":  # the quantized full model against the fp32 one, same positions
             ref = cache_features(bb, splits[split], [exits[0]], desc="caching fp32 held-out hidden states")
             q_top = torch.from_numpy(feats.top_idx[:, 0].astype(np.int64))  # each model's own top-1

@@ -215,3 +215,13 @@ def gate_scores(head_scores: ExitScores, backbone: Backbone, heads: ExitHeads, f
     the vocabulary-sized heads need not run again."""
     conf = gates.score_features(backbone, heads, features, chunk=chunk, device=resolve_device(device))
     return dataclasses.replace(head_scores, confidence=conf, check_cost=check_cost(backbone, heads, "gate", gates))
+
+
+def score_split(bb, heads, gates, feats, name: str, head_conf: str, device) -> dict[str, ExitScores]:
+    """{score file name: ExitScores} for one split: head confidences, and gate scores if gates."""
+    from .checkpoint import scores_file
+
+    out = {scores_file(name): exit_scores(bb, heads, feats, head_conf, device=device)}
+    if gates is not None:  # same tokens and agreements, scored by the gates
+        out[scores_file(name, "gate")] = gate_scores(out[scores_file(name)], bb, heads, feats, gates, device=device)
+    return out
