@@ -57,7 +57,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from policies import exit_policies, with_kv_policies  # noqa: E402 (benchmarks/*.py, beside this script)
 from quality import check_against_checkpoint, position_agreement, rouge_l, teacher_forced  # noqa: E402
 from report import markdown, plain, plot, policy_table  # noqa: E402
-from timing import machine_info, main_versions, summarize, time_rows  # noqa: E402
+from timing import machine_info, main_versions, ratio_interval, summarize, time_rows  # noqa: E402
 from rows import Setup, declare, full_model_rows, llamacpp_row, policy_rows, quantized_rows  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402 (stdlib only; after the path set-up)
 
@@ -236,20 +236,6 @@ def same_precision_agreement(rows: list[dict]) -> None:
 def _outcome(o) -> dict:
     return {"agreement": o.agreement, "mean_layers": o.layers, "compute": o.compute,
             "coverage": [round(float(x), 4) for x in o.coverage]}
-
-
-def ratio_interval(ratios: list[float], level: float = 0.95, draws: int = 4000) -> list[float] | None:
-    """Bootstrap interval of the median per-round ratio (rounds resampled; a fixed seed, so a
-    report is reproducible from its passes). It says how well the run pins the ratio down: the
-    rows of a round ran back to back, so load that drifts between rounds cancels in the ratio;
-    what is left is pass-to-pass noise, which more rounds shrink."""
-    if len(ratios) < 3:
-        return None
-    x = np.asarray(ratios, dtype=float)
-    idx = np.random.default_rng(0).integers(0, len(x), (draws, len(x)))
-    med = np.median(x[idx], axis=1)
-    lo, hi = np.quantile(med, [(1 - level) / 2, (1 + level) / 2])
-    return [float(lo), float(hi)]
 
 
 def derive(rows: list[dict], num_layers: int, oracle_layers: float, oracle_tf: dict) -> None:

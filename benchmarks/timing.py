@@ -162,3 +162,17 @@ def main_versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def ratio_interval(ratios: list[float], level: float = 0.95, draws: int = 4000) -> list[float] | None:
+    """Bootstrap interval of the median per-round ratio (rounds resampled; a fixed seed, so a
+    report is reproducible from its passes). It says how well the run pins the ratio down: the
+    rows of a round ran back to back, so load that drifts between rounds cancels in the ratio;
+    what is left is pass-to-pass noise, which more rounds shrink."""
+    if len(ratios) < 3:
+        return None
+    x = np.asarray(ratios, dtype=float)
+    idx = np.random.default_rng(0).integers(0, len(x), (draws, len(x)))
+    med = np.median(x[idx], axis=1)
+    lo, hi = np.quantile(med, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]

@@ -151,3 +151,16 @@ def test_gate_references_consistency_streak_and_fit():
         assert full["top1"][:, k].tolist() == logits.argmax(-1).tolist()
         assert np.allclose(full["p"][:, k, 0], p.max(-1).values.numpy(), atol=1e-6)
         assert short["top1"][:, k].tolist() == short_ids[logits[:, short_ids].argmax(-1)].tolist()
+
+
+def test_compare_exports_pairs_two_folders(tmp_path):
+    ckpt, bb = make_checkpoint(tmp_path, "llama")
+    folder = api.export(ckpt, out=tmp_path / "onnx", backbone=bb)
+    cmp = _load("compare_exports")
+    res = cmp.compare(folder, folder, rounds=3, threads=1, new_tokens=3, prompts=("Once upon", "It is"))
+    assert len(res["passes"]["a"]) == len(res["passes"]["b"]) == 3
+    assert res["b_over_a"] > 0 and len(res["b_over_a_ci95"]) == 2
+    assert res["b_over_a_ci95"][0] <= res["b_over_a"] <= res["b_over_a_ci95"][1]
+    assert "B / A" in cmp.markdown(res)
+    with pytest.raises(SystemExit):  # not an export folder: a clear usage error, not a traceback
+        cmp.main([str(tmp_path), str(folder)])
