@@ -1,7 +1,7 @@
 """Is export B faster than export A? A paired A/B of two export folders on the same prompts.
 
     python benchmarks/compare_exports.py A B [--rounds 20] [--threads 2] [--new-tokens 32]
-                                         [--thresholds never] [--out DIR]
+                                         [--thresholds never] [--thresholds-b T] [--out DIR]
 
 For a change to the graphs (an encoding, a fusion) the full benchmark is too coarse: its rows
 run minutes apart across runs, and this VM's speed drifts by more than such a change. Here the
@@ -10,7 +10,9 @@ two exports take turns within each round (the order alternates), each generating
 calls: prefill included, so short prompts keep it small), and the
 verdict is the median over rounds of B's tokens/s over A's, with a bootstrap 95% interval
 (timing.ratio_interval): an interval that holds 1.00 means no difference beyond noise.
-Writes compare.json / compare.md into --out (default: print only).
+A and B may be one folder with different thresholds (`--thresholds never --thresholds-b 0.95`:
+do the calibrated exits pay on this machine?). Writes compare.json / compare.md into --out
+(default: print only).
 """
 
 from __future__ import annotations
@@ -33,31 +35,40 @@ PROMPTS = ("The history of the city begins", "def parse(line):\n    ", "She open
            "In 1905 the physicist")
 
 
-def tokens_per_second(rt, prompts, new_tokens: int, thresholds) -> float:
-    n, t0 = 0, time.perf_counter()
+def one_pass(rt, prompts, new_tokens: int, thresholds) -> tuple[float, float, float]:
+    """(tokens/s, mean depth at which tokens were decided, layer-positions run / the plain model's)."""
+    results, t0 = [], time.perf_counter()
     for p in prompts:
-        n += len(rt.generate(p, new_tokens, thresholds=thresholds).tokens)
-    return n / (time.perf_counter() - t0)
+        results.append(rt.generate(p, new_tokens, thresholds=thresholds))
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.tokens) for r in results)
+    works = [r.work() for r in results]
+    return (tokens / seconds, float(np.mean([x.exit_layer for r in results for x in r.records])),
+            sum(w["layer_positions"] for w in works) / max(sum(w["plain_layer_positions"] for w in works), 1))
 
 
 def compare(a: Path, b: Path, *, rounds: int = 20, threads: int = 2, new_tokens: int = 32,
-            thresholds: str = "never", prompts=PROMPTS) -> dict:
+            thresholds="never", thresholds_b=None, prompts=PROMPTS) -> dict:
     from tqdm.auto import tqdm
 
     from runtime import Runtime
 
     rts = [Runtime.load(p, threads=threads) for p in (a, b)]
-    for rt in rts:  # warm-up, not timed
-        tokens_per_second(rt, prompts[:1], new_tokens, thresholds)
+    th = [thresholds, thresholds if thresholds_b is None else thresholds_b]
+    for rt, t in zip(rts, th):  # warm-up, not timed
+        one_pass(rt, prompts[:1], new_tokens, t)
     load_start = os.getloadavg()
     tps: list[list[float]] = [[], []]
+    depth, work = [0.0, 0.0], [0.0, 0.0]  # greedy and deterministic: the same every pass
     for r in tqdm(range(rounds), desc="A/B rounds", unit="round"):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            tps[i].append(tokens_per_second(rts[i], prompts, new_tokens, thresholds))
+            speed, depth[i], work[i] = one_pass(rts[i], prompts, new_tokens, th[i])
+            tps[i].append(speed)
     ratios = [y / x for x, y in zip(*tps)]
     return {"a": str(a), "b": str(b), "rounds": rounds, "threads": threads, "new_tokens": new_tokens,
-            "prompts": len(prompts), "thresholds": thresholds,
+            "prompts": len(prompts), "thresholds": {"a": th[0], "b": th[1]},
             "tokens_per_second": {"a": float(np.median(tps[0])), "b": float(np.median(tps[1]))},
+            "decided_at_layer": {"a": depth[0], "b": depth[1]}, "work_share": {"a": work[0], "b": work[1]},
             "spread": {k: float((max(v) - min(v)) / 2 / np.median(v)) for k, v in zip("ab", tps)},
             "b_over_a": float(np.median(ratios)), "b_over_a_ci95": ratio_interval(ratios),
             "passes": {"a": tps[0], "b": tps[1]}, "load_average": {"start": load_start, "end": os.getloadavg()}}
@@ -69,11 +80,13 @@ def markdown(res: dict) -> str:
     return "\n".join([
         f"# A/B: {res['b']} over {res['a']}", "",
         f"{res['rounds']} rounds, order alternating; each pass {res['prompts']} prompts x {res['new_tokens']} greedy "
-        f"tokens, thresholds {res['thresholds']}, {res['threads']} thread(s). Load average at start "
+        f"tokens, thresholds A {res['thresholds']['a']} / B {res['thresholds']['b']}, {res['threads']} thread(s). "
+        "Load average at start "
         f"{res['load_average']['start'][0]:.2f}, at end {res['load_average']['end'][0]:.2f}.", "",
-        "| export | tokens/s (median) | spread (half-range) |", "|---|---:|---:|",
-        f"| A: {res['a']} | {res['tokens_per_second']['a']:.1f} | ±{res['spread']['a']:.0%} |",
-        f"| B: {res['b']} | {res['tokens_per_second']['b']:.1f} | ±{res['spread']['b']:.0%} |", "",
+        "| export | tokens/s (median) | spread (half-range) | decided at layer | work (layer-positions vs plain) |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {k.upper()}: {res[k]} | {res['tokens_per_second'][k]:.1f} | ±{res['spread'][k]:.0%} | "
+          f"{res['decided_at_layer'][k]:.2f} | {res['work_share'][k]:.3f} |" for k in "ab"), "",
         f"B / A: **{res['b_over_a']:.3f}** [{lo:.3f}, {hi:.3f}] (median per-round ratio, bootstrap 95%): {verdict}.", ""])
 
 
@@ -85,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--thresholds", default="never", help="'never' (exits off, default) or a target such as 0.95")
+    p.add_argument("--thresholds-b", help="B's thresholds, when they differ from A's")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     for folder in (a.a, a.b):
@@ -92,8 +106,16 @@ def main(argv=None) -> int:
             p.error(f"{folder} is not an export folder (no manifest.json)")
     if a.rounds < 3:
         p.error("--rounds must be at least 3 for an interval")
-    thresholds = a.thresholds if a.thresholds == "never" else float(a.thresholds)
-    res = compare(a.a, a.b, rounds=a.rounds, threads=a.threads, new_tokens=a.new_tokens, thresholds=thresholds)
+    def spec(t):
+        if t is None or t == "never":
+            return t
+        try:
+            return float(t)
+        except ValueError:
+            p.error(f"thresholds must be 'never' or a target such as 0.95, got {t!r}")
+
+    res = compare(a.a, a.b, rounds=a.rounds, threads=a.threads, new_tokens=a.new_tokens,
+                  thresholds=spec(a.thresholds), thresholds_b=spec(a.thresholds_b))
     md = markdown(res)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)

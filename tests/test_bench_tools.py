@@ -164,3 +164,5 @@ def test_compare_exports_pairs_two_folders(tmp_path):
     assert "B / A" in cmp.markdown(res)
     with pytest.raises(SystemExit):  # not an export folder: a clear usage error, not a traceback
         cmp.main([str(tmp_path), str(folder)])
+    with pytest.raises(SystemExit):
+        cmp.main([str(folder), str(folder), "--thresholds-b", "most"])
