@@ -199,7 +199,8 @@ class ChainRunner:
 
 def export_chain(bb: Backbone, folder: Path, capacity: int) -> dict:
     from exporter import api
-    from exporter.checkpoint import CheckpointConfig, save_checkpoint
+    from exporter.checkpoint import CheckpointConfig, save_checkpoint, scores_file
+    from exporter.scores import ExitScores
     from runtime.manifest import to_json_thresholds
     from exporter.heads import ExitHeads
     from exporter.recipes import ModelSource
@@ -209,7 +210,14 @@ def export_chain(bb: Backbone, folder: Path, capacity: int) -> dict:
     cfg = CheckpointConfig(source=ModelSource("random"), exits=exits, num_layers=bb.shape.num_layers, head="adapter",
                            rank=8, thresholds=to_json_thresholds([float("inf")] * len(exits)),
                            policy={"kind": "target", "target": 0.95, "delta": None})
-    ckpt = folder / "ckpt" if (folder / "ckpt").is_dir() else save_checkpoint(folder / "ckpt", cfg, heads)
+    # the export ships a per-target threshold table built from calibration scores: random ones do
+    # (the timing runs with every exit off)
+    rng = np.random.default_rng(0)
+    n = 512
+    scores = {scores_file(split): ExitScores(rng.random((n, len(exits))), rng.random((n, len(exits))) < 0.5,
+                                             np.arange(n) // 64, exits, bb.shape.num_layers)
+              for split in ("calibration", "heldout")}
+    ckpt = folder / "ckpt" if (folder / "ckpt").is_dir() else save_checkpoint(folder / "ckpt", cfg, heads, scores)
     out = {}
     for kv in ("concat", "buffer"):
         if (folder / kv / "manifest.json").is_file():  # --work: reuse an earlier export
@@ -231,12 +239,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--chain", action="store_true", help="time the exported 9-segment chain through Runtime.step")
     ap.add_argument("--work", type=Path, help="keep the exports here and reuse them (default: a temporary folder)")
+    ap.add_argument("--out", type=Path, help="also write kv_buffer.json / kv_buffer.md here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bb = build(args.layers)
     s = bb.shape
     capacity = max(args.contexts) + args.steps + 16
-    print(f"load before: {os.getloadavg()}")
+    load_before = os.getloadavg()
+    print(f"load before: {load_before}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.work or tmp
         Path(tmp).mkdir(parents=True, exist_ok=True)
@@ -261,7 +272,36 @@ def main() -> None:
             ms = time_decode(runners, context, args.steps, args.rounds, s.vocab_size)
             (cw, cc), (bw, bc) = ms["concat"], ms["buffer"]
             print(f"{c:>8} {cw:>12.2f} {bw:>12.2f} {cc:>11.2f} {bc:>11.2f}   load {os.getloadavg()[0]:.1f}", flush=True)
+            rows.append({"context": c, "concat_ms": cw, "buffer_ms": bw, "concat_cpu_ms": cc, "buffer_cpu_ms": bc,
+                         "load": os.getloadavg()[0]})
     print(f"load after: {os.getloadavg()}")
+    if args.out:
+        write_report(args, rows, load_before, os.getloadavg())
+
+
+def write_report(args, rows: list[dict], load_before, load_after) -> None:
+    """kv_buffer.json (the figures) and kv_buffer.md (a table with tokens/s and the ratio)."""
+    import json
+    import sys
+
+    what = ("the exported 9-segment chain through Runtime.step (exits every 3 layers, exits off; each segment "
+            "still runs its in-graph full-vocabulary head check, which dominates the absolute figures)" if args.chain
+            else "one graph of the whole model")
+    res = {"command": "python -m benchmarks.kv_buffer_probe " + " ".join(sys.argv[1:]), "what": what,
+           "layers": args.layers, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
+           "load_before": load_before, "load_after": load_after, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kv_buffer.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# KV layouts: decode cost vs context ({args.layers} layers, SmolLM2-135M shapes, random weights)", "",
+             f"`{res['command']}`", "",
+             f"Timed: {what}; {args.threads} thread(s); median ms per decode step over {args.steps} steps x "
+             f"{args.rounds} rounds. Load average before {load_before[0]:.2f}, after {load_after[0]:.2f}.", "",
+             "| context (tokens) | concat ms/token | buffer ms/token | concat tok/s | buffer tok/s | buffer speed-up |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['concat_ms']:.2f} | {r['buffer_ms']:.2f} | {1e3 / r['concat_ms']:.1f} | "
+                     f"{1e3 / r['buffer_ms']:.1f} | {r['concat_ms'] / r['buffer_ms']:.2f}x |")
+    (args.out / "kv_buffer.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -166,3 +166,17 @@ def test_compare_exports_pairs_two_folders(tmp_path):
         cmp.main([str(tmp_path), str(folder)])
     with pytest.raises(SystemExit):
         cmp.main([str(folder), str(folder), "--thresholds-b", "most"])
+
+
+def test_kv_buffer_probe_writes_its_table(tmp_path):
+    import types
+
+    from benchmarks import kv_buffer_probe as probe
+
+    args = types.SimpleNamespace(chain=False, layers=30, threads=2, steps=16, rounds=5, out=tmp_path)
+    rows = [{"context": 32, "concat_ms": 50.0, "buffer_ms": 40.0, "concat_cpu_ms": 1, "buffer_cpu_ms": 1, "load": 0.1},
+            {"context": 2048, "concat_ms": 120.0, "buffer_ms": 60.0, "concat_cpu_ms": 1, "buffer_cpu_ms": 1, "load": 0.1}]
+    probe.write_report(args, rows, (0.1, 0.1, 0.1), (0.2, 0.2, 0.2))
+    assert json.loads((tmp_path / "kv_buffer.json").read_text())["rows"][1]["context"] == 2048
+    md = (tmp_path / "kv_buffer.md").read_text()
+    assert "| 2048 | 120.00 | 60.00 | 8.3 | 16.7 | 2.00x |" in md
