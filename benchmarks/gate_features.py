@@ -100,8 +100,8 @@ def main(argv=None) -> int:
         score = gates.score_features(bb, heads, held_f)
         results.append({"features": list(feats), "macs": gates.macs(), "seconds": time.perf_counter() - t0,
                         **evaluate(score, held_s, cfg.exits, first, a.target)})
-    if a.references:
-        results += references(a, bb, heads, gates, results[-1]["features"], cal_f, held_f, cal_s, held_s, first)
+    if a.references:  # the last set's gates, with their held-out scores from above
+        results += references(a, bb, heads, gates, score, results[-1]["features"], cal_f, held_f, cal_s, held_s, first)
     for r in results:
         print(r["features"], [round(e["coverage_at_95"], 3) for e in r["per_exit"]], round(r["chain"]["layers"], 2))
     res = {"checkpoint": str(a.checkpoint), "calibration_tokens": cal_s.num_tokens,
@@ -132,7 +132,7 @@ def evaluate(score: np.ndarray, held_s, exits: list[int], first: np.ndarray, tar
                                             "exit_share": float((chain.exit_index < len(exits)).mean())}}
 
 
-def references(a, bb, heads, gates, gate_set, cal_f, held_f, cal_s, held_s, first) -> list[dict]:
+def references(a, bb, heads, gates, gate_held, gate_set, cal_f, held_f, cal_s, held_s, first) -> list[dict]:
     """The reference rows (gate_references.py): none of them is in the exported graph."""
     import gate_references as ref
     from exporter.checkpoint import read_scores
@@ -142,12 +142,12 @@ def references(a, bb, heads, gates, gate_set, cal_f, held_f, cal_s, held_s, firs
     if head_held.num_tokens != held_s.num_tokens:
         raise SystemExit("the checkpoint's head scores do not cover its held-out tokens")
     ids = shortlist_ids(cal_f, min(a.shortlist, bb.shape.vocab_size))
-    gate_cal, gate_held = gates.score_features(bb, heads, cal_f), gates.score_features(bb, heads, held_f)
-    short_cal, short_held = (ref.top_words(heads, f, shortlist=ids)["top1"] for f in (cal_f, held_f))
-    words_cal, words_held = ref.top_words(heads, cal_f), ref.top_words(heads, held_f)
+    gate_cal = gates.score_features(bb, heads, cal_f)
+    words_cal, words_held = ref.top_words(heads, cal_f, ids), ref.top_words(heads, held_f, ids)
     rows = {"head softmax (reference)": head_held.confidence,
             f"{'+'.join(gate_set)} + consistency (reference)":
-                ref.gate_consistency(gate_cal, gate_held, short_cal, short_held, cal_s.agree),
+                ref.gate_consistency(gate_cal, gate_held, words_cal["shortlist_top1"], words_held["shortlist_top1"],
+                                     cal_s.agree),
             "head softmax + consistency (reference)": ref.softmax_consistency(words_cal, words_held, cal_s.agree)}
     return [{"features": [name], "macs": None, "reference": True,
              **evaluate(score, held_s, list(held_s.exit_layers), first, a.target)} for name, score in rows.items()]

@@ -23,38 +23,33 @@ import torch
 
 
 @torch.no_grad()
-def top_words(heads, features, *, shortlist: torch.Tensor | None = None, chunk: int = 2048) -> dict:
-    """Per exit and cached token: the head's top-1 id and, over the whole vocabulary, its top-1
-    and top-2 probabilities. With `shortlist` only the top-1 within those words (ids, probs None)."""
+def top_words(heads, features, shortlist: torch.Tensor, *, chunk: int = 2048) -> dict:
+    """Per exit and cached token, from one product with the whole vocabulary: the head's top-1 id
+    and its top-1 and top-2 probabilities, and the top-1 id within the `shortlist` words."""
     n, e = features.num_tokens, len(heads.exits)
-    top1 = np.zeros((n, e), dtype=np.int64)
-    p = None if shortlist is not None else np.zeros((n, e, 2), dtype=np.float32)
+    top1, short1 = np.zeros((n, e), dtype=np.int64), np.zeros((n, e), dtype=np.int64)
+    p = np.zeros((n, e, 2), dtype=np.float32)
     rows = features.active
     for k in range(e):
         w, b = heads.vocab_matrix(k)
-        if shortlist is not None:
-            w, b = w[shortlist], None if b is None else b[shortlist]
         for s in range(0, n, chunk):
             logits = heads.vocab_input(k, features.hidden(k, rows[s:s + chunk])) @ w.T
             if b is not None:
                 logits = logits + b
-            if shortlist is not None:
-                top1[s:s + chunk, k] = shortlist[logits.argmax(-1)].numpy()
-            else:
-                top = torch.softmax(logits.float(), -1).topk(2, -1)
-                top1[s:s + chunk, k] = top.indices[:, 0].numpy()
-                p[s:s + chunk, k] = top.values.numpy()
-    return {"top1": top1, "p": p}
+            short1[s:s + chunk, k] = shortlist[logits[:, shortlist].argmax(-1)].numpy()
+            top = torch.softmax(logits.float(), -1).topk(2, -1)
+            top1[s:s + chunk, k] = top.indices[:, 0].numpy()
+            p[s:s + chunk, k] = top.values.numpy()
+    return {"top1": top1, "p": p, "shortlist_top1": short1}
 
 
 def consistency(top1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(same as the previous exit, exits in a row that agree with this one's top-1) for exit k."""
-    same = np.zeros(len(top1)) if k == 0 else (top1[:, k] == top1[:, k - 1]).astype(np.float64)
     run, streak = np.ones(len(top1), dtype=bool), np.zeros(len(top1))
     for j in range(k - 1, -1, -1):
         run &= top1[:, j] == top1[:, k]
         streak += run
-    return same, streak
+    return (streak > 0).astype(np.float64), streak
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

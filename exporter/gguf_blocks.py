@@ -83,8 +83,9 @@ def _blocksum_nodes(x: str, out: str, k: int, rank: int | None, opset: int, new_
     """Nodes computing blocksum(x): the sum of each block of 32 inputs, (..., K) -> (..., K/32).
 
     Reshape to (..., K/32, 32) + ReduceSum when x's rank is known: two cheap ops that read no
-    weights (on a SmolLM2-shaped int4 stack ~5% faster than the alternative, on this VM's noisy
-    cores). Otherwise one MatMul with a 0/1 (K, K/32) matrix, which works at any rank."""
+    weights (SmolLM2's int4 chain ran 1.04x [1.02, 1.06] the speed of the 0/1-MatMul encoding,
+    paired: benchmarks/results/smollm2-135m/blocksum-ab). Otherwise one MatMul with a 0/1
+    (K, K/32) matrix, which works at any rank."""
     from onnx import helper, numpy_helper
 
     def const(key, value):

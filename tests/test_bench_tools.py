@@ -123,7 +123,7 @@ def test_gate_references_consistency_streak_and_fit():
     s = ref.logistic_scores(x[:2000], y[:2000], x[2000:])
     assert np.corrcoef(s, x[2000:, 0])[0, 1] > 0.99
 
-    # top words: chunked, over the whole vocabulary or a shortlist, equal to a plain argmax
+    # top words: chunked, over the whole vocabulary and within a shortlist, equal to a plain argmax
     class Heads:
         exits = [0, 1]
         w = torch.randn(50, 8)
@@ -142,15 +142,14 @@ def test_gate_references_consistency_streak_and_fit():
             return self.h[rows]
 
     heads, feats = Heads(), Feats()
-    full = ref.top_words(heads, feats, chunk=3)
     short_ids = torch.tensor([4, 9, 17, 30])
-    short = ref.top_words(heads, feats, shortlist=short_ids, chunk=3)
+    full = ref.top_words(heads, feats, short_ids, chunk=3)
     for k in range(2):
         logits = (feats.h + k) @ (heads.w * (k + 1)).T
         p = torch.softmax(logits, -1)
         assert full["top1"][:, k].tolist() == logits.argmax(-1).tolist()
         assert np.allclose(full["p"][:, k, 0], p.max(-1).values.numpy(), atol=1e-6)
-        assert short["top1"][:, k].tolist() == short_ids[logits[:, short_ids].argmax(-1)].tolist()
+        assert full["shortlist_top1"][:, k].tolist() == short_ids[logits[:, short_ids].argmax(-1)].tolist()
 
 
 def test_compare_exports_pairs_two_folders(tmp_path):
