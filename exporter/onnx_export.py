@@ -164,7 +164,8 @@ def _tokenizer_info(tokenizer, folder: Path, model=None, family=None) -> Tokeniz
     if isinstance(template, str) and template and not (folder / TEMPLATE_FILE).is_file():
         # transformers >= 4.47 writes chat_template.jinja itself; older ones put it in tokenizer_config.json
         (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
-    return TokenizerInfo(files=tuple(sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in before)),
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in before)
+    return TokenizerInfo(files=tuple(DataFile(n, sha256(folder / n), (folder / n).stat().st_size) for n in names),
                          bos_id=tokenizer.bos_token_id, eos_ids=_eos_ids(tokenizer, model, family),
                          pad_id=tokenizer.pad_token_id,
                          chat_template=TEMPLATE_FILE if (folder / TEMPLATE_FILE).is_file() else None)
@@ -281,7 +282,7 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             ex = None
             if i < len(config.exits):
                 head = (0 if config.head == "adapter" else i) if gated else None
-                ex = ExitSpec(config.exits[i], config.confidence, thresholds[i], head)
+                ex = ExitSpec(config.exits[i], config.confidence, head)  # threshold: calibration.thresholds
             fill = None
             if i > 0 and bb.family.has_kv_projection():  # K/V of every layer a token leaving before segment i skips
                 kf = KVFill(bb, (layers[0], shape.num_layers)).eval()

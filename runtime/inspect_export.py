@@ -91,7 +91,7 @@ def describe(folder: str | Path) -> dict:
         "calibration": {"confidence": cal.confidence, "policy": cal.policy,
                         "thresholds": list(cal.thresholds), "by_target": cal.by_target,
                         "by_target_delta": cal.by_target_delta, "report": cal.report},
-        "tokenizer": {"files": list(m.tokenizer.files), "bos_id": m.tokenizer.bos_id,
+        "tokenizer": {"files": [f.file for f in m.tokenizer.files], "bos_id": m.tokenizer.bos_id,
                       "eos_ids": list(m.tokenizer.eos_ids),
                       "chat_template": template.origin if template else None,
                       **({"chat_template_error": template_error} if template_error else {})},

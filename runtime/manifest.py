@@ -22,7 +22,17 @@ The runtime finds every tensor it feeds or reads through these lists (`names`: r
 `feeds`: inputs by role -> by name, `per_layer`), so an exporter may name tensors as it likes;
 the lists are the role map, written by the exporter since schema 1. Reading a manifest also
 checks its structure: contiguous layer ranges covering the model, an exit at the end of every
-segment but the last, head indices that exist (`Manifest.check_structure`).
+segment but the last, head indices that exist (`Manifest.check_structure`), and every value
+the runtime relies on (`Manifest.check_values`: sizes, token ids, thresholds, file names, dims),
+so a bad manifest is refused at load with a ManifestError that names the key, not later inside
+onnxruntime or numpy.
+
+One source of truth per fact (schema 3): the thresholds the runtime uses are
+`calibration.thresholds` (an exit records no copy), the KV layout is `kv_cache.layout` (no
+`kv_layout` string). Older manifests that carry those copies still load; the copies are
+ignored. Every file the runtime reads carries its size and sha256, tokenizer files included
+(schema 3; older manifests list tokenizer files by name only, and those are checked for
+presence only).
 """
 
 from __future__ import annotations
@@ -32,10 +42,18 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from . import validate
+
 FORMAT = "lama-manifest"
-SCHEMA_VERSION = 2  # 2: kv_cache (layout concat | buffer); a v1 manifest reads as layout concat
-SUPPORTED_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# 2: kv_cache (layout concat | buffer); a v1 manifest reads as layout concat
+# 3: tokenizer files with sha256 and size; no exit.threshold (calibration.thresholds is the one
+#    copy), no kv_layout (kv_cache.layout is)
+SUPPORTED_VERSIONS = (1, 2, 3)
 KV_LAYOUTS = ("concat", "buffer")
+CONFIDENCES = ("top1", "margin", "gate")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+_OLD_EXIT_KEYS = ("threshold",)  # copies schema < 3 wrote in each exit; ignored on read (as is kv_layout)
 MANIFEST_FILE = "manifest.json"
 
 
@@ -55,8 +73,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class ExitSpec:
     exit_layer: int  # decoder layers computed before this exit
-    confidence: str  # "top1" | "margin" | "gate"
-    threshold: float | None  # None = this exit never fires
+    confidence: str  # "top1" | "margin" | "gate"; its threshold is in CalibrationInfo.thresholds
     head: int | None = None  # gate mode: index into Manifest.heads, run only when the gate says exit
 
 
@@ -64,11 +81,12 @@ class ExitSpec:
 class DataFile:
     """A file a graph reads beside it: ONNX external weights (`segment_00.onnx.data`) of a
     graph too large for one protobuf. Checked like the graph itself, so corrupted weights
-    cannot load silently."""
+    cannot load silently. Also a tokenizer file (TokenizerInfo.files); there, manifests before
+    schema 3 recorded the name only (sha256 and size None: checked for presence only)."""
 
     file: str
-    sha256: str
-    size: int
+    sha256: str | None
+    size: int | None
 
 
 class _Tensors:
@@ -166,7 +184,8 @@ class ModelInfo(ModelShape):
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    files: tuple[str, ...]  # copied beside the manifest; tokenizer.json is what the runtime reads
+    files: tuple[DataFile, ...]  # copied beside the manifest, checked like graphs; the runtime reads
+    # tokenizer.json (and tokenizer_config.json / the chat template for chat)
     bos_id: int | None
     eos_ids: tuple[int, ...]  # every id that ends a sequence (tokenizer + generation_config)
     pad_id: int | None
@@ -234,7 +253,6 @@ class Manifest:
     precision: str  # "fp32" | "fp16" | "int8" | "int4" (weights; activations and KV stay float32 for int*)
     dims: dict  # named dims -> {"min", "opt", "max"} (TensorRT profiles, runtime checks)
     heads: tuple[GraphSpec, ...] = ()
-    kv_layout: str = "batch,kv_heads,position,head_dim"
     kv_cache: KVCacheInfo = field(default_factory=KVCacheInfo)
     exporter_version: str = ""
     quantization: QuantizationInfo | None = None
@@ -246,7 +264,10 @@ class Manifest:
         return json.dumps(asdict(self), indent=2)
 
     def save(self, folder: str | Path) -> Path:
+        """Write manifest.json, after the checks a reader makes: a manifest the runtime would
+        refuse is never written."""
         path = Path(folder) / MANIFEST_FILE
+        self.check(str(path))
         path.write_text(self.to_json())
         return path
 
@@ -265,6 +286,10 @@ class Manifest:
         def data_files(g: dict) -> tuple[DataFile, ...]:
             return tuple(DataFile(**f) for f in g.get("data_files", ()))
 
+
+        def tokenizer_file(f) -> DataFile:  # schema < 3: a bare name, no checksum
+            return DataFile(f, None, None) if isinstance(f, str) else DataFile(**f)
+
         try:
             def graph(h: dict) -> GraphSpec:
                 return GraphSpec(**{**h, "inputs": tensors(h["inputs"]), "outputs": tensors(h["outputs"]),
@@ -273,7 +298,7 @@ class Manifest:
             segs = tuple(
                 SegmentSpec(**{**s, "layers": tuple(s["layers"]), "inputs": tensors(s["inputs"]),
                                "outputs": tensors(s["outputs"]), "data_files": data_files(s),
-                               "exit": ExitSpec(**s["exit"]) if s.get("exit") else None,
+                               "exit": ExitSpec(**{k: x for k, x in s["exit"].items() if k not in _OLD_EXIT_KEYS}) if s.get("exit") else None,
                                "kv_fill": graph(s["kv_fill"]) if s.get("kv_fill") else None})
                 for s in d["segments"])
             heads = tuple(graph(h) for h in d.get("heads", ()))
@@ -284,22 +309,120 @@ class Manifest:
                                          "float_matmuls": tuple(q.get("float_matmuls", ()))}) if q else None)
             manifest = cls(
                 model=ModelInfo(**d["model"]),
-                tokenizer=TokenizerInfo(**{**tok, "files": tuple(tok["files"]), "eos_ids": tuple(tok["eos_ids"])}),
+                tokenizer=TokenizerInfo(**{**tok, "files": tuple(tokenizer_file(f) for f in tok["files"]),
+                                           "eos_ids": tuple(tok["eos_ids"])}),
                 segments=segs,
                 calibration=CalibrationInfo(**{**cal, "thresholds": tuple(cal["thresholds"])}),
-                precision=d["precision"], dims=d["dims"], heads=heads, kv_layout=d.get("kv_layout", ""),
+                precision=d["precision"], dims=d["dims"], heads=heads,
                 kv_cache=KVCacheInfo(**d["kv_cache"]) if "kv_cache" in d else KVCacheInfo(),
                 exporter_version=d.get("exporter_version", ""), quantization=quant, format=d["format"],
                 schema_version=v)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
-        manifest.check_structure(where)
+        manifest.check(where)
         return manifest
+
+    def check(self, where: str = "manifest") -> None:
+        """ManifestError unless the values and the structure are what the runtime can run."""
+        self.check_values(where)
+        self.check_structure(where)
+
+    def check_values(self, where: str = "manifest") -> None:
+        """ManifestError naming the key unless every value the runtime relies on has its type
+        and range: positive model sizes; token ids inside the vocabulary; thresholds that are
+        numbers (not NaN) or None, in calibration and every by_target row; file names inside the
+        folder with their sizes and sha256; a known precision and confidence kind; integer dims."""
+        try:
+            self._check_values()
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: {e}") from None
+
+    def _check_values(self) -> None:
+        v = validate
+        m = self.model
+        for key in ("num_layers", "hidden_size", "num_kv_heads", "head_dim", "vocab_size", "max_context"):
+            v.integer(getattr(m, key), f"model.{key}", 1)
+        vocab = m.vocab_size
+        tok = self.tokenizer
+        for i, f in enumerate(tok.files):
+            v.file_name(f.file, f"tokenizer.files[{i}]")
+            if f.sha256 is not None or f.size is not None or self.schema_version >= 3:
+                self._check_file(f, f"tokenizer.files[{i}]")
+        names = {f.file for f in tok.files}
+        if tok.chat_template is not None:
+            v.file_name(tok.chat_template, "tokenizer.chat_template")
+        for key in ("bos_id", "pad_id"):
+            v.integer(getattr(tok, key), f"tokenizer.{key}", 0, vocab - 1, optional=True,
+                      meaning="a token id of the model's vocabulary")
+        for i, t in enumerate(tok.eos_ids):
+            v.integer(t, f"tokenizer.eos_ids[{i}]", 0, vocab - 1, meaning="a token id of the model's vocabulary")
+        if self.schema_version >= 3 and "tokenizer.json" not in names:
+            raise ValueError(f"tokenizer.files must list tokenizer.json (the tokenizer the runtime reads), "
+                             f"got {sorted(names)}")
+        v.one_of(self.precision, "precision", PRECISIONS)
+        graphs = [(f"segments[{k}]", s) for k, s in enumerate(self.segments)]
+        graphs += [(f"heads[{k}]", h) for k, h in enumerate(self.heads)]
+        graphs += [(f"segments[{k}].kv_fill", s.kv_fill) for k, s in enumerate(self.segments) if s.kv_fill]
+        for what, g in graphs:
+            v.file_name(g.file, f"{what}.file")
+            self._check_file(g, what)
+            for i, f in enumerate(g.data_files):
+                v.file_name(f.file, f"{what}.data_files[{i}].file")
+                self._check_file(f, f"{what}.data_files[{i}]")
+            for kind in ("inputs", "outputs"):
+                for i, t in enumerate(getattr(g, kind)):
+                    at = f"{what}.{kind}[{i}]"
+                    for key in ("role", "name", "dtype"):
+                        if not isinstance(getattr(t, key), str):
+                            raise TypeError(f"{at}.{key} must be a str, got {getattr(t, key)!r}")
+                    v.integer(t.layer, f"{at}.layer", 0, m.num_layers - 1, optional=True)
+            if g.engine is not None and not isinstance(g.engine, dict):
+                raise TypeError(f"{what}.engine must be an object or null, got {g.engine!r}")
+        for k, s in enumerate(self.segments):
+            v.integer(s.index, f"segments[{k}].index", k, k, meaning="its place in the list")
+            if len(s.layers) != 2:
+                raise ValueError(f"segments[{k}].layers must be [first, end), got {list(s.layers)}")
+            for i, layer in enumerate(s.layers):
+                v.integer(layer, f"segments[{k}].layers[{i}]", 0, m.num_layers)
+            if s.exit is not None:
+                v.integer(s.exit.exit_layer, f"segments[{k}].exit.exit_layer", 1, m.num_layers)
+                v.one_of(s.exit.confidence, f"segments[{k}].exit.confidence", CONFIDENCES)
+                v.integer(s.exit.head, f"segments[{k}].exit.head", 0, optional=True)
+        cal = self.calibration
+        v.one_of(cal.confidence, "calibration.confidence", CONFIDENCES)
+        _check_thresholds(cal.thresholds, "calibration.thresholds")
+        if not isinstance(cal.by_target, dict):
+            raise TypeError(f"calibration.by_target must be an object (target -> thresholds), got {cal.by_target!r}")
+        for key, row in cal.by_target.items():
+            try:
+                target = float(key)
+            except ValueError:
+                raise ValueError(f"calibration.by_target key {key!r} is not a target number") from None
+            v.number(target, f"calibration.by_target key {key!r}", 0, 1, low_open=True)
+            _check_thresholds(row, f"calibration.by_target[{key!r}]")
+        v.number(cal.by_target_delta, "calibration.by_target_delta", 0, 1, low_open=True, optional=True)
+        if not isinstance(self.dims, dict):
+            raise TypeError(f"dims must be an object (name -> min/opt/max), got {self.dims!r}")
+        for name, dim in self.dims.items():
+            if not isinstance(dim, dict):
+                raise TypeError(f"dims[{name!r}] must be an object with min/opt/max, got {dim!r}")
+            for key in ("min", "opt", "max"):
+                v.integer(dim.get(key), f"dims[{name!r}].{key}", 0, optional=True)
+        decode = self.dims.get("decode_sequence")
+        if decode is not None and decode.get("max") is not None:
+            v.integer(decode["max"], "dims['decode_sequence'].max", 1, meaning="positions one decode call takes")
+
+    @staticmethod
+    def _check_file(f, what: str) -> None:
+        if not isinstance(f.sha256, str) or len(f.sha256) != 64:
+            raise ValueError(f"{what}.sha256 must be 64 hex digits, got {f.sha256!r}")
+        validate.integer(f.size, f"{what}.size", 0, meaning="bytes")
 
     def check_structure(self, where: str = "manifest") -> None:
         """ManifestError unless the segments chain the whole model: contiguous layer ranges
         from 0 to num_layers, an exit at the end of every segment but the last (which is the
-        model's own head), and every gate-mode exit's head index naming one of `heads`."""
+        model's own head), every gate-mode exit's head index naming one of `heads`, and one
+        threshold per exit in calibration.thresholds and in every by_target row."""
         n = self.model.num_layers
         if not self.segments:
             raise ManifestError(f"{where}: the manifest lists no segments")
@@ -326,6 +449,12 @@ class Manifest:
                                     f"{len(self.heads)} head graph(s)")
         if expected != n:
             raise ManifestError(f"{where}: the segments cover layers [0, {expected}), but the model has {n} layers")
+        exits = len(self.exits)
+        rows = {"calibration.thresholds": self.calibration.thresholds,
+                **{f"calibration.by_target[{k!r}]": row for k, row in self.calibration.by_target.items()}}
+        for what, row in rows.items():
+            if len(row) != exits:
+                raise ManifestError(f"{where}: {what} has {len(row)} thresholds for {exits} exits")
 
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
@@ -360,6 +489,14 @@ def target_key(target: float) -> str:
 def to_json_thresholds(thresholds) -> list[float | None]:
     """Thresholds as the manifest and checkpoints store them: +inf (never exits) -> None."""
     return [None if t is None or t == float("inf") else float(t) for t in thresholds]
+
+
+def _check_thresholds(values, what: str) -> None:
+    """A list of thresholds, each None (never exits) or a number that is not NaN."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{what} must be a list of thresholds (one per exit), got {values!r}")
+    for i, t in enumerate(values):
+        validate.number(t, f"{what}[{i}]", finite=False, optional=True, meaning="null = never exits")
 
 
 def from_json_thresholds(thresholds) -> list[float]:

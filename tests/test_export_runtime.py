@@ -186,7 +186,7 @@ def test_other_schema_version(export_copy):
     m = json.loads((export_copy / "manifest.json").read_text())
     m["schema_version"] = 99
     (export_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ManifestError, match=r"schema version 99 is not supported.*supported: \[1, 2\]"):
+    with pytest.raises(ManifestError, match=r"schema version 99 is not supported.*supported: \[1, 2, 3\]"):
         Runtime.load(export_copy)
 
 
