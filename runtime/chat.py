@@ -136,11 +136,36 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[dict]:
         if not isinstance(m, Mapping) or "role" not in m:
             raise ChatTemplateError(f"message {i} must be a dict with a 'role' (and usually 'content'), got {m!r}")
         m = {k: v for k, v in _plain(m).items() if v is not None}
+        _check_message(m, i)
         reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
         if reasoning is not None:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         out.append(m)
     return out
+
+
+def _check_message(m: dict, i: int) -> None:
+    """A role that is a str, and content that is a str (or a list of content parts, which some
+    templates iterate): anything else would fail inside the template with a bare Jinja or
+    Python message, or (text with lone surrogates) inside the tokenizer."""
+    from . import validate
+
+    where = f"messages[{i}]"
+    if not isinstance(m["role"], str):
+        raise ChatTemplateError(f"{where}['role'] must be a str such as 'user', got {m['role']!r}")
+    content = m.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) for part in content):
+            raise ChatTemplateError(f"{where}['content'] as a list must hold content parts (dicts such as "
+                                    f"{{'type': 'text', 'text': ...}}), got {content!r}")
+    elif content is not None:
+        if not isinstance(content, str):
+            raise ChatTemplateError(f"{where}['content'] must be a str (or a list of content parts), got "
+                                    f"{content!r} ({type(content).__name__})")
+        try:
+            validate.text(content, f"{where}['content']")
+        except ValueError as e:
+            raise ChatTemplateError(str(e)) from None
 
 
 def _token_text(value) -> str | None:
@@ -204,9 +229,14 @@ class ChatTemplate:
 
         template = _compile(self.source)
         context = _plain({**self.special_tokens, **variables})
+        messages = normalize_messages(messages)
         try:
-            return template.render(messages=normalize_messages(messages), tools=_plain(tools),
+            return template.render(messages=messages, tools=_plain(tools),
                                    documents=_plain(documents), add_generation_prompt=add_generation_prompt,
                                    **context)
         except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template lands here too
             raise ChatTemplateError(f"chat template ({self.origin or 'given'}): {e}") from None
+        except (TypeError, ValueError) as e:  # e.g. str + list: the template expects other message values
+            raise ChatTemplateError(f"chat template ({self.origin or 'given'}) cannot render these messages "
+                                    f"({type(e).__name__}: {e}); check that each message's content is what this "
+                                    f"template expects (most take a str)") from None

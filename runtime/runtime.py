@@ -7,25 +7,79 @@ One generation, from prompt to records (exact mode included), is runtime/generat
 
 Greedy by default: the graph's own top token. Sampling reads each head's top-k logits (every
 export has them; `--with-logits` exports the full vocabulary), see runtime/sampling.py.
+
+Every argument is checked where it enters (`load`, `generate` / `stream` / `chat`, `encode`),
+with a message that names it and the values it allows: a bad value never reaches
+onnxruntime, numpy, the tokenizer or the template (runtime/validate.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 
-from . import generation
-from .backends import Backend, open_backend
+from . import generation, validate
+from .backends import THREAD_POOLS, Backend, open_backend
 from .chain import Chain
 from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .kv_cache import POLICIES
 from .manifest import Manifest, ManifestError, from_json_thresholds
 from .prefix_cache import KeptSequence
 from .results import GenerationResult, Stream
+from .sampling import SamplingParams
+from .stopping import Stopping
 from .verify import verify_files
 
 Thresholds = list[float | None] | float | str | None
+SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+FLAG_OPTIONS = ("stop_at_eos", "reuse_cache", "exact")  # True or False, nothing truthy
+
+
+def _check_path(value, name: str, optional: bool = False) -> None:
+    if (value is None and optional) or isinstance(value, (str, os.PathLike)):
+        return
+    raise TypeError(f"{name} must be a path (str or pathlib.Path){' or None' if optional else ''}, "
+                    f"got {value!r} ({type(value).__name__})")
+
+
+def _check_providers(providers) -> None:
+    ok = providers is None or isinstance(providers, str) or (
+        isinstance(providers, (list, tuple)) and providers and all(isinstance(p, str) for p in providers))
+    if not ok:
+        raise TypeError(f"providers must be None (onnxruntime on the CPU), 'tensorrt', or a non-empty list of "
+                        f"onnxruntime provider names, got {providers!r}")
+
+
+def token_ids(prompt, vocab_size: int, name: str = "prompt") -> np.ndarray:
+    """A sequence of token ids (list, tuple, 1-D integer array) as int64, each in [0, vocab_size):
+    ids outside it would fail inside onnxruntime's Gather, or (negative ones) silently read
+    another token's embedding."""
+    def outside(i: int, t) -> ValueError:
+        return ValueError(f"{name}[{i}] = {t} is not a token id of this model: ids must be in [0, {vocab_size}) "
+                          f"(the vocabulary size)")
+
+    if isinstance(prompt, (list, tuple, range)):
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, Integral):
+                raise TypeError(f"{name}[{i}] must be an integer token id, got {t!r} ({type(t).__name__})")
+            if not 0 <= t < vocab_size:
+                raise outside(i, t)
+        return np.asarray(prompt, dtype=np.int64)
+    if not isinstance(prompt, np.ndarray):
+        raise TypeError(f"{name} must be a str or a sequence of token ids (list of int or 1-D integer array), "
+                        f"got {type(prompt).__name__}")
+    if prompt.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer token ids, got an array of {prompt.dtype}")
+    if prompt.ndim != 1:
+        raise ValueError(f"{name} must be one sequence of token ids (1-D), got an array of shape {prompt.shape}")
+    bad = np.flatnonzero((prompt < 0) | (prompt >= vocab_size))
+    if bad.size:
+        raise outside(int(bad[0]), prompt[bad[0]])
+    return prompt.astype(np.int64, copy=False)
 
 
 class Runtime(Chain):
@@ -53,13 +107,19 @@ class Runtime(Chain):
         `threads`: 1.05-1.09x for SmolLM2's int4 chain on idle cores, slower on busy ones; and
         onnxruntime then refuses any session in this process that asks for a pool of its own,
         so it is for processes that run only the chain)."""
+        _check_path(folder, "folder")
+        _check_providers(providers)
+        validate.one_of(kv_policy, "kv_policy", POLICIES)
+        validate.integer(threads, "threads", 1, optional=True, meaning="None = onnxruntime's default, one per core")
+        validate.boolean(verify, "verify")
+        validate.one_of(thread_pool, "thread_pool", THREAD_POOLS)
+        _check_path(chat_template, "chat_template", optional=True)
+        validate.integer(max_pending, "max_pending", 0, optional=True, meaning="None = the export's bound")
         folder = Path(folder)
         if not folder.is_dir():
             raise ManifestError(f"export folder not found: {folder}")
         manifest = Manifest.load(folder)
         verify_files(folder, manifest, checksums=verify)
-        if kv_policy not in POLICIES:
-            raise ValueError(f"unknown KV policy {kv_policy!r}; choose one of {POLICIES}")
         wanted = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
         if manifest.kv_cache.layout == "buffer" and wanted != ["CPUExecutionProvider"]:
             raise ManifestError(f"this export uses the KV buffer layout (onnxruntime's GroupQueryAttention on "
@@ -85,7 +145,7 @@ class Runtime(Chain):
     # -- thresholds ----------------------------------------------------------------------
     def resolve_thresholds(self, thresholds: Thresholds) -> list[float]:
         """None: the calibrated default; "never": the full model; a float: that target's
-        thresholds from the manifest; a list: one per exit (None = never)."""
+        thresholds from the manifest; a list: one per exit (None = never), each a number (not NaN)."""
         n = len(self.manifest.exits)
         if thresholds is None:
             values = list(self.thresholds)
@@ -93,25 +153,46 @@ class Runtime(Chain):
             if thresholds != "never":
                 raise ValueError(f"thresholds must be None, 'never', a target or a list, got {thresholds!r}")
             values = [None] * n
-        elif isinstance(thresholds, (int, float)):
-            values = self.manifest.thresholds_for(float(thresholds))
+        elif isinstance(thresholds, Real) and not isinstance(thresholds, bool):
+            target = validate.number(thresholds, "thresholds (a target)", 0, 1, low_open=True)
+            values = self.manifest.thresholds_for(target)
+        elif isinstance(thresholds, (list, tuple, np.ndarray)):
+            values = list(np.asarray(thresholds).tolist() if isinstance(thresholds, np.ndarray) else thresholds)
         else:
-            values = list(thresholds)
+            raise TypeError(f"thresholds must be None (the calibrated default), 'never', a target in (0, 1] or a "
+                            f"list of {n} thresholds, got {thresholds!r} ({type(thresholds).__name__})")
         if len(values) != n:
             raise ValueError(f"{len(values)} thresholds given for {n} exits")
+        for i, t in enumerate(values):
+            validate.number(t, f"thresholds[{i}]", finite=False, optional=True, meaning="None = never exits")
         return from_json_thresholds(values)
 
     # -- generation ----------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | np.ndarray, add_special_tokens: bool = True) -> np.ndarray:
+        """The prompt's token ids: a str tokenized, or token ids checked (integers in the vocabulary)."""
+        validate.boolean(add_special_tokens, "add_special_tokens")
+        vocab = self.manifest.model.vocab_size
         if isinstance(prompt, str):
-            if not prompt:
+            if not validate.text(prompt, "prompt"):
                 raise ValueError("the prompt is empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+            ids = token_ids(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids, vocab,
+                            "the tokenized prompt")
         else:
-            ids = [int(i) for i in prompt]
-        if not ids:
+            ids = token_ids(prompt, vocab)
+        if not ids.size:
             raise ValueError("the prompt is empty (no tokens)")
-        return np.asarray(ids, dtype=np.int64)
+        return ids
+
+    def _start(self, prompt, max_new_tokens, options: dict) -> Stream:
+        """Check the arguments generation reads, then start it: each bad one is named here."""
+        validate.integer(max_new_tokens, "max_new_tokens", 0)
+        for flag in FLAG_OPTIONS:
+            if flag in options:
+                validate.boolean(options[flag], flag)
+        SamplingParams(**{k: options[k] for k in SAMPLING_OPTIONS if k in options})
+        Stopping.build((), options.get("stop"), options.get("max_time"), options.get("cancel"))
+        self.resolve_thresholds(options.get("thresholds"))
+        return generation.start(self, prompt, int(max_new_tokens), options)
 
     def stream(self, prompt: str | list[int] | np.ndarray, max_new_tokens: int = 32, **options) -> Stream:
         """Generate token by token: yields one TokenRecord per new token (its text piece, exit,
@@ -123,11 +204,11 @@ class Runtime(Chain):
         is cut before them), `max_time` seconds, a `cancel` threading.Event (closing the iterator
         stops too); `reuse_cache=True` pre-fills only what the previous call's cache lacks.
         After (or instead of) iterating, `stream.result()` gives the GenerationResult."""
-        return generation.start(self, prompt, max_new_tokens, options)
+        return self._start(prompt, max_new_tokens, options)
 
     def generate(self, prompt: str | list[int] | np.ndarray, max_new_tokens: int = 32, **options) -> GenerationResult:
         """The continuation of `prompt` as one GenerationResult (same options as `stream`)."""
-        return generation.start(self, prompt, max_new_tokens, options).result()
+        return self._start(prompt, max_new_tokens, options).result()
 
     # -- chat ------------------------------------------------------------------------------
     @property
@@ -149,6 +230,7 @@ class Runtime(Chain):
     def chat_ids(self, messages, add_generation_prompt: bool = True, **variables) -> np.ndarray:
         """The conversation rendered with the chat template and tokenized (no special tokens
         added: the template wrote them), as transformers' apply_chat_template(tokenize=True)."""
+        validate.boolean(add_generation_prompt, "add_generation_prompt")
         text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **variables)
         return self.encode(text, add_special_tokens=False)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import validate
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,16 +31,13 @@ class SamplingParams:
     seed: int | None = 0  # None: a fresh random seed
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        # numbers only (a string or NaN fails here, naming the option, not inside numpy)
+        validate.number(self.temperature, "temperature", 0, meaning="0 = greedy")
+        validate.integer(self.top_k, "top_k", 0, meaning="0 = off")
+        validate.number(self.top_p, "top_p", 0, 1, low_open=True, meaning="1 = off")
+        validate.number(self.min_p, "min_p", 0, 1, meaning="0 = off")
+        validate.number(self.repetition_penalty, "repetition_penalty", 0, low_open=True, meaning="1 = off")
+        validate.integer(self.seed, "seed", 0, optional=True, meaning="None = a fresh random seed")
 
     @property
     def greedy(self) -> bool:

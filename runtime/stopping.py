@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from . import validate
+
 REASONS = ("eos", "stop", "max_new_tokens", "context", "max_time", "cancelled")
 
 
@@ -31,8 +33,8 @@ class StopStrings:
     strings: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if any(not isinstance(s, str) or not s for s in self.strings):
-            raise ValueError(f"stop strings must be non-empty strings, got {list(self.strings)!r}")
+        for i, s in enumerate(self.strings):
+            validate.text(s, f"stop[{i}]", empty=False)
 
     @property
     def longest(self) -> int:
@@ -68,11 +70,15 @@ class Stopping:
     @classmethod
     def build(cls, eos_ids: Iterable[int], stop: str | Iterable[str] | None = None, max_time: float | None = None,
               cancel: threading.Event | None = None) -> "Stopping":
-        if max_time is not None and not max_time > 0:
-            raise ValueError(f"max_time must be > 0 seconds, got {max_time}")
+        validate.number(max_time, "max_time", 0, low_open=True, finite=False, optional=True, meaning="seconds")
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
-            raise ValueError("cancel must be a threading.Event (or anything with is_set())")
-        strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+            raise TypeError(f"cancel must be a threading.Event (or anything with is_set()), got {type(cancel).__name__}")
+        if stop is None or isinstance(stop, str):
+            strings = () if stop is None else (stop,)
+        elif isinstance(stop, (list, tuple, set, frozenset)):
+            strings = tuple(stop)
+        else:
+            raise TypeError(f"stop must be a str, a list of str or None, got {stop!r} ({type(stop).__name__})")
         return cls(frozenset(int(i) for i in eos_ids), StopStrings(strings), max_time, cancel)
 
     @property

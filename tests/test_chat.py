@@ -101,6 +101,7 @@ def test_no_template_is_a_clear_error(chat_export, tmp_path):
     (dst / "chat_template.jinja").unlink()
     m = json.loads((dst / "manifest.json").read_text())
     m["tokenizer"]["chat_template"] = None
+    m["tokenizer"]["files"] = [f for f in m["tokenizer"]["files"] if f["file"] != "chat_template.jinja"]
     (dst / "manifest.json").write_text(json.dumps(m))
     rt = Runtime.load(dst)
     with pytest.raises(ChatTemplateError, match="has no chat template"):

@@ -115,10 +115,14 @@ def test_clear_errors(calibrated, tmp_path):
     r = lama("generate", tmp_path, PROMPT, check=False)
     assert r.returncode == 2 and "no manifest.json" in r.stderr and "Traceback" not in r.stderr
     r = lama("generate", calibrated, PROMPT, "--top-p", 2, check=False)
-    assert r.returncode == 2 and "top_p must be in (0, 1]" in r.stderr
+    assert r.returncode == 2 and "top_p must be a finite number in (0, 1]" in r.stderr
     dst = tmp_path / "plain"
     shutil.copytree(calibrated, dst)
-    (dst / "chat_template.jinja").unlink()
+    (dst / "chat_template.jinja").unlink()  # an export made without a template: not in its manifest either
+    m = json.loads((dst / "manifest.json").read_text())
+    m["tokenizer"]["files"] = [f for f in m["tokenizer"]["files"] if f["file"] != "chat_template.jinja"]
+    m["tokenizer"]["chat_template"] = None
+    (dst / "manifest.json").write_text(json.dumps(m))
     r = lama("chat", dst, stdin="hi\n", check=False)
     assert r.returncode == 2 and "has no chat template" in r.stderr and "--chat-template" in r.stderr
 

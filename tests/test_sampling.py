@@ -53,10 +53,20 @@ def test_repetition_penalty_and_greedy():
     assert SamplingParams(temperature=0.0).greedy and not SamplingParams(repetition_penalty=1.1).greedy
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-1), dict(top_k=1.5), dict(top_p=0),
-                                 dict(top_p=1.5), dict(min_p=2), dict(repetition_penalty=0)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
+                                 dict(repetition_penalty=0), dict(temperature=float("nan")), dict(top_p=float("nan")),
+                                 dict(seed=-1)])
 def test_bad_sampling_params(bad):
-    with pytest.raises(ValueError):
+    (name,) = bad
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=1.5), dict(temperature="0.7"), dict(seed=1.5), dict(seed="1"),
+                                 dict(top_k=True), dict(repetition_penalty=None)])
+def test_sampling_params_of_the_wrong_type(bad):
+    (name,) = bad
+    with pytest.raises(TypeError, match=f"^{name} must be"):
         SamplingParams(**bad)
 
 
