@@ -135,10 +135,28 @@ def markdown(res: dict, command: str) -> str:
     if any(r["row"].startswith("f:") and r.get("measured") for r in res["rows"]):
         lines.append("- Row f: llama.cpp (llama-cpp-python, benchmarks/.venv-llamacpp) on the GGUF file the model ships "
                      "as (the weights rows a-d dequantize), greedy on the same token ids, same thread count.")
+    genai = next((r for r in res["rows"] if r["row"].startswith("h:") and r.get("measured")), None)
+    if genai:
+        lines.append(genai_note(genai["measured"]))
     if res.get("samples"):
         lines += ["", "Sample (first prompt):", "", f"- prompt: {res['samples'][0]['prompt']!r}"]
         lines += [f"- {x['row']}: {x['continuation']!r}" for x in res["samples"][1:]]
     return "\n".join(lines) + "\n"
+
+
+def genai_note(measured: dict) -> str:
+    """Row h's note: what onnxruntime-genai ran (its version, the builder's int4 settings)."""
+    v = measured.get("versions") or {}
+    info = measured.get("info") or {}
+    q = (info.get("build") or {}).get("matmulnbits") or {}
+    settings = (f"MatMulNBits {q['bits']}-bit, blocks of {q['block_size']}, accuracy level {q['accuracy_level']}"
+                if {"bits", "block_size", "accuracy_level"} <= q.keys() else "the builder's defaults")
+    return (f"- Row h: onnxruntime-genai {v.get('onnxruntime-genai', '?')} (onnxruntime {v.get('onnxruntime', '?')}, "
+            "benchmarks/.venv-genai) on the one int4 graph its model builder (`-p int4 -e cpu`) made from the model as "
+            f"shipped, dequantized ({settings}; {info.get('onnx_mb', '?')} MB), its greedy search on the same token ids, "
+            f"intra-op threads {info.get('intra_op_num_threads', '?')}; genai stops at the end-of-sequence token, "
+            "so the worker feeds that token back and decodes on (the same number of steps as every row). Its "
+            "fidelity to the float model: benchmarks/llamacpp_fidelity.py.")
 
 
 def policy_table(res: dict, command: str) -> str:

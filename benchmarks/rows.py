@@ -11,6 +11,7 @@ cannot run here. `declare` turns the entries into the report's rows and the timi
     d  our runtime with calibrated exits (targets, EERO budgets)      policy_rows
     f  llama.cpp on the GGUF file as shipped                          llamacpp_row
     g  our chain exported at int8 / int4, exits off and at targets    quantized_rows
+    h  onnxruntime-genai on its model builder's int4 graph            genai_row
 
 Row e (the oracle) is derived, not timed (run.py's `derive`).
 """
@@ -22,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.manifest import Manifest, to_json_thresholds
+from timing import WORKERS
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKERS.setdefault("genai", ROOT / "benchmarks" / "genai_worker.py")  # row h's worker (optimum_worker's protocol)
+GENAI_ROW = "h: onnxruntime-genai (model builder, int4, CPU)"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,18 @@ def llamacpp_row(s: Setup, llamacpp_python: Path) -> Row:
     else:
         worker = (llamacpp_python, {**s.base, "backend": "llamacpp", "gguf_path": str(Path(s.model_path) / s.gguf)})
     return Row("f: llama.cpp (the GGUF as shipped)", "full", worker)
+
+
+def genai_row(s: Setup, genai_python: Path, genai_dir: Path) -> Row:
+    """Row h: onnxruntime-genai's generation loop on the int4 graph its model builder makes from
+    the model as shipped (a GGUF dequantized first), built once into `genai_dir` by the worker."""
+    if not genai_python.is_file():
+        worker = (f"{genai_python} not found: run `bash benchmarks/setup_genai.sh` to create the onnxruntime-genai "
+                  "venv (transformers 5 + onnxruntime-genai and its model builder)")
+    else:
+        worker = (genai_python, {**s.base, "backend": "genai", "model_path": s.model_path, "gguf_file": s.gguf,
+                                 "genai_dir": str(genai_dir)})
+    return Row(GENAI_ROW, "full", worker, {"engine": "onnxruntime-genai", "precision": "int4"})
 
 
 def quantized_rows(s: Setup, precision: str, export_dir: Path, manifest: Manifest, targets: list[float]) -> list[Row]:

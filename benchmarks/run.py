@@ -15,6 +15,9 @@ takes prompts from the held-out split (exporter/data.py) and measures, per row:
     e  the oracle exit (every token leaves at its earliest agreeing exit): layers from the
        checkpoint's held-out scores; its speed is an ESTIMATE, row c's speed scaled by the
        layer fraction, never measured
+    f  llama.cpp on the GGUF file as shipped                         (needs benchmarks/.venv-llamacpp)
+    g  our chain exported at int8 / int4 (--precisions)
+    h  onnxruntime-genai on its model builder's int4 graph            (needs benchmarks/.venv-genai)
 
 Rows a-d are timed by benchmarks/optimum_worker.py, each in a process of its own (row b with
 the python of benchmarks/.venv-optimum), all kept alive and taking turns pass by pass, so load
@@ -46,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OPTIMUM_PYTHON = HERE / ".venv-optimum" / "bin" / "python"
 LLAMACPP_PYTHON = HERE / ".venv-llamacpp" / "bin" / "python"
+GENAI_PYTHON = HERE / ".venv-genai" / "bin" / "python"
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 _SHARED_CACHE = ROOT.parent / "shared" / "hf-cache"
@@ -58,7 +62,7 @@ from policies import exit_policies, with_kv_policies  # noqa: E402 (benchmarks/*
 from quality import check_against_checkpoint, position_agreement, rouge_l, teacher_forced  # noqa: E402
 from report import markdown, plain, plot, policy_table  # noqa: E402
 from timing import machine_info, main_versions, ratio_interval, summarize, time_rows  # noqa: E402
-from rows import Setup, declare, full_model_rows, llamacpp_row, policy_rows, quantized_rows  # noqa: E402
+from rows import Setup, declare, full_model_rows, genai_row, llamacpp_row, policy_rows, quantized_rows  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402 (stdlib only; after the path set-up)
 
 
@@ -177,7 +181,9 @@ def benchmark(args) -> dict:
 
     entries = (full_model_rows(setup, Path(args.optimum_python), full_tf)
                + policy_rows(setup, with_kv_policies(policies, args.kv_policies), args.max_pending, evaluate)
-               + [llamacpp_row(setup, Path(args.llamacpp_python))])
+               + [llamacpp_row(setup, Path(args.llamacpp_python)),
+                  genai_row(setup, Path(args.genai_python), Path(args.genai_dir) if args.genai_dir
+                            else work / "genai-int4")])
     quant = {}
     for prec in args.precisions:  # rows g: each precision's own export, thresholds calibrated on it
         qdir = work / f"onnx-{prec}"
@@ -339,6 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our chain's onnxruntime threads: one pool per session (default) or one shared spinning pool")
     p.add_argument("--optimum-python", default=str(OPTIMUM_PYTHON), help="python of the optimum venv")
     p.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON), help="python of the llama.cpp venv (row f)")
+    p.add_argument("--genai-python", default=str(GENAI_PYTHON), help="python of the onnxruntime-genai venv (row h)")
+    p.add_argument("--genai-dir", help="row h's int4 build (default: <work>/genai-int4, built there when missing)")
     p.add_argument("--precisions", nargs="*", default=["int8", "int4"], choices=sorted(VARIANTS),
                    help="quantized exports timed as rows g (default int8 int4; give none for no such rows)")
     p.add_argument("--quant-targets", type=float, nargs="*", default=[0.95],

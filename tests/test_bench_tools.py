@@ -179,3 +179,169 @@ def test_kv_buffer_probe_writes_its_table(tmp_path):
     assert json.loads((tmp_path / "kv_buffer.json").read_text())["rows"][1]["context"] == 2048
     md = (tmp_path / "kv_buffer.md").read_text()
     assert "| 2048 | 120.00 | 60.00 | 8.3 | 16.7 | 2.00x |" in md
+
+
+# -- row h: onnxruntime-genai (its venv, benchmarks/.venv-genai, is absent on CI) --------------------
+GENAI_PYTHON = ROOT / "benchmarks" / ".venv-genai" / "bin" / "python"
+EOS = 2
+
+
+def _fake_genai(seen: dict):
+    """A stand-in for onnxruntime_genai: greedy 'next = prev * 7 + 1 mod 97' that, like genai,
+    stops at EOS (2) without feeding that token to the model; logits for every prefill position."""
+    import types
+
+    import numpy as np
+
+    class Config:
+        def __init__(self, folder):
+            seen["folder"] = folder
+
+        def clear_providers(self):
+            seen["cpu"] = True
+
+        def overlay(self, text):
+            seen["overlay"] = json.loads(text)
+
+    class Generator:
+        def __init__(self, model, params):
+            self.seq, self.done, self.max_length = [], False, params.max_length
+
+        def append_tokens(self, batch):
+            self.seq += list(batch[0])
+            self.done = False
+            self.last_prefill = list(batch[0])
+
+        def is_done(self):
+            return self.done or len(self.seq) >= self.max_length
+
+        def generate_next_token(self):
+            assert not self.is_done()
+            self.next = (self.seq[-1] * 7 + 1) % 97
+            if self.next == EOS:
+                self.done = True  # not appended, as genai does
+            else:
+                self.seq.append(self.next)
+
+        def get_next_tokens(self):
+            return [self.next]
+
+        def get_output(self, name):
+            assert name == "logits"
+            ids = np.asarray(self.last_prefill)
+            return np.eye(97, dtype=np.float32)[(ids * 7 + 1) % 97][None]
+
+    class GeneratorParams:
+        def __init__(self, model):
+            self.max_length = None
+
+        def set_search_options(self, **kw):
+            assert kw.get("do_sample") in (None, False)
+            self.max_length = kw["max_length"]
+
+    return types.SimpleNamespace(Config=Config, Model=lambda config: object(), GeneratorParams=GeneratorParams,
+                                 Generator=Generator)
+
+
+def test_genai_worker_speaks_the_benchmark_protocol(tmp_path, monkeypatch):
+    """Registered in optimum_worker's table, answers ready/pass/quit, sets the rows' thread count,
+    and decodes on past EOS (fed back) so every prompt gets max_new_tokens tokens."""
+    seen: dict = {}
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", _fake_genai(seen))
+    worker = _load("genai_worker")
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    (folder / "genai_config.json").write_text("{}")
+    (folder / "build.json").write_text(json.dumps({"matmulnbits": {"bits": 4, "block_size": 32, "accuracy_level": 4}}))
+    # prompt 1: 1 -> 8 -> 57 -> 12 -> 85 -> 14 -> 2 (EOS: genai stops) -> 15 -> 9
+    spec = {"backend": "genai", "prompts": [[5, 1], [4, 3]], "max_new_tokens": 8, "threads": 2,
+            "genai_dir": str(folder)}
+    out = io.StringIO()
+    worker.optimum_worker.serve(spec, inp=io.StringIO("pass\nquit\n"), out=out)
+    ready, passed, summary = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert ready["ready"] and summary["backend"] == "genai"
+    assert seen["overlay"]["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2 and seen["cpu"]
+    assert summary["info"]["intra_op_num_threads"] == 2 and summary["info"]["build"]["matmulnbits"]["bits"] == 4
+    assert passed["tokens"][0] == [8, 57, 12, 85, 14, EOS, 15, 9]  # greedy without a stop: EOS is a token
+    assert [len(x) for x in passed["tokens"]] == [8, 8]
+
+    import numpy as np
+
+    windows = np.array([[3, 4, 5], [6, 7, 8]])
+    assert worker.teacher_forced_top1(folder, windows, 1).tolist() == ((windows * 7 + 1) % 97).tolist()
+
+
+def test_genai_build_strips_a_null_quantization_config(tmp_path):
+    worker = _load("genai_worker")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "quantization_config": None}))
+    assert worker.strip_quantization_config(cfg) and "quantization_config" not in json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "awq"}}))
+    assert not worker.strip_quantization_config(cfg)  # a real quantization stays
+
+
+def test_genai_row_is_wired_into_the_benchmark(tmp_path):
+    """Row h: skipped with how to set it up when the venv is absent; else a genai worker spec with
+    the rows' prompts and threads; its worker script is registered; derive() and the report treat
+    its greedy tokens like every other row's."""
+    run = _load("run")
+    rows_mod = sys.modules["rows"]  # as run.py imported it
+    assert rows_mod.WORKERS is sys.modules["timing"].WORKERS  # the table timing.Worker picks scripts from
+    assert rows_mod.WORKERS["genai"] == ROOT / "benchmarks" / "genai_worker.py"
+    setup = rows_mod.Setup({"prompts": [[1, 2]], "max_new_tokens": 4, "threads": 2}, "/m", "x.gguf", tmp_path,
+                           tmp_path / "onnx")
+    missing = rows_mod.genai_row(setup, tmp_path / "nope" / "python", tmp_path / "genai-int4")
+    (row,), specs = rows_mod.declare([missing])
+    assert row["status"] == "skipped" and "setup_genai.sh" in row["reason"] and not specs
+    python = tmp_path / "python"
+    python.write_text("")
+    (row,), specs = rows_mod.declare([rows_mod.genai_row(setup, python, tmp_path / "genai-int4")])
+    py, spec = specs[row["row"]]
+    assert row["row"].startswith("h: onnxruntime-genai") and row["kind"] == "full" and py == python
+    assert spec["backend"] == "genai" and spec["threads"] == 2 and spec["prompts"] == [[1, 2]]
+    assert spec["genai_dir"] == str(tmp_path / "genai-int4") and spec["gguf_file"] == "x.gguf"
+
+    assert run.parse_args([]).genai_dir is None  # default: <work>/genai-int4
+    measured = {"tokens_per_second_runs": [10.0, 12.0], "tokens_per_second": 11.0, "first_token_seconds": 0.1,
+                "peak_rss_mb": 200.0, "rss_after_imports_mb": 40.0}
+    rows = [{"row": "a: PyTorch generate", "kind": "full", "measured": {**measured, "tokens": [[1, 2, 3, 4]]}},
+            {**row, "status": "ok", "measured": {**measured, "tokens": [[1, 2, 9, 9]],
+                                                 "versions": {"onnxruntime-genai": "0.18.0"},
+                                                 "info": {"build": {"matmulnbits": {"bits": 4, "block_size": 32,
+                                                                                    "accuracy_level": 4}}}}}]
+    run.derive(rows, num_layers=30, oracle_layers=30.0, oracle_tf={})
+    assert rows[1]["greedy_agreement"] == 0.5 and rows[1]["rouge_l"] == 0.5 and not rows[1]["identical_to_a"]
+    note = _load("report").genai_note(rows[1]["measured"])
+    assert "onnxruntime-genai 0.18.0" in note and "accuracy level 4" in note
+
+
+@pytest.mark.skipif(not GENAI_PYTHON.is_file(),
+                    reason="benchmarks/.venv-genai is absent (bash benchmarks/setup_genai.sh makes it)")
+def test_genai_builds_and_runs_a_tiny_model(tmp_path):
+    """With the real venv: the builder makes an int4 graph of a tiny Llama, the worker decodes
+    with it over the protocol, and genai's teacher-forced top-1 matches its own greedy step."""
+    import subprocess
+
+    import numpy as np
+    from conftest import char_tokenizer, tiny_model
+
+    model_dir = tmp_path / "hf"
+    model = tiny_model("llama_hd16")
+    model.config.bos_token_id = model.config.eos_token_id = 96  # the builder needs an EOS id (<unk> here)
+    model.save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    worker = ROOT / "benchmarks" / "genai_worker.py"
+    subprocess.run([str(GENAI_PYTHON), str(worker), "--build", str(tmp_path / "g"), "--model-path", str(model_dir)],
+                   check=True, capture_output=True, timeout=300)
+    spec = {"backend": "genai", "prompts": [[3, 4, 5, 6]], "max_new_tokens": 5, "threads": 1,
+            "genai_dir": str(tmp_path / "g")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    r = subprocess.run([str(GENAI_PYTHON), str(worker), str(tmp_path / "spec.json")], input="pass\nquit\n",
+                       capture_output=True, text=True, timeout=300)
+    ready, passed, summary = [json.loads(x) for x in r.stdout.splitlines()]
+    tokens = passed["tokens"][0]
+    assert len(tokens) == 5 and summary["versions"]["onnxruntime-genai"]
+    fid = _load("llamacpp_fidelity")
+    windows = np.array([[3, 4, 5, 6] + tokens[:4]])
+    top = fid.engine_top1("genai", GENAI_PYTHON, tmp_path / "g", windows, 1)
+    assert top[0, 3:].tolist() == tokens  # teacher-forced on its own continuation = its greedy steps
