@@ -10,8 +10,8 @@ positions [0, length[j]); the graph is told where that part ends by two small in
 [length[j], end) it was given (several at once when it catches up deferred positions).
 
 Pending (deferred) positions work exactly as in `KVCache`: this class only replaces how a
-segment's cache is fed and stored. Forgetting positions (a rollback) is only a smaller
-length: `truncate`.
+segment's cache is fed and stored. Forgetting positions (`KVCache.truncate`, the same for
+every layout) is only a smaller length here.
 """
 
 from __future__ import annotations
@@ -85,14 +85,7 @@ class KVBufferCache(KVCache):
             buf[:, :, st.length:st.length + n] = new
         st.length += n
 
-    def truncate(self, position: int) -> None:
-        """Forget every position >= `position` (e.g. rejected draft tokens): the buffers keep
-        their bytes, the lengths shrink, pending states beyond it are dropped."""
-        if position < 0:
-            raise ValueError(f"cannot truncate to a negative position ({position})")
-        for st in self.segments:
-            keep = max(0, position - st.length)
-            if st.pending is not None:
-                st.pending = st.pending[:, :keep] if keep else None
-            st.length = min(st.length, position)
-        self.position = min(self.position, position)
+    def _cut(self, st: SegmentState, n: int) -> None:
+        """KVCache.truncate's cut for buffers: a shorter valid length (the buffers keep their
+        bytes, which the next positions overwrite)."""
+        st.length = n

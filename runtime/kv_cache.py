@@ -17,7 +17,8 @@ position. Two policies fill the gap:
 This class only holds arrays and positions; the runtime decides which policy to apply.
 Every access to the arrays goes through these methods (`past`, `store`, `append`,
 `truncate`, the pending ones, `mark`/`rollback`), so a preallocated, device-resident
-buffer can replace the numpy lists without touching the runtime.
+buffer can replace the numpy lists without touching the runtime. Arrays may be numpy arrays
+or device arrays (TensorRT's DeviceArray, which `truncate` cuts on the device).
 
 Positions are tracked explicitly: segment j's cache covers [0, length[j]); its pending
 hidden states cover [length[j], pending_end(j)). With `defer`, pending_end(j+1) ==
@@ -139,21 +140,36 @@ class KVCache:
         self.position = mark.position
 
     def truncate(self, position: int) -> None:
-        """Forget every position >= `position`, cached or pending, in every segment."""
+        """Forget every position >= `position`, cached or pending, in every segment: the state
+        the runtime would have had after feeding the first `position` tokens (attention is
+        causal, so nothing before a position depends on what follows). The one truncation for
+        every backend and layout: exact mode's rollbacks, a stream closed early, a kept cache
+        reused for a new prompt (runtime/prefix_cache.py)."""
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot truncate to {position}: the cache holds positions [0, {self.position})")
         for st in self.segments:
-            if st.length >= position:
+            if st.length > position:
                 self._cut(st, position)
-                st.pending = None
-            elif st.pending is not None:
+            if st.pending is not None:  # pending covers [length, pending_end)
                 keep = position - st.length
-                st.pending = st.pending[:, :keep] if keep else None
+                st.pending = prefix(st.pending, 1, keep) if keep > 0 else None
         self.position = position
 
-    @staticmethod
-    def _cut(st: SegmentState, n: int) -> None:
-        if st.length != n:  # device arrays (native TensorRT) come to the host: a buffer-backed cache avoids that
-            st.keys = [np.asarray(k)[:, :, :n] for k in st.keys]
-            st.values = [np.asarray(v)[:, :, :n] for v in st.values]
-            st.length = n
+    def _cut(self, st: SegmentState, n: int) -> None:
+        """Segment state `st` keeps the keys/values of its first n positions."""
+        st.keys = [prefix(k, 2, n) for k in st.keys]
+        st.values = [prefix(v, 2, n) for v in st.values]
+        st.length = n
+
+
+def prefix(a, axis: int, n: int):
+    """The first n entries of `a` along `axis`, where `a` lives: a view of a numpy array; for a
+    device array (TensorRT's DeviceArray) its own `narrow`, which copies on the device, so a
+    cut never brings the cache to host memory."""
+    if isinstance(a, np.ndarray):
+        return a[(slice(None),) * axis + (slice(0, n),)]
+    narrow = getattr(a, "narrow", None)
+    if narrow is None:
+        raise TypeError(f"cannot cut a KV array of type {type(a).__name__}: it is neither a numpy array nor has "
+                        f"narrow(axis, length)")
+    return narrow(axis, n)

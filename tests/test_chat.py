@@ -9,7 +9,7 @@ from conftest import SMOLLM2_CHAT_TEMPLATE, char_tokenizer
 
 from runtime import Runtime
 from runtime.chat import ChatTemplate, ChatTemplateError
-from runtime.prefix_cache import KeptSequence, common_prefix, truncate
+from runtime.prefix_cache import KeptSequence, common_prefix
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
@@ -169,7 +169,7 @@ def test_truncated_cache_equals_a_fresh_one(chat_export):
     ref = rt.new_cache()
     for x, j in zip([ids[:4]] + [[t] for t in ids[4:p]], pattern):
         rt.step(np.array(x), ref, [float("inf")] * j + [0.0] * (3 - j))
-    assert truncate(cache, p)
+    cache.truncate(p)
     assert cache.position == ref.position == p
     # the cut cache may hold as computed KV what the fresh one still holds as deferred states;
     # fed the same tokens with every exit off, both must give the same tokens and, once caught
@@ -182,8 +182,8 @@ def test_truncated_cache_equals_a_fresh_one(chat_export):
         assert x.length == y.length == p + 4 and x.pending is None and y.pending is None
         for u, v in zip(x.keys + x.values, y.keys + y.values):
             np.testing.assert_allclose(u, v, atol=1e-5)
-    with pytest.raises(ValueError, match="cannot keep"):
-        truncate(cache, 99)
+    with pytest.raises(ValueError, match=r"cannot truncate to 99: the cache holds positions \[0, 11\)"):
+        cache.truncate(99)
     kept = KeptSequence(ids, cache)
     assert kept.reuse_for(ids[:1]) is None  # nothing to reuse: the one token must be fed
 

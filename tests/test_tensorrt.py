@@ -46,6 +46,7 @@ class FakeCudart:
     class cudaMemcpyKind(enum.IntEnum):
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
+        cudaMemcpyDeviceToDevice = 3
 
     class cudaDeviceAttr(enum.IntEnum):
         cudaDevAttrComputeCapabilityMajor = 75
@@ -54,7 +55,7 @@ class FakeCudart:
     def __init__(self, devices: int = 1, cc=(8, 9)):
         self.devices, self.cc = devices, cc
         self.live: dict[int, np.ndarray] = {}
-        self.mallocs = self.frees = self.to_device_bytes = self.to_host_bytes = 0
+        self.mallocs = self.frees = self.to_device_bytes = self.to_host_bytes = self.device_copies = 0
 
     ok = property(lambda self: self.cudaError_t.cudaSuccess)
 
@@ -103,6 +104,15 @@ class FakeCudart:
 
     def cudaMemcpy(self, dst, src, n, kind):
         return self.cudaMemcpyAsync(dst, src, n, kind, 0)
+
+    def cudaMemcpy2D(self, dst, dpitch, src, spitch, width, height, kind):
+        assert kind == self.cudaMemcpyKind.cudaMemcpyDeviceToDevice and width <= min(dpitch, spitch)
+        self.check(dst, (height - 1) * dpitch + width)
+        self.check(src, (height - 1) * spitch + width)
+        for r in range(height):
+            ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+        self.device_copies += 1
+        return (self.ok,)
 
     def read(self, ptr, shape, dtype) -> np.ndarray:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -527,6 +537,74 @@ def test_kv_stays_on_device(engines, fake_gpu):
     for st, rs in zip(cache.segments, ref_cache.segments):
         for a, b in zip(st.keys + st.values, rs.keys + rs.values):
             assert np.abs(np.asarray(a) - b).max() < 1e-5
+
+
+def test_device_array_narrow_copies_on_the_device(fake_gpu):
+    _, cudart = fake_gpu
+    pool = tb.DevicePool(tb.Cuda(cudart))
+    host = np.arange(2 * 3 * 5 * 4, dtype=np.float32).reshape(2, 3, 5, 4)
+    a = tb.DeviceArray(pool.acquire(host.nbytes), host.shape, host.dtype, pool)
+    cudart.cudaMemcpy(a.ptr, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
+    sent, got = cudart.to_device_bytes, cudart.to_host_bytes
+    for axis, n in ((2, 3), (1, 1), (3, 2), (2, 0)):
+        cut = a.narrow(axis, n)
+        assert isinstance(cut, tb.DeviceArray) and cut.shape == host[(slice(None),) * axis + (slice(0, n),)].shape
+        assert (cudart.to_device_bytes, cudart.to_host_bytes) == (sent, got)  # no host round trip
+        np.testing.assert_array_equal(np.asarray(cut), host[(slice(None),) * axis + (slice(0, n),)])
+        got = cudart.to_host_bytes
+    assert a.narrow(2, 5) is a
+    with pytest.raises(ValueError, match="cannot narrow"):
+        a.narrow(2, 6)
+
+
+def _count_host_reads(monkeypatch) -> list:
+    """Calls that bring a DeviceArray to host memory (numpy(), np.asarray)."""
+    reads = []
+    real = tb.DeviceArray.numpy
+    monkeypatch.setattr(tb.DeviceArray, "numpy", lambda self: reads.append(self.shape) or real(self))
+    return reads
+
+
+def test_truncate_keeps_the_kv_on_the_device(engines, fake_gpu, monkeypatch):
+    """One truncation for every backend (issue 26): the TensorRT cache is cut on the device,
+    to the same keys and values as onnxruntime's cache cut at the same position."""
+    _, cudart = fake_gpu
+    rt, ref = Runtime.load(engines, providers="tensorrt"), Runtime.load(engines)
+    caches = rt.new_cache(), ref.new_cache()
+    th = rt.resolve_thresholds(MIXED)
+    for r, cache in zip((rt, ref), caches):
+        r.step(r.encode(PROMPT), cache, th)
+        for t in range(8):
+            r.step(np.array([t + 10]), cache, th)
+    assert any(st.pending is not None for st in caches[1].segments)  # deferred states are cut too
+    reads = _count_host_reads(monkeypatch)
+    copies = cudart.device_copies
+    keep = caches[0].position - 5
+    for cache in caches:
+        cache.truncate(keep)
+    assert not reads and cudart.device_copies > copies
+    assert all(isinstance(a, tb.DeviceArray) for st in caches[0].segments for a in st.keys + st.values)
+    for st, rs in zip(*(c.segments for c in caches)):
+        assert st.length == rs.length and st.pending_count == rs.pending_count
+        for a, b in zip(st.keys + st.values, rs.keys + rs.values):
+            assert np.abs(np.asarray(a) - b).max() < 1e-5
+
+
+def test_exact_mode_and_cache_reuse_on_tensorrt(engines, fake_gpu, monkeypatch):
+    """Exact mode's rollbacks and a kept cache reused for a new prompt both cut the cache; on
+    the TensorRT backend that stays on the device (it was copied to the host, or the kept cache
+    refused), and the tokens are onnxruntime's."""
+    rt, ref = Runtime.load(engines, providers="tensorrt"), Runtime.load(engines)
+    reads = _count_host_reads(monkeypatch)
+    exact = rt.generate(PROMPT, 16, thresholds=MIXED, exact=True, stop_at_eos=False)
+    assert sum(r.rollbacks for r in exact.records) > 0  # the cache was cut
+    assert not reads
+    assert exact.tokens == ref.generate(PROMPT, 16, thresholds="never", stop_at_eos=False).tokens
+    ids = list(exact.prompt_tokens) + list(exact.tokens)
+    new = ids[:len(ids) - 4] + [11, 12]  # shares all but the last 4 ids with the kept cache
+    again = rt.generate(new, 6, thresholds="never", reuse_cache=True, stop_at_eos=False)
+    assert again.cached_tokens == len(ids) - 4 and not reads
+    assert again.tokens == ref.generate(new, 6, thresholds="never", stop_at_eos=False).tokens
 
 
 def test_backend_run_returns_numpy_by_default(engines, fake_gpu):

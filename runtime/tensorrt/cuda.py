@@ -70,3 +70,12 @@ class Cuda:
             self._check(self.rt.cudaMemcpy(host.ctypes.data, ptr, host.nbytes, kind), "copy to host")
         else:
             self._check(self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, stream), "copy to host")
+
+    def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int) -> None:
+        """`height` rows of `width` bytes from device memory to device memory (cudaMemcpy2D:
+        rows `src_pitch` bytes apart in the source, `dst_pitch` in the destination). On the
+        legacy default stream, which the backend's (blocking) streams are ordered with: the
+        copy follows the run that wrote the source and precedes the run that reads the copy."""
+        if width and height:
+            kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            self._check(self.rt.cudaMemcpy2D(dst, dst_pitch, src, src_pitch, width, height, kind), "copy on device")

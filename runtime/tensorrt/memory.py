@@ -81,7 +81,23 @@ class DeviceArray:
 
     def __init__(self, buffer: DeviceBuffer, shape: tuple, dtype, pool: DevicePool):
         self.buffer, self.shape, self.dtype = buffer, tuple(int(d) for d in shape), np.dtype(dtype)
+        self.pool = pool
         weakref.finalize(self, pool.release, buffer)
+
+    def narrow(self, axis: int, length: int) -> "DeviceArray":
+        """The first `length` entries along `axis` as a new (contiguous, as engines read it)
+        array, copied on the device: how the KV cache is cut (`KVCache.truncate`) without a
+        round trip through host memory. The array itself is left as it is."""
+        if not 0 <= axis < self.ndim or not 0 <= length <= self.shape[axis]:
+            raise ValueError(f"cannot narrow {self!r} to {length} entries along axis {axis}")
+        if length == self.shape[axis]:
+            return self
+        shape = self.shape[:axis] + (length,) + self.shape[axis + 1:]
+        row = int(np.prod(self.shape[axis + 1:], dtype=np.int64)) * self.dtype.itemsize  # bytes per entry
+        rows = int(np.prod(self.shape[:axis], dtype=np.int64))
+        out = DeviceArray(self.pool.acquire(max(rows * length * row, 1)), shape, self.dtype, self.pool)
+        self.buffer.cuda.copy_2d(out.ptr, length * row, self.ptr, self.shape[axis] * row, length * row, rows)
+        return out
 
     @property
     def ptr(self) -> int:
