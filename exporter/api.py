@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .calibrate import CalibrationReport, calibrate_thresholds, check_target, report
 from runtime.manifest import from_json_thresholds, to_json_thresholds
+from runtime.policy import Policy
 
-from .checkpoint import Checkpoint, CheckpointConfig, save_checkpoint, score_kind, scores_file
+from .checkpoint import Checkpoint, CheckpointConfig, check_replaceable, save_checkpoint, score_kind, scores_file
 from .scores import ExitScores
 from .recipes import Recipe, TrainConfig, load_recipe, recipe_for_model
 
@@ -31,12 +32,14 @@ def resolve_recipe(model: str) -> Recipe:
 
 def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None = None,
           exits: list[int] | str | None = None, head: str | None = None, backbone=None, target: float | None = None,
-          cache_dir: str | Path | None = None, keep_cache: bool = False, **train_overrides) -> Path:
+          cache_dir: str | Path | None = None, keep_cache: bool = False, overwrite: bool = False,
+          **train_overrides) -> Path:
     """Train exit heads on the frozen model's own predictions, then calibrate at the recipe's target.
 
     `backbone` lets callers pass an already loaded model (tests use tiny random ones).
     The frozen model's outputs are cached in `cache_dir` (default: a folder beside `out`,
     removed at the end unless keep_cache); a cache with matching contents is reused.
+    An existing `out` is replaced only if it is a LAMA checkpoint or empty, unless `overwrite`.
     """
     import shutil
 
@@ -45,7 +48,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
 
     from .backbone import load_backbone
     from .cache import cache_features
-    from .data import default_data_dir, make_splits, read_docs
+    from .data import default_data_dir, make_splits, read_docs, window_hashes
     from .train import check_exits, default_exits, resolve_device, score_split
 
     recipe = model if isinstance(model, Recipe) else resolve_recipe(model)
@@ -58,8 +61,10 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     if recipe.confidence == "gate" and not cfg.gates:  # before any training time is spent
         raise ValueError("the recipe asks for confidence 'gate' but gate training is off (gates=false)")
     check_target(target)
+    check_replaceable(out, overwrite)  # before any training time is spent; save_checkpoint checks again
     device = resolve_device(cfg.device)
-    docs = read_docs(data or [default_data_dir()])
+    data = list(data or [default_data_dir()])
+    docs = read_docs(data)
     torch.manual_seed(cfg.seed)
     bb = backbone or load_backbone(recipe.source)
     n_layers = bb.shape.num_layers
@@ -113,16 +118,17 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
         gate_features=list(gates.features) if gates is not None else ["hidden"],
         gate_shortlist=gates.n_short if gates is not None else 0,
         thresholds=to_json_thresholds(thresholds),
-        policy={"kind": "target", "target": target, "delta": None, "margin": recipe.margin},
+        policy=Policy("target", target=target, margin=recipe.margin),
         calibration=_reports(calib, held, thresholds, target, None),
         train={"config": dataclasses.asdict(cfg), "report": dataclasses.asdict(rep),
-               "data": [str(Path(p).resolve()) for p in (data or [default_data_dir()])],  # to redraw the splits
+               "data": [str(Path(p).resolve()) for p in data],  # to redraw the splits (Checkpoint.splits)
+               "windows_sha256": window_hashes(splits),  # ... and to check they are the same windows
                "feature_cache_seconds": cache_s, "device": str(device),
                "domains": list(splits["train"].domains), "candidate_exits": candidates,
                "exit_min_share": min_share,
                "agreement_before": np.round(before, 4).tolist(), "agreement_after": np.round(after, 4).tolist()},
     )
-    return save_checkpoint(out, config, heads, scores, gates)
+    return save_checkpoint(out, config, heads, scores, gates, overwrite=overwrite)
 
 
 def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
@@ -179,8 +185,8 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
         raise ValueError("give exactly one of target (agreement, e.g. 0.95) or budget (compute share, e.g. 0.5)")
     ckpt = Checkpoint.open(checkpoint)
     config = ckpt.config
-    if margin is None:
-        margin = (config.policy or {}).get("margin", 0.0)
+    if margin is None:  # the checkpoint's, kept across budget calibrations (runtime/policy.py)
+        margin = config.policy.margin if config.policy else 0.0
     if exit_min_share:
         if target is None:
             raise ValueError("exit_min_share prunes exits at an agreement target: give target, not budget")
@@ -205,10 +211,10 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
 
         result = budget_thresholds(calib, budget)
         thresholds = [float(t) for t in result.thresholds]
-        config.policy = {"kind": "budget", "budget": budget, "mu": float(result.mu)}
+        config.policy = Policy("budget", budget=budget, mu=float(result.mu), margin=margin)
     else:
         thresholds = calibrate_thresholds(calib, target, delta=delta, margin=margin)
-        config.policy = {"kind": "target", "target": target, "delta": delta, "margin": margin}
+        config.policy = Policy("target", target=target, delta=delta, margin=margin)
     config.thresholds = to_json_thresholds(thresholds)
     config.calibration = _reports(calib, heldout, thresholds, target, delta)
     _rewrite_config(ckpt.path, config)

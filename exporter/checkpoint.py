@@ -20,10 +20,14 @@ on, so lama.json is parsed once and each scores file is read once, whoever asks 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from runtime.manifest import from_json_thresholds
+from runtime.policy import Policy
 
 from .folders import replacing_folder
 from .recipes import ModelSource
@@ -57,14 +61,18 @@ class CheckpointConfig:
     gate_features: list[str] = field(default_factory=lambda: ["hidden"])  # what the gates see (gates.FEATURES)
     gate_shortlist: int = 0  # shortlist size for the 'shortlist' gate feature
     thresholds: list[float | None] = field(default_factory=list)  # None = never exit
-    policy: dict = field(default_factory=dict)  # how thresholds were chosen: target/delta or budget
+    policy: Policy | None = None  # how thresholds were chosen (runtime/policy.py); None: not calibrated
     calibration: dict = field(default_factory=dict)  # CalibrationReport dicts by split
     train: dict = field(default_factory=dict)  # TrainConfig + TrainReport
     format: str = FORMAT
     version: int = VERSION
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, (Policy, type(None))):  # a stored dict ({} = none): decoded in one place
+            self.policy = Policy.from_dict(self.policy, "lama.json policy") if self.policy else None
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps({**asdict(self), "policy": self.policy.to_dict() if self.policy else {}}, indent=2)
 
     @classmethod
     def from_json(cls, text: str, where: str = "") -> "CheckpointConfig":
@@ -81,19 +89,74 @@ class CheckpointConfig:
         return from_json_thresholds(self.thresholds)
 
 
+def owned(name: str) -> bool:
+    """Whether a file name in a checkpoint folder is one this format writes (lama.json, weights,
+    score files); anything else (reports/, notes) belongs to whoever put it there."""
+    return (name in (CONFIG, CONFIG + ".tmp", HEADS, GATES)
+            or any(name.startswith(f"{s}_scores") and name.endswith(".npz") for s in SPLITS))
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a LAMA checkpoint folder (any version): its lama.json says so."""
+    try:
+        return json.loads((Path(path) / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse to replace `out` unless it is absent, an empty folder or a LAMA checkpoint, or
+    `overwrite` says to: `lama train --out runs` must not delete everything under runs/."""
+    out = Path(out)
+    if overwrite or not (out.exists() or out.is_symlink()):
+        return
+    what = ("a file" if not out.is_dir() else None if is_checkpoint(out) or not any(out.iterdir())
+            else f"a folder with {sum(1 for _ in out.iterdir())} entries and no {CONFIG} of format {FORMAT!r}")
+    if what:
+        raise FileExistsError(f"{out} exists and is not a LAMA checkpoint ({what}); refusing to replace it, "
+                              "which would delete what it holds: choose another --out, or pass --overwrite "
+                              "(overwrite=True in Python) to replace it")
+
+
 def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, scores: dict[str, ExitScores] | None = None,
-                    gates=None) -> Path:
-    """Write heads (+ gates) and score files ({file name from scores_file(): ExitScores})."""
+                    gates=None, *, overwrite: bool = False, keep_others: bool = False) -> Path:
+    """Write heads (+ gates) and score files ({file name from scores_file(): ExitScores}).
+
+    An existing `out` is replaced only if it is a LAMA checkpoint or empty, unless `overwrite`
+    (check_replaceable). keep_others: a rewrite of the checkpoint in place (pruning) carries
+    over what the format does not own (e.g. reports/ written beside it by the benchmarks)."""
     from safetensors.torch import save_file
 
-    with replacing_folder(Path(out)) as tmp:
+    out = Path(out)
+    with replacing_folder(out, lambda old: check_replaceable(old, overwrite)) as tmp:
         save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, tmp / HEADS)
         if gates is not None:
             save_file({k: v.detach().contiguous() for k, v in gates.state_dict().items()}, tmp / GATES)
         for name, s in (scores or {}).items():
             s.save(tmp / name)
         (tmp / CONFIG).write_text(config.to_json())
-    return Path(out)
+        if keep_others and out.is_dir():
+            for old in out.iterdir():
+                if not owned(old.name) and not (tmp / old.name).exists():
+                    _copy(old, tmp / old.name)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file or folder, hard-linking files where the file system allows (the old
+    folder is deleted right after, so a link costs nothing and keeps it intact until then)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(src, dst)
 
 
 def read_config(path: str | Path) -> CheckpointConfig:
@@ -187,16 +250,34 @@ class Checkpoint:
     def splits(self, tokenizer, data: list | None = None) -> dict:
         """The text windows `lama train` drew for this checkpoint ({"train", "calib", "heldout"}:
         Windows), from its training record: the same text (`data`, else the recorded paths, else
-        ../shared/data), tokenizer, window length, token counts and seed."""
-        from .data import default_data_dir, make_splits, read_docs
+        the default data folder), tokenizer, window length, token counts and seed. The windows
+        are checked against the sha256 `lama train` recorded (ValueError if the text changed:
+        thresholds fitted on other text, maybe training text, would hold nowhere); a checkpoint
+        from before the hash was recorded gets a warning."""
+        from .data import default_data_dir, make_splits, read_docs, window_hashes
 
         cfg = self.config.train.get("config") if self.config.train else None
         if not cfg:
             raise ValueError(f"{self.path} has no training record (seq_len, token counts, seed) to redraw its "
                              "text windows")
-        texts = read_docs(data or self.config.train.get("data") or [default_data_dir()])
+        paths = data or self.config.train.get("data") or [default_data_dir()]
+        texts = read_docs(paths)
         counts = {s: cfg[f"{s}_tokens"] for s in ("train", "calib", "heldout")}
-        return make_splits(texts, tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
+        splits = make_splits(texts, tokenizer, cfg["seq_len"], counts, seed=cfg["seed"])
+        recorded = self.config.train.get("windows_sha256")
+        where = ", ".join(map(str, paths))
+        if not recorded:
+            warnings.warn(f"{self.path}: no hash of the training windows recorded (trained before they were), so "
+                          f"the windows redrawn from {where} cannot be checked to be the ones it was trained and "
+                          "calibrated on", stacklevel=2)
+            return splits
+        changed = [s for s, h in window_hashes(splits).items() if recorded.get(s) != h]
+        if changed:
+            raise ValueError(f"{self.path}: the text in {where} does not give the windows `lama train` drew "
+                             f"(the {', '.join(changed)} windows' sha256 differ from the recorded ones): the text "
+                             "or the tokenizer changed. Pass the text it was trained on (--data / data=), or train "
+                             "again")
+        return splits
 
     def with_config(self, config: CheckpointConfig) -> "Checkpoint":
         """The same folder under another config (e.g. thresholds recalibrated on the way);

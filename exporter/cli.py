@@ -31,7 +31,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         except ValueError:
             raise ValueError(f"--exits takes layer counts or 'auto', got {' '.join(exits)}") from None
     out = api.train(a.model, out=a.out, data=a.data, exits=exits, head=a.head, target=a.target,
-                    cache_dir=a.cache_dir, steps=a.steps, train_tokens=a.train_tokens, seed=a.seed, device=a.device)
+                    cache_dir=a.cache_dir, steps=a.steps, train_tokens=a.train_tokens, seed=a.seed, device=a.device,
+                    overwrite=a.overwrite)
     cfg = read_config(out)
     rep = cfg.train["report"]
     print(f"trained {len(cfg.exits)} {cfg.head} heads (exits after layers {cfg.exits}) in {rep['seconds']:.1f} s "
@@ -41,7 +42,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     print("  " + ", ".join(f"L{e}: {b:.3f}->{x:.3f}" for e, b, x in
                            zip(cfg.train.get("candidate_exits", cfg.exits), cfg.train["agreement_before"],
                                cfg.train["agreement_after"])))
-    _print_reports(api.calibrate(out, target=cfg.policy["target"]))
+    _print_reports(api.calibrate(out, target=cfg.policy.target))
     print(f"checkpoint: {out}")
 
 
@@ -88,7 +89,10 @@ def add_host_commands(sub) -> None:
 
     t = sub.add_parser("train", help="train exit heads on the frozen model's own predictions, then calibrate")
     t.add_argument("model", help="recipe name in models/ (e.g. smollm2-135m), recipe file, hub id or local folder")
-    t.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    t.add_argument("--out", required=True, type=Path,
+                   help="checkpoint folder to write (replaces only an empty folder or a LAMA checkpoint)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds something else (everything in it is deleted)")
     t.add_argument("--data", nargs="+", help="text files or folders (default: ../shared/data)")
     t.add_argument("--exits", nargs="+",
                    help="layer counts after which to place exits, or 'auto': candidates at every other layer, "

@@ -14,6 +14,8 @@ leave a domain out and reports can be split by domain.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +25,27 @@ SPLITS = ("train", "calib", "heldout")
 SPLIT_SHARE = (0.8, 0.1, 0.1)
 
 
+DATA_ENV = "LAMA_DATA"  # the default training text's folder, when set
+CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # beside an editable checkout
+
+
 def default_data_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    """The text used when no --data is given: $LAMA_DATA if set, else ../shared/data from the
+    current folder, else ../shared/data beside this source checkout (an editable install).
+    Raises FileNotFoundError naming everything it tried."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"${DATA_ENV} is {env!r}, which does not exist: point it at a folder (or file) "
+                                    "of .txt text, or pass --data")
+        return path.resolve()
+    tried = list(dict.fromkeys([(Path.cwd() / ".." / "shared" / "data").resolve(), CHECKOUT_DATA]))
+    for path in tried:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"no text given and no default found: tried ${DATA_ENV} (not set), "
+                            + ", ".join(map(str, tried)) + f"; pass --data FILES_OR_FOLDERS or set {DATA_ENV}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,18 @@ class Windows:
     @property
     def num_tokens(self) -> int:
         return int(self.ids.size)
+
+    def sha256(self) -> str:
+        """Hash of the token ids (shape and values, in order): `lama train` records it per
+        split so that the windows redrawn later (Checkpoint.splits) can be checked to match."""
+        h = hashlib.sha256(repr(tuple(self.ids.shape)).encode())
+        h.update(np.ascontiguousarray(self.ids, dtype="<i8").tobytes())
+        return h.hexdigest()
+
+
+def window_hashes(splits: dict[str, Windows]) -> dict[str, str]:
+    """{split: Windows.sha256()}, as a checkpoint's training record keeps them."""
+    return {name: w.sha256() for name, w in splits.items()}
 
 
 def _even_shares(sizes: list[int], want: int) -> list[int]:

@@ -22,10 +22,13 @@ def replacing_folder(out: Path, check_old: Callable[[Path], None] | None = None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             if check_old is not None:
                 check_old(out)
-            shutil.rmtree(out)
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out)
+            else:  # a file (or a link) where the folder goes: check_old let it go
+                out.unlink()
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

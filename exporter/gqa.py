@@ -17,6 +17,8 @@ are given (positions T - S .. T - 1, which is what the runtime's positions are).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 DOMAIN = "com.microsoft"
@@ -66,7 +68,11 @@ class GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, scale):
-        return reference(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, scale)
+        with warnings.catch_warnings():
+            # while tracing, `symbolic` is the graph's one node and this only gives the outputs'
+            # shapes: the reference's Python ints (the buffer's end) are not baked into anything
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return reference(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, scale)
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, scale):

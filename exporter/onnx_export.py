@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, GraphSpec, KVCacheInfo, Manifest,
                               ModelInfo, SegmentSpec, TokenizerInfo, target_key, to_json_thresholds)
+from runtime.policy import Policy
 from runtime.verify import sha256
 
 from .checkpoint import Checkpoint
@@ -36,6 +37,9 @@ DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")
           # weight-only quantized: traced in fp32, then MatMul weights -> MatMulNBits (exporter/quantize.py)
           "int8": (torch.float32, "float32"), "int4": (torch.float32, "float32")}
 QUANTIZED = ("int8", "int4")
+# torch's deprecation notices for the TorchScript exporter (dynamo=False is deliberate, see above)
+QUIET_EXPORT_WARNINGS = ("You are using the legacy TorchScript-based ONNX export",
+                         "The feature will be removed. Please remove usage of this function")
 
 
 def _dummy_inputs(inputs, dtype: torch.dtype, vocab: int):
@@ -75,7 +79,10 @@ def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Pat
 
     args = _dummy_inputs(inputs, DTYPES[dtype_name][0], vocab)
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+        # mute only torch's notices about the legacy exporter itself; a TracerWarning (a value or
+        # shape baked into the graph at trace time) comes through, and tests make it an error
+        for message in QUIET_EXPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
         torch.onnx.export(module, args, str(path), input_names=[t.name for t in inputs],
                           output_names=[t.name for t in outputs],
                           dynamic_axes=_dynamic_axes(inputs + outputs), opset_version=OPSET, dynamo=False,
@@ -118,17 +125,15 @@ def _threshold_table(checkpoint: Checkpoint) -> tuple[float | None, dict[str, li
     row, so switching target on the device keeps the guarantee; a missing scores file is an
     error, never an empty table a device would only discover when it asks for a target.
     """
-    from .calibrate import calibrate_thresholds
+    from .quant_calibrate import policy_thresholds
 
-    policy = checkpoint.config.policy or {}
-    delta = policy.get("delta") if policy.get("kind") == "target" else None
+    policy = checkpoint.config.policy or Policy("target", target=0.95)  # uncalibrated: no delta, margin 0
     try:
         calib = checkpoint.scores("calibration")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot build the per-target threshold table the export ships: {e}") from None
-    margin = policy.get("margin", 0.0) if policy.get("kind") == "target" else 0.0
-    return delta, {target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
-                   for t in TARGETS}
+    return policy.table_delta, {target_key(t): to_json_thresholds(policy_thresholds(calib, policy.at_target(t)))
+                                for t in TARGETS}
 
 
 def _backbone_in(backbone, dtype: torch.dtype):
@@ -265,7 +270,7 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
         dname = DTYPES[precision][1]
         if gated:  # adapter heads share one head graph; full heads get one each
             for k in ([None] if config.head == "adapter" else range(len(config.exits))):
-                hg = HeadGraph(heads, k, with_logits).eval()
+                hg = HeadGraph(heads, k, shape.vocab_size, with_logits).eval()
                 path = tmp / ("head.onnx" if k is None else f"head_{k:02d}.onnx")
                 h_in, h_out = hg.io_specs(dname, shape.hidden_size, shape.vocab_size)
                 h_in = export_graph(hg, h_in, h_out, path, precision, shape.vocab_size)
@@ -309,8 +314,9 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
         manifest = Manifest(
             model=ModelInfo(**dataclasses.asdict(shape), base_model=config.source.model_id, family=bb.family.name),
             tokenizer=tok, segments=tuple(specs),
-            calibration=CalibrationInfo(config.confidence, config.policy, tuple(thresholds), by_target,
-                                        config.calibration.get("heldout", {}), by_target_delta=table_delta),
+            calibration=CalibrationInfo(config.confidence, config.policy.to_dict() if config.policy else {},
+                                        tuple(thresholds), by_target, config.calibration.get("heldout", {}),
+                                        by_target_delta=table_delta),
             precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context},
                                        **({"capacity": {"min": 1, "opt": kv_info.capacity, "max": kv_info.capacity}}
                                           if kv_info.layout == "buffer" else {}),

@@ -96,7 +96,7 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
     config.train = {**(config.train or {}), "exit_min_share": min_share,
                     "pruned_exits": sorted(set((config.train or {}).get("pruned_exits", [])) | set(dropped)),
                     "gates_retrained_after_pruning": gates is not None and bool(splits["train"].num_tokens)}
-    save_checkpoint(ck.path, config, heads, scores, gates)
+    save_checkpoint(ck.path, config, heads, scores, gates, keep_others=True)  # reports/ and the like stay
     return Checkpoint.open(ck.path), list(config.exits)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from runtime.manifest import target_key, to_json_thresholds
+from runtime.policy import Policy
 
 from .calibrate import calibrate_thresholds, report
 from .checkpoint import Checkpoint, CheckpointConfig, score_kind, scores_file
@@ -53,13 +54,15 @@ def quantized_backbone(bb, checkpoint: Checkpoint, scheme: Scheme):
     return qbb, heads, gates, n
 
 
-def _policy_thresholds(calib: ExitScores, policy: dict) -> list[float]:
-    if policy.get("kind") == "budget":
+def policy_thresholds(calib: ExitScores, policy: Policy) -> list[float]:
+    """The thresholds `policy` chooses on `calib`: a target's (at target + margin, or with its
+    delta's guarantee) or a budget's (EERO). Every per-target table row is
+    `policy_thresholds(calib, policy.at_target(t))`, so it keeps the policy's margin and delta."""
+    if policy.kind == "budget":
         from .budget import budget_thresholds
 
-        return [float(t) for t in budget_thresholds(calib, policy["budget"]).thresholds]
-    return calibrate_thresholds(calib, policy.get("target", 0.95), delta=policy.get("delta"),
-                                margin=policy.get("margin", 0.0))
+        return [float(t) for t in budget_thresholds(calib, policy.budget).thresholds]
+    return calibrate_thresholds(calib, policy.target, delta=policy.delta, margin=policy.margin)
 
 
 @torch.no_grad()
@@ -104,12 +107,10 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
             tf = {"teacher_forced_agreement_vs_fp32": float((q_top == f_top).float().mean()),
                   "teacher_forced_tokens": int(q_top.numel())}
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
-    thresholds = _policy_thresholds(calib, config.policy)
-    target = config.policy.get("target")
-    delta = config.policy.get("delta") if config.policy.get("kind") == "target" else None
-    margin = config.policy.get("margin", 0.0) if config.policy.get("kind") == "target" else 0.0
-    by_target = {target_key(t): to_json_thresholds(calibrate_thresholds(calib, t, delta=delta, margin=margin))
-                 for t in targets}
+    policy = config.policy or Policy("target", target=0.95)  # uncalibrated: 0.95, margin 0, no delta
+    thresholds = policy_thresholds(calib, policy)
+    target, delta = policy.target, policy.table_delta
+    by_target = {target_key(t): to_json_thresholds(policy_thresholds(calib, policy.at_target(t))) for t in targets}
     reports = {"calibration": report(calib, thresholds, "calibration", target, delta).to_dict(),
                "heldout": report(held, thresholds, "heldout", target, delta).to_dict()}
     windows = splits["heldout"].ids

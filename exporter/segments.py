@@ -36,8 +36,10 @@ from .heads import ExitHeads, confidence
 TOPK = 64  # logits every head outputs for sampling; recorded in the manifest as topk_values' shape
 
 
-def topk_outputs(logits: torch.Tensor) -> list[torch.Tensor]:
-    values, indices = torch.topk(logits.float(), min(TOPK, logits.shape[-1]), dim=-1)
+def topk_outputs(logits: torch.Tensor, vocab: int) -> list[torch.Tensor]:
+    """The TOPK largest logits and their ids. `vocab` is a Python int: a traced logits.shape[-1]
+    compared with TOPK would bake the comparison into the graph (and raise a TracerWarning)."""
+    values, indices = torch.topk(logits.float(), min(TOPK, vocab), dim=-1)
     return [values, indices]
 
 
@@ -64,6 +66,7 @@ class Segment(nn.Module):
             self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
             self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
         self.family = backbone.family
+        self.vocab = backbone.shape.vocab_size
         self.first, self.end = layers
         self.index = index
         self.is_first = index == 0
@@ -102,7 +105,7 @@ class Segment(nn.Module):
                 logits = self.heads.logits(self.index, last)
             # the last segment has no gate: its confidence is never compared with a threshold
             token, conf = confidence(logits, "top1" if self.confidence_kind == "gate" else self.confidence_kind)
-            outs = [token, conf.float(), *topk_outputs(logits)]
+            outs = [token, conf.float(), *topk_outputs(logits, self.vocab)]
             if self.with_logits:
                 outs.append(logits.float())
         outs.append(tokens_all if self.is_last else hidden)
@@ -181,16 +184,17 @@ class HeadGraph(nn.Module):
     each.
     """
 
-    def __init__(self, heads: ExitHeads, index: int | None, with_logits: bool = False):
+    def __init__(self, heads: ExitHeads, index: int | None, vocab: int, with_logits: bool = False):
         super().__init__()
         self.heads = heads
+        self.vocab = vocab
         self.index = index
         self.with_logits = with_logits
 
     def forward(self, exit_hidden):
         logits = self.heads.head_output(self.index, exit_hidden)
         token, conf = confidence(logits, "top1")
-        outs = (token, conf.float(), *topk_outputs(logits))
+        outs = (token, conf.float(), *topk_outputs(logits, self.vocab))
         return (*outs, logits.float()) if self.with_logits else outs
 
     def io_specs(self, dtype: str, hidden_size: int, vocab: int):

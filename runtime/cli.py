@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # clear one-line errors, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:  # one-line errors, no traceback
         print(f"lama {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `lama generate ... | head`

@@ -130,6 +130,7 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
     import torch
 
     from exporter.checkpoint import CheckpointConfig, save_checkpoint
+    from exporter.data import window_hashes
     from runtime.manifest import to_json_thresholds
     from exporter.heads import ExitHeads
     from exporter.recipes import ModelSource
@@ -154,7 +155,7 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
     text_file = Path(folder) / "text.txt"  # the windows' text and how they were drawn, as `lama train` records them
     text_file.write_text(SAMPLE_TEXT, encoding="utf-8")
     train_record = {"config": {"seq_len": 32, "seed": 0, **{f"{s}_tokens": n for s, n in SCORE_TOKENS.items()}},
-                    "data": [str(text_file)]}
+                    "data": [str(text_file)], "windows_sha256": window_hashes(score_splits(bb))}
     cfg = CheckpointConfig(source=ModelSource(str(model_dir)), exits=list(exits), num_layers=bb.shape.num_layers,
                            train=train_record,
                            head="adapter", rank=4, thresholds=to_json_thresholds(thresholds),
@@ -166,14 +167,20 @@ def make_checkpoint(folder, family: str, exits=(1, 2, 3), thresholds=None, seed:
 SCORE_TOKENS = {"train": 0, "calib": 640, "heldout": 320}  # the windows make_checkpoint scores
 
 
+def score_splits(bb) -> dict:
+    """The windows of SAMPLE_TEXT make_checkpoint draws, as Checkpoint.splits redraws them."""
+    from exporter.data import make_splits
+
+    return make_splits([SAMPLE_TEXT], bb.tokenizer, 32, SCORE_TOKENS)
+
+
 def checkpoint_scores(bb, heads, gates=None) -> dict:
     """Calibration and held-out scores as `lama train` stores them (a few windows of SAMPLE_TEXT):
     an export builds its per-target threshold table from them."""
     from exporter.checkpoint import scores_file
-    from exporter.data import make_splits
     from exporter.train import cache_features, exit_scores, gate_scores
 
-    splits = make_splits([SAMPLE_TEXT], bb.tokenizer, 32, SCORE_TOKENS)
+    splits = score_splits(bb)
     out = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         feats = cache_features(bb, splits[split], heads.exits)

@@ -48,12 +48,16 @@ def test_train_with_auto_exits_keeps_a_consistent_checkpoint(tmp_path):
 
 def test_calibrate_prunes_a_trained_checkpoint_that_still_exports(tmp_path):
     """`lama calibrate --exit-min-share`: the exits that would not fire are dropped from the
-    heads, gates and every score file, the rest recalibrated, and the export has their segments."""
+    heads, gates and every score file, the rest recalibrated, and the export has their segments.
+    What the rewrite does not own (reports/ the benchmarks write into a checkpoint) stays."""
     from conftest import make_checkpoint
 
     from runtime import Runtime
 
     ck, bb = make_checkpoint(tmp_path, "llama", exits=(1, 2, 3), gates=True)
+    (ck / "reports").mkdir()
+    (ck / "reports" / "domains.md").write_text("a report")
+    (ck / "notes.txt").write_text("notes")
     before = read_scores(ck, "calibration", "gate")
     expect = prune_exits(before, 0.6, 0.05)
     assert len(expect) < 3  # random heads: some exit sends out less than 5% at 0.6
@@ -61,6 +65,7 @@ def test_calibrate_prunes_a_trained_checkpoint_that_still_exports(tmp_path):
     c = read_config(ck)
     assert c.exits == [before.exit_layers[i] for i in expect] and len(c.thresholds) == len(c.exits)
     assert c.train["pruned_exits"] == sorted(set(before.exit_layers) - set(c.exits))
+    assert (ck / "reports" / "domains.md").read_text() == "a report" and (ck / "notes.txt").read_text() == "notes"
     for split in ("calibration", "heldout"):
         for kind in ("head", "gate"):
             s = read_scores(ck, split, kind)
@@ -92,6 +97,10 @@ def test_pruning_retrains_gates_when_the_training_windows_are_known(tmp_path):
     ck, bb = make_checkpoint(tmp_path, "llama", exits=(1, 2, 3), gates=True)
     c = read_config(ck)
     c.train["config"].update(train_tokens=640, gate_tokens=320, gate_steps=5)
+    from exporter.data import make_splits, window_hashes  # the windows such a record draws, as train records them
+
+    tokens = {s: c.train["config"][f"{s}_tokens"] for s in ("train", "calib", "heldout")}
+    c.train["windows_sha256"] = window_hashes(make_splits([SAMPLE_TEXT], bb.tokenizer, 32, tokens))
     _rewrite_config(ck, c)
     old = load_gates(ck, bb).state_dict()
     api.calibrate(ck, target=0.6, exit_min_share=0.05, margin=0.0, backbone=bb)

@@ -83,6 +83,25 @@ def test_margin_is_kept_by_the_checkpoint_and_the_table(checkpoint, tmp_path):
     assert m.thresholds_for(0.95) == to_json_thresholds(calibrate_thresholds(calib, 0.98))
     api.calibrate(ckpt, target=0.9)  # keeps the checkpoint's margin
     assert to_json_thresholds(calibrate_thresholds(calib, 0.9, margin=0.03)) == strict
-    assert read_config(ckpt).thresholds == strict and read_config(ckpt).policy["margin"] == 0.03
+    assert read_config(ckpt).thresholds == strict and read_config(ckpt).policy.margin == 0.03
     with pytest.raises(ValueError, match="margin"):
         api.calibrate(ckpt, target=0.9, margin=1.5)
+
+
+def test_a_budget_calibration_keeps_the_margin(checkpoint, tmp_path):
+    """target + margin, then a budget, then a target again: the margin survives the budget (in
+    lama.json, the export's per-target table under the budget policy, the next calibration)."""
+    ckpt, bb = checkpoint
+    calib = read_scores(ckpt)
+    api.calibrate(ckpt, target=0.9, margin=0.03)
+    api.calibrate(ckpt, budget=0.7)
+    policy = read_config(ckpt).policy
+    assert (policy.kind, policy.budget, policy.margin, policy.delta) == ("budget", 0.7, 0.03, None)
+    m = Runtime.load(api.export(ckpt, out=tmp_path / "onnx", backbone=bb)).manifest
+    assert m.calibration.policy["kind"] == "budget" and m.calibration.by_target_delta is None
+    for t in TARGETS:  # each row fitted at t + 0.03, as under the target policy
+        assert m.thresholds_for(t) == to_json_thresholds(calibrate_thresholds(calib, t, margin=0.03))
+    assert m.thresholds_for(0.9) != to_json_thresholds(calibrate_thresholds(calib, 0.9))  # else it could not fail
+    api.calibrate(ckpt, target=0.9)  # names no margin: the checkpoint's 0.03, kept through the budget
+    c = read_config(ckpt)
+    assert c.policy.margin == 0.03 and c.thresholds == to_json_thresholds(calibrate_thresholds(calib, 0.93))

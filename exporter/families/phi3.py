@@ -10,6 +10,8 @@ both sides of `original_max_position_embeddings`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -32,8 +34,10 @@ class Phi3Family(Family):
 
         original = params["original_max_position_embeddings"]
         init = ROPE_INIT_FUNCTIONS["longrope"]
-        short, _ = init(self.config, hidden.device, seq_len=original)
-        long, _ = init(self.config, hidden.device, seq_len=original + 1)
+        with warnings.catch_warnings():  # both tables are meant to be graph constants (a TracerWarning says so)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            short, _ = init(self.config, hidden.device, seq_len=original)
+            long, _ = init(self.config, hidden.device, seq_len=original + 1)
         pos = position_ids[:, None, :].float()
         use_long = position_ids.max() + 1 > original
         inv = torch.where(use_long, long, short)  # (head_dim / 2,)
