@@ -51,12 +51,17 @@ class StepStats:
     calls: int = 0  # graph calls
     seconds: float = 0.0
     full_tokens: dict[int, int] = field(default_factory=dict)  # position -> the full model's next token
+    steps: int = 0  # decoding steps (one per step() call made by generation)
+    drafted: dict[str, int] = field(default_factory=dict)  # draft source -> tokens it proposed (exact mode)
 
     def add(self, other: "StepStats") -> None:
         self.layer_positions += other.layer_positions
         self.fill_positions += other.fill_positions
         self.calls += other.calls
         self.seconds += other.seconds
+        self.steps += other.steps
+        for k, v in other.drafted.items():
+            self.drafted[k] = self.drafted.get(k, 0) + v
 
 
 class Chain:

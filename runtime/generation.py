@@ -6,6 +6,12 @@ Exact mode (defer, greedy): the last segment's token for every position it runs 
 tokens that left early; on a mismatch the caches roll back to that position and generation
 continues from the full model's token, so the output is the full model's greedy output. A
 token is shown once it is final: at once without exact mode, once checked with it.
+
+Exact mode also decodes several tokens per call: when a drafter (runtime/drafting.py) proposes
+the next tokens, the step feeds them after the current one through the whole chain; the same
+check keeps the longest prefix the full model agrees with, plus the full model's token after
+it, and the cache rolls back over the rest. Early-exit tokens are drafts too (checked once
+their deferred positions run deep), so every source is verified the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 
 from .chain import StepStats
 from .detokenize import IncrementalDecoder
+from .drafting import make_drafters
 from .kv_cache import KVCache
 from .manifest import ManifestError
 from .prefix_cache import KeptSequence
@@ -28,6 +35,11 @@ from .stopping import Stopping
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+# Tokens drafted per step at most. A wrong draft costs its positions in the verifying call (~5%
+# of a step each for SmolLM2 on 2 CPU threads), a right one saves a whole step; the cap also
+# keeps a call within the export's decode profile (max_pending + 1 positions).
+DEFAULT_DRAFT_TOKENS = 6
 
 
 @dataclass
@@ -42,6 +54,8 @@ class GenerationRun:
     exact: bool = False  # verify early tokens with the last segment (defer, greedy)
     eos: frozenset = frozenset()  # exact mode verifies these before stopping
     stop: str | None = None
+    drafters: list = field(default_factory=list)  # exact mode: draft sources, tried in order
+    draft_tokens: int = 0  # most tokens drafted per step
 
 
 @dataclass
@@ -55,6 +69,7 @@ class _Token:
     work: StepStats = field(default_factory=StepStats)  # the work of its step (and carried work)
     rollbacks: int = 0
     owed: int = 0  # layer-positions deferred work still needs once it is shown
+    source: str = "model"  # "model": a segment's head chose it; else the draft source that proposed it
 
 
 def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
@@ -67,6 +82,13 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
                               options.pop("max_time", None), options.pop("cancel", None))
     reuse = bool(options.pop("reuse_cache", False))
     exact = bool(options.pop("exact", False))
+    drafts = options.pop("drafts", None)
+    draft_tokens = options.pop("draft_tokens", DEFAULT_DRAFT_TOKENS)
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) or draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be an integer >= 0, got {draft_tokens!r}")
+    drafters = make_drafters(drafts) if exact else []
+    if drafts not in (None, "none", False) and not exact:
+        raise ValueError("drafts are verified by the full model in exact mode only: pass exact=True")
     if "stream" in options:
         raise TypeError("generate() always returns a GenerationResult: use Runtime.stream(...) for records")
     try:
@@ -89,7 +111,8 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
             raise ManifestError("exact mode needs the last segment's per-position tokens (output 'tokens_all'), "
                                 "which this export lacks: re-export it")
     run = GenerationRun(ids.tolist(), stopping, Sampler(params), rt.resolve_thresholds(thresholds), exact=exact,
-                        eos=frozenset(rt.manifest.tokenizer.eos_ids if stop_at_eos else ()))
+                        eos=frozenset(rt.manifest.tokenizer.eos_ids if stop_at_eos else ()),
+                        drafters=drafters, draft_tokens=min(int(draft_tokens), rt.max_pending))
 
     def finish(records: list[TokenRecord]) -> GenerationResult:
         text = rt.tokenizer.decode([r.token for r in records])
@@ -108,6 +131,7 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
     would end). Each carries the work of its step (and of discarded tokens and flushes)."""
     sampler, p, exact = run.sampler, cache.position + len(x), run.exact
     last, n_layers = len(rt.manifest.segments) - 1, rt.manifest.model.num_layers
+    never = [float("inf")] * len(run.thresholds)  # a drafting step runs the whole chain: it verifies
     made: list[_Token] = []  # one per token so far; token i sits at position p + i
     verified, shown = 0, 0
     carry = StepStats()  # work of discarded tokens and flushes, for the next record
@@ -119,10 +143,17 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
         if done:  # exact: what is left unverified runs deep now
             rt.flush(cache, stats)
         else:
-            token, j, conf, logits = rt.step(x, cache, run.thresholds, want_logits=not sampler.greedy,
-                                               stats=stats)
+            source, drafts = _draft(rt, cache, x, history, n - len(made) - 1, run)
+            thresholds = run.thresholds if not drafts else never
+            token, j, conf, logits = rt.step(np.concatenate([x, np.asarray(drafts, dtype=np.int64)]), cache,
+                                               thresholds, want_logits=not sampler.greedy, stats=stats)
+            stats.steps += 1
             if not sampler.greedy:
                 token = sampler.pick(logits[0], history)
+            if drafts:  # checked below against the full model's tokens at their positions
+                stats.drafted[source] = len(drafts)
+                made += [_Token(d, last, n_layers, float("nan"), source=source) for d in drafts]
+                history += drafts
             made.append(_Token(token, j, rt.manifest.segments[j].layers[1], conf))
             history.append(token)
             x = np.array([token], dtype=np.int64)
@@ -137,7 +168,8 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
                 if made[i].token != full:  # roll back to that position, continue from the model's token
                     for r in made[i:]:
                         carry.add(r.work)
-                    rollbacks = 1 + sum(r.rollbacks for r in made[i:])
+                    # a wrong early exit is a rollback; a rejected draft is the expected price of drafting
+                    rollbacks = (made[i].source == "model") + sum(r.rollbacks for r in made[i:])
                     del made[i:]
                     del history[p + i:]
                     cache.truncate(p + i)
@@ -157,6 +189,22 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
             made[shown].owed = owed
             shown += 1
             yield made[shown - 1]
+
+
+def _draft(rt: "Runtime", cache: KVCache, x: np.ndarray, history: list[int], wanted: int,
+           run: GenerationRun) -> tuple[str, list[int]]:
+    """(source, tokens) to feed after x this step: the first drafter that proposes, at most
+    `wanted` tokens (those still to make after this step's own), within the context, and
+    within one decode call's positions (pending ones included)."""
+    room = min(run.draft_tokens, wanted, rt.max_context - cache.position - len(x),
+               rt.max_pending - sum(cache.pending_counts()))
+    if room <= 0 or not run.drafters:
+        return "", []
+    for drafter in run.drafters:
+        tokens = drafter.propose(history, room)
+        if tokens:
+            return drafter.name, tokens
+    return "", []
 
 
 def _records(rt: "Runtime", ids: np.ndarray, max_new_tokens: int, reuse: bool,
@@ -191,7 +239,7 @@ def _records(rt: "Runtime", ids: np.ndarray, max_new_tokens: int, reuse: bool,
             w = r.work
             yield TokenRecord(token, r.segment, r.exit_layer, r.confidence, w.seconds,
                               text[shown:max(shown, end)], run.stop, w.layer_positions, w.fill_positions,
-                              w.calls, r.owed, r.rollbacks)
+                              w.calls, r.owed, r.rollbacks, r.source, w.steps, dict(w.drafted))
             shown = max(shown, end)
             if run.stop:
                 return

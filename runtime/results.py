@@ -12,7 +12,7 @@ the work it still owes at that point (positions deferred but not yet run deep).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,9 @@ class TokenRecord:
     calls: int = 0  # graph calls of this token's step(s): segments, heads, K/V fills
     owed_layer_positions: int = 0  # deferred work still waiting after this token (defer)
     rollbacks: int = 0  # exact mode: wrong early tokens discarded before this one was verified
+    source: str = "model"  # "model": a segment's head chose it; else the draft source whose guess was accepted
+    steps: int = 0  # decoding steps of this token's record (0 for an accepted draft: its step is the next token's)
+    drafted: dict[str, int] = field(default_factory=dict)  # tokens drafted per source in those steps
 
 
 def percentile(values, q: float) -> float:
@@ -91,6 +94,20 @@ class GenerationResult:
                 "calls_per_token": sum(r.calls for r in self.records) / n if n else float("nan"),
                 "rollbacks": sum(r.rollbacks for r in self.records)}
 
+    def drafts(self) -> dict:
+        """Exact mode's multi-token decoding: per draft source, tokens proposed and accepted,
+        and the mean tokens each decoding step made (1.0 without drafts)."""
+        drafted: dict[str, int] = {}
+        for r in self.records:
+            for k, v in r.drafted.items():
+                drafted[k] = drafted.get(k, 0) + v
+        sources = {k: {"drafted": v, "accepted": sum(r.source == k for r in self.records)} for k, v in drafted.items()}
+        for v in sources.values():
+            v["acceptance"] = v["accepted"] / v["drafted"] if v["drafted"] else float("nan")
+        steps = sum(r.steps for r in self.records)
+        return {"sources": sources, "steps": steps,
+                "tokens_per_step": len(self.records) / steps if steps else float("nan")}
+
     def exit_histogram(self) -> dict[int, int]:
         hist: dict[int, int] = {}
         for r in self.records:
@@ -103,6 +120,10 @@ class GenerationResult:
         owed = f" (+{w['owed']} owed by deferred positions)" if w["owed"] else ""
         fill = f", K/V fills {w['fill_positions']}" if w["fill_positions"] else ""
         rb = f", {w['rollbacks']} rollbacks" if w["rollbacks"] else ""
+        d = self.drafts()
+        if d["sources"]:
+            per = ", ".join(f"{k} {v['accepted']}/{v['drafted']}" for k, v in d["sources"].items())
+            rb += f"; {d['tokens_per_step']:.2f} tokens per step (drafts accepted: {per})"
         return (f"{len(self.tokens)} tokens, {self.tokens_per_second:.1f} tokens/s, "
                 f"first token {self.first_token_seconds * 1e3:.1f} ms, "
                 f"latency p50/p95/max {lat['p50'] * 1e3:.1f}/{lat['p95'] * 1e3:.1f}/{lat['max'] * 1e3:.1f} ms; "
@@ -120,10 +141,15 @@ class GenerationResult:
                 "work": {k: _finite(v) for k, v in self.work().items()},
                 "latency_seconds": {k: _finite(v) for k, v in self.latency().items()},
                 "exits": {str(k): v for k, v in self.exit_histogram().items()},
+                "drafts": {"sources": {k: {kk: _finite(vv) for kk, vv in v.items()}
+                                       for k, v in self.drafts()["sources"].items()},
+                           "steps": self.drafts()["steps"],
+                           "tokens_per_step": _finite(self.drafts()["tokens_per_step"])},
                 "records": [{"token": r.token, "text": r.text, "segment": r.segment, "exit_layer": r.exit_layer,
                              "confidence": r.confidence, "seconds": r.seconds,
                              "layer_positions": r.layer_positions, "fill_positions": r.fill_positions,
-                             "calls": r.calls, "rollbacks": r.rollbacks} for r in self.records]}
+                             "calls": r.calls, "rollbacks": r.rollbacks, "source": r.source, "steps": r.steps,
+                             "drafted": r.drafted} for r in self.records]}
 
 
 def _finite(x: float) -> float | None:

@@ -1,0 +1,135 @@
+"""Exact multi-token decoding: drafts fed after the current token, verified by the whole chain
+in one call, the longest agreeing prefix kept and the KV cache rolled back over the rest. The
+output must be the full model's greedy output whatever the drafts are, in both KV layouts,
+with early exits on or off, and up to the end of the context window."""
+
+import numpy as np
+import pytest
+from conftest import make_checkpoint
+
+from exporter import api
+from runtime import Runtime
+from runtime.drafting import PromptLookup, make_drafters
+
+CAPACITY = 64
+PROMPT = "It is a truth universally acknowledged"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """One tiny Llama checkpoint (exits after layers 1, 2, 3) in both KV layouts."""
+    d = tmp_path_factory.mktemp("drafting")
+    ckpt, bb = make_checkpoint(d, "llama_hd16")
+    return {"concat": api.export(ckpt, out=d / "concat", kv="concat", backbone=bb),
+            "buffer": api.export(ckpt, out=d / "buffer", kv="buffer", kv_capacity=CAPACITY, backbone=bb)}
+
+
+class Scripted:
+    """Drafts from a known continuation: right for the first `right` tokens of each proposal,
+    then wrong (a different token id), so acceptance is exactly controlled."""
+
+    def __init__(self, sequence, right, vocab, name="scripted"):
+        self.sequence, self.right, self.vocab, self.name = list(sequence), right, vocab, name
+        self.proposed = 0
+
+    def propose(self, history, k):
+        pos = len(history)
+        truth = self.sequence[pos:pos + k]
+        right = self.right(k) if callable(self.right) else self.right
+        out = [t if i < right else (t + 1) % self.vocab for i, t in enumerate(truth)]
+        self.proposed += len(out)
+        return out
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    d = PromptLookup(max_ngram=3, min_ngram=2)
+    assert d.propose([5, 6, 7, 8, 9, 1, 5, 6, 7], 3) == [8, 9, 1]  # 3-gram 5 6 7 seen at 0
+    assert d.propose([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # latest match of "1 2" wins
+    assert d.propose([1, 2, 3, 4], 5) == []  # nothing repeats
+    assert d.propose([1, 2, 9, 9, 1, 2], 10) == [9, 9, 1, 2]  # never past the end of the history
+    assert d.propose([3, 3], 2) == []  # below min_ngram
+    assert PromptLookup(min_ngram=1).propose([4, 7, 4], 2) == [7, 4]
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookup(max_ngram=1, min_ngram=2)
+
+
+def test_make_drafters_names_and_errors():
+    assert [d.name for d in make_drafters(None)] == ["lookup"]
+    assert make_drafters("none") == [] and make_drafters([]) == []
+    with pytest.raises(ValueError, match="unknown draft source"):
+        make_drafters("medusa-typo")
+    with pytest.raises(TypeError, match="propose"):
+        make_drafters([object()])
+
+
+@pytest.mark.parametrize("layout", ["concat", "buffer"])
+@pytest.mark.parametrize("right", ["all", "none", "mixed"])
+@pytest.mark.parametrize("exits", ["never", "all-early"])
+def test_drafts_verified_exactly(exports, layout, right, exits):
+    rt = Runtime.load(exports[layout])
+    vocab = rt.manifest.model.vocab_size
+    full = rt.generate(PROMPT, 20, thresholds="never", stop_at_eos=False)
+    sequence = list(full.prompt_tokens) + list(full.tokens)
+    rng = np.random.default_rng(0)
+    rule = {"all": 99, "none": 0, "mixed": lambda k: int(rng.integers(0, k + 1))}[right]
+    drafter = Scripted(sequence, rule, vocab)
+    thresholds = "never" if exits == "never" else [0.0] * len(rt.manifest.exits)
+    res = rt.generate(PROMPT, 20, thresholds=thresholds, stop_at_eos=False, exact=True, drafts=[drafter])
+    assert res.tokens == full.tokens
+    d = res.drafts()
+    assert drafter.proposed > 0 and d["sources"]["scripted"]["drafted"] == drafter.proposed
+    accepted = d["sources"]["scripted"]["accepted"]
+    if right == "all" and exits == "never":
+        # every draft right: each step makes its drafts plus the full model's next token
+        assert accepted == d["sources"]["scripted"]["drafted"] and d["tokens_per_step"] > 2
+    if right == "none":
+        assert accepted == 0
+    # the cache it hands back is the full model's for exactly those tokens
+    kept = rt.kept.cache
+    ref = rt.new_cache()
+    rt.step(np.array(list(full.prompt_tokens) + list(full.tokens[:-1])), ref, [float("inf")] * len(rt.manifest.exits))
+    rt.flush(kept)
+    assert kept.position == ref.position
+    for a, b in zip(kept.segments, ref.segments):
+        assert a.length == b.length
+        for x, y in zip(a.keys + a.values, b.keys + b.values):
+            x, y = np.asarray(x)[:, :, :a.length], np.asarray(y)[:, :, :b.length]
+            assert np.abs(x - y).max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["concat", "buffer"])
+def test_prompt_lookup_is_exact_and_reports_per_source(exports, layout):
+    rt = Runtime.load(exports[layout])
+    prompt = "abc abc abc abc abc abc abc"  # a loop the lookup can copy
+    full = rt.generate(prompt, 16, thresholds="never", stop_at_eos=False)
+    res = rt.generate(prompt, 16, stop_at_eos=False, exact=True)  # every source the export holds
+    assert res.tokens == full.tokens
+    lookup = res.drafts()["sources"]["lookup"]
+    assert lookup["drafted"] > 0 and 0 <= lookup["accepted"] <= lookup["drafted"]
+    assert "tokens per step" in res.summary() and res.to_dict()["drafts"]["sources"]["lookup"]["drafted"] > 0
+    # the steps counted are the calls that made tokens: fewer than tokens once a draft is accepted
+    assert res.drafts()["steps"] == len(res.tokens) - lookup["accepted"]
+    off = rt.generate(prompt, 16, stop_at_eos=False, exact=True, drafts="none")
+    assert off.tokens == full.tokens and off.drafts()["sources"] == {}
+
+
+def test_drafts_up_to_the_end_of_the_kv_buffer(exports):
+    """Drafts never run past the buffer: generation ends at its capacity with the full model's tokens."""
+    rt = Runtime.load(exports["buffer"])
+    full = rt.generate(PROMPT, 100, thresholds="never", stop_at_eos=False)
+    assert full.stop_reason == "context"
+    sequence = list(full.prompt_tokens) + list(full.tokens)
+    res = rt.generate(PROMPT, 100, thresholds="never", stop_at_eos=False, exact=True,
+                      drafts=[Scripted(sequence, 99, rt.manifest.model.vocab_size)])
+    assert res.tokens == full.tokens and res.stop_reason == "context"
+    assert len(full.prompt_tokens) + len(res.tokens) == CAPACITY
+
+
+def test_draft_options_are_checked(exports):
+    rt = Runtime.load(exports["concat"])
+    with pytest.raises(ValueError, match="exact"):
+        rt.generate(PROMPT, 4, drafts="lookup")
+    with pytest.raises(ValueError, match="draft_tokens"):
+        rt.generate(PROMPT, 4, exact=True, draft_tokens=-1)
+    res = rt.generate(PROMPT, 8, exact=True, draft_tokens=0, stop_at_eos=False)
+    assert res.drafts()["sources"] == {}
