@@ -1,5 +1,6 @@
 """The exported segment chain against the PyTorch model, KV-cache policies, and bad inputs."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -130,10 +131,47 @@ def test_threshold_zero_exits_first_and_never_is_full(exported):
     assert rf.mean_layers == rt.manifest.model.num_layers
 
 
-def test_runtime_imports_without_torch():
-    code = ("import sys, runtime; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+TORCH_FREE = """
+import importlib.abc, json, sys
+
+class Refuse(importlib.abc.MetaPathFinder):  # any import of these fails loudly, wherever it is made
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"the runtime imported {name}")
+
+sys.meta_path.insert(0, Refuse())
+from runtime import Runtime
+from runtime.inspect_export import describe
+
+folder, template = sys.argv[1], sys.argv[2]
+rt = Runtime.load(folder, chat_template=template)
+out = {"greedy": list(rt.generate("It is a truth", 6, thresholds=[0.1] * len(rt.manifest.exits)).tokens),
+       "exact": list(rt.generate("It is a truth", 6, thresholds=[0.1] * len(rt.manifest.exits), exact=True).tokens),
+       "sampled": list(rt.generate("It is a truth", 6, temperature=0.8, top_p=0.9, seed=1).tokens),
+       "stream": [r.token for r in rt.stream("It is a truth", 6)],
+       "chat": list(rt.chat([{"role": "user", "content": "Hello"}], 4).tokens),
+       "fill": list(Runtime.load(folder, kv_policy="fill").generate("It is a truth", 6).tokens),
+       "inspect": describe(folder)["model"]["layers"]}
+out["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+print(json.dumps(out))
+"""
+
+
+def test_runtime_runs_without_torch(exported):
+    """In a fresh process: load an export and generate (greedy, exact, sampled, streamed, chat,
+    fill policy, inspect) with torch and transformers made unimportable; neither gets loaded."""
+    from conftest import SMOLLM2_CHAT_TEMPLATE
+
+    folder, _ = exported["llama"]
+    run = subprocess.run([sys.executable, "-c", TORCH_FREE, str(folder), str(SMOLLM2_CHAT_TEMPLATE)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == []
+    assert all(len(out[k]) == 6 for k in ("greedy", "exact", "sampled", "stream", "fill")) and len(out["chat"]) == 4
+    rt = Runtime.load(folder)  # and the tokens are this process's
+    assert out["greedy"] == list(rt.generate("It is a truth", 6, thresholds=[0.1] * len(rt.manifest.exits)).tokens)
+    assert out["stream"] == list(rt.generate("It is a truth", 6).tokens)
 
 
 def test_thread_pools_give_the_same_tokens(exported):
@@ -284,7 +322,9 @@ def test_stream_and_cli_print_complete_characters(exported, monkeypatch, capsys)
     stories = Tokenizer.from_file(str(next((HF_CACHE / "models--karpathy--stories260K").glob("snapshots/*/tokenizer.json"))))
     ids = stories.encode(MULTIBYTE, add_special_tokens=False).ids
     rt = Runtime.load(exported["llama"][0])
-    rt.tokenizer = stories
+    rt.tokenizer = stories  # and its vocabulary, which the prompt's ids are checked against
+    rt.manifest = dataclasses.replace(rt.manifest, model=dataclasses.replace(rt.manifest.model,
+                                                                             vocab_size=stories.get_vocab_size()))
 
     def scripted(x, cache, thresholds, want_logits=False, stats=None):
         scripted.n += 1

@@ -659,15 +659,37 @@ def test_device_buffers_are_released(fake_gpu):
     assert set(cudart.live) == set()
 
 
-def test_gpu_bench_runs(onnx_export, fake_gpu, tmp_path):
-    """The GPU benchmark script end to end (with the fakes standing in for TensorRT)."""
+def test_gpu_bench_runs(onnx_export, fake_gpu, tmp_path, monkeypatch):
+    """The GPU benchmark script end to end, with the fakes standing in for TensorRT.
+
+    The fake engine runs the same ONNX graphs as onnxruntime, so the report's token parity
+    with ort-cpu checks the TensorRT backend's plumbing (engines, profiles, device buffers,
+    the KV kept on or copied off the device), not TensorRT's numerics (those need a GPU: the
+    `gpu` tests below). What is checked here is that the TensorRT columns really ran through
+    `TensorRTBackend` with the KV where each variant says, on 6 tokens per prompt, and that
+    the parity field can report a divergence. Speeds are not checked: the fakes' are meaningless."""
     import importlib.util
     from pathlib import Path
 
+    _, cudart = fake_gpu
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
     spec = importlib.util.spec_from_file_location("gpu_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    runs, real_bench = [], bench.bench
+
+    def spied(rt, *args, **kwargs):  # per backend variant: its backends and the bytes it moved to the host
+        calls, real_run = [], tb.TensorRTBackend.run
+        monkeypatch.setattr(tb.TensorRTBackend, "run", lambda self, *a, **k: calls.append(1) or real_run(self, *a, **k))
+        got = cudart.to_host_bytes
+        out = real_bench(rt, *args, **kwargs)
+        monkeypatch.setattr(tb.TensorRTBackend, "run", real_run)
+        runs.append({"kinds": {type(b).__name__ for b in rt.backends}, "device_kv": bool(rt.backends[0].device_outputs)
+                     if isinstance(rt.backends[0], tb.TensorRTBackend) else None,
+                     "trt_calls": len(calls), "to_host": cudart.to_host_bytes - got})
+        return out
+
+    monkeypatch.setattr(bench, "bench", spied)
     out = tmp_path / "bench.json"
     assert bench.main([str(onnx_export[0]), "--tokens", "6", "--repeat", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -675,10 +697,20 @@ def test_gpu_bench_runs(onnx_export, fake_gpu, tmp_path):
     for backend in ("ort-cpu", "tensorrt", "tensorrt-host-kv"):
         for mode in ("full", "target"):
             run = report["runs"][backend][mode]
-            assert run["tokens_per_s"] > 0
+            assert all(len(tokens) == 6 for tokens in run["tokens"].values())  # parity is over real tokens
             assert all(v["identical"] for v in run["parity_vs_ort_cpu"].values())
+    # 2 modes per backend: ort-cpu ran on onnxruntime only; both TensorRT variants on TensorRTBackend
+    ort, device_kv, host_kv = runs[0:2], runs[2:4], runs[4:6]
+    assert all(r["kinds"] == {"OnnxRuntimeBackend"} and r["trt_calls"] == 0 for r in ort)
+    assert all(r["kinds"] == {"TensorRTBackend"} and r["trt_calls"] >= 6 * len(bench.PROMPTS) for r in device_kv + host_kv)
+    assert [r["device_kv"] for r in device_kv + host_kv] == [True, True, False, False]
+    for d, h in zip(device_kv, host_kv):  # the host-kv variant really copies the cache back every call
+        assert h["to_host"] > 5 * d["to_host"]
     assert "ort-cuda" in report["skipped"] or "ort-cuda" in report["runs"]
     assert not any(onnx_export[0].glob("*.engine"))  # built in a copy
+    # the parity field reports where tokens diverge
+    assert bench.parity([1, 2, 3], [1, 2, 4]) == {"identical": False, "first_divergence": 2}
+    assert bench.parity([1, 2, 3], [1, 2]) == {"identical": False, "first_divergence": 2}
 
 
 # -- onnxruntime GPU providers ------------------------------------------------------------------
@@ -757,12 +789,22 @@ def test_gpu_tensorrt_tokens_match_onnxruntime_cpu(real_engines):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_tensorrt_tokens_per_second(real_engines, capsys):
+def test_gpu_tensorrt_generation(real_engines, capsys):
+    """64 tokens on real engines: every segment runs on TensorRTBackend with the KV cache left
+    on the GPU, the tokens are onnxruntime-CPU's, and exact mode (which cuts the cache on the
+    device) gives the full model's greedy tokens. The speed is printed, not asserted."""
+    ref = Runtime.load(real_engines)
     rt = Runtime.load(real_engines, providers="tensorrt")
+    assert all(isinstance(b, tb.TensorRTBackend) for b in rt.backends)
     rt.generate(PROMPT, 4)  # warm up
     t0 = time.perf_counter()
     r = rt.generate(PROMPT, 64, thresholds="never", stop_at_eos=False)
-    assert len(r.tokens) == 64 and r.tokens_per_second > 0
+    seconds = time.perf_counter() - t0
+    assert r.tokens == ref.generate(PROMPT, 64, thresholds="never", stop_at_eos=False).tokens
+    cache = rt.kept.cache
+    assert all(isinstance(a, tb.DeviceArray) for st in cache.segments for a in st.keys + st.values)
+    exact = rt.generate(PROMPT, 32, thresholds=MIXED, exact=True, stop_at_eos=False)
+    assert exact.tokens == r.tokens[:32]
     with capsys.disabled():
-        print(f"\nTensorRT full chain: {r.tokens_per_second:.1f} tokens/s "
-              f"({time.perf_counter() - t0:.2f} s for 64 tokens)")
+        print(f"\nTensorRT full chain: {r.tokens_per_second:.1f} tokens/s ({seconds:.2f} s for 64 tokens); "
+              f"exact mode with {sum(x.rollbacks for x in exact.records)} rollbacks")
