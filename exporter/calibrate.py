@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .guarantee import guarantee_thresholds
-from .scores import NEVER, ExitScores, simulate
+from .scores import NEVER, ExitScores, NonFiniteError, simulate
 
 
 def check_target(target: float, delta: float | None = None, margin: float = 0.0) -> None:
@@ -59,7 +59,7 @@ def calibrate_thresholds(scores: ExitScores, target: float, *, delta: float | No
     """
     check_target(target, delta, margin)
     if delta is not None:
-        return guarantee_thresholds(scores, target, delta)
+        return check_thresholds(guarantee_thresholds(scores, target, delta), scores.exit_layers)
     target = min(1.0, target + margin)
     remaining = np.ones(scores.num_tokens, dtype=bool)
     thresholds: list[float] = []
@@ -68,6 +68,16 @@ def calibrate_thresholds(scores: ExitScores, target: float, *, delta: float | No
         t = _exit_threshold(conf, agree, target)
         thresholds.append(t)
         remaining &= ~(scores.confidence[:, k] >= t)
+    return check_thresholds(thresholds, scores.exit_layers)
+
+
+def check_thresholds(thresholds: list[float], exit_layers: list[int]) -> list[float]:
+    """`thresholds`, unless one is NaN or -inf (+inf = NEVER, the exit is off): NonFiniteError.
+    ExitScores already refuses non-finite confidences; this guards what is derived from them."""
+    for layer, t in zip(exit_layers, thresholds):
+        if np.isnan(t) or t == -np.inf:
+            raise NonFiniteError(f"exit after layer {layer}: calibrated threshold {t} (only finite values or "
+                                 "+inf for 'never' are valid); no thresholds written")
     return thresholds
 
 

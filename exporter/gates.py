@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .scores import NonFiniteError
+
 FEATURES = ("hidden", "move", "shortlist", "position")
 N_SCALARS = {"hidden": 0, "move": 3, "shortlist": 3, "position": 1}
 
@@ -195,14 +197,22 @@ def train_gates(gates: ExitGates, backbone, heads, features, agree: np.ndarray, 
     target = torch.from_numpy(agree.astype(np.float32)).to(device)
     losses = []
     gates.train()
-    for _ in tqdm(range(steps), desc="training exit gates", unit="step", leave=False):
+    for step in tqdm(range(steps), desc="training exit gates", unit="step", leave=False):
         pick = np.sort(rng.integers(0, len(rows), min(batch, len(rows))))
         loss = 0.0
+        per_exit = []
         for k in range(len(gates.gates)):
             with torch.no_grad():
                 inp = gates.inputs(k, backbone, heads, features, rows[pick], device)
-            loss = loss + F.binary_cross_entropy_with_logits(gates.logit(k, *inp), target[pick, k])
+            per_exit.append(F.binary_cross_entropy_with_logits(gates.logit(k, *inp), target[pick, k]))
+            loss = loss + per_exit[-1]
         loss = loss / len(gates.gates)
+        if not torch.isfinite(loss):  # before the step, which would spread it to every weight
+            k = next(i for i, v in enumerate(per_exit) if not torch.isfinite(v))
+            value = float(per_exit[k].detach())
+            raise NonFiniteError(f"exit gate after layer {heads.exits[k]}: training loss {value:.4g} at "
+                                 f"step {step + 1} of {steps} (non-finite gate inputs, or training diverged: try a "
+                                 "lower gate learning rate). Stopped before writing a checkpoint.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -28,6 +28,11 @@ KV_POLICIES = ("fill", "defer")
 NEVER = float("inf")  # threshold that disables an exit (confidences are finite)
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss, score or threshold: training, gate fitting and calibration stop at
+    the first one (naming the exit and the step) rather than write a checkpoint from it."""
+
+
 @dataclass
 class ExitScores:
     """Evidence for choosing thresholds.
@@ -67,6 +72,12 @@ class ExitScores:
                 raise ValueError(f"domain must have one entry per token, got {self.domain.shape}")
         if len(self.exit_layers) != self.confidence.shape[1]:
             raise ValueError(f"{len(self.exit_layers)} exit layers for {self.confidence.shape[1]} exits")
+        bad = ~np.isfinite(self.confidence)
+        if bad.any():
+            t, k = np.argwhere(bad)[0]
+            raise NonFiniteError(f"exit after layer {self.exit_layers[k]}: confidence {self.confidence[t, k]} for "
+                                 f"token {t} (window {self.sequence[t]}); {int(bad[:, k].sum())} of "
+                                 f"{self.num_tokens} of its scores are not finite (NaN heads or gates?)")
 
     @property
     def num_tokens(self) -> int:

@@ -31,7 +31,7 @@ from .cache import Features, cache_features  # noqa: F401  (re-exported: callers
 from .distill import HardPool, Negatives, duplicate_mask, topk_loss
 from .heads import ExitHeads, confidence
 from .recipes import TrainConfig
-from .scores import ExitScores
+from .scores import ExitScores, NonFiniteError
 
 LOSSES = ("kl", "ce", "kl+ce")
 TARGETS = ("topk", "full")
@@ -100,7 +100,7 @@ def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: T
         idx = np.sort(rows[rng.integers(0, len(rows), min(cfg.batch_tokens, len(rows)))])
         hid = [features.hidden(k, idx, dev) for k in range(len(heads.exits))]
         if cfg.targets == "full":
-            loss = _full_vocab_loss(backbone, heads, features, idx, hid, cfg.loss, dev)
+            per_exit = _full_vocab_loss(backbone, heads, features, idx, hid, cfg.loss, dev)
         else:
             top_idx = torch.from_numpy(np.asarray(features.top_idx[idx], dtype=np.int64)).to(dev)
             top_logp = torch.from_numpy(np.asarray(features.top_logp[idx], dtype=np.float32)).to(dev)
@@ -108,17 +108,20 @@ def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: T
             neg = Negatives.draw(vocab, top_idx.shape[1], cfg.negatives, torch.cat([top_idx[:, 0].cpu(), pool.tensor()]),
                                  gen, dev)
             dup = duplicate_mask(top_idx, neg)
-            loss = torch.zeros((), device=dev)
             shared = None
             if heads.kind == "adapter":  # one frozen matrix for every exit: gather its rows once
                 w = heads.vocab_matrix(0)[0]
                 shared = (w[top_idx], w[neg.idx])
+            per_exit = []
             for k in range(len(heads.exits)):
                 w, b = heads.vocab_matrix(k)
-                loss = loss + topk_loss(heads.vocab_input(k, hid[k]), w, b, top_idx, top_logp, tail, neg, dup,
-                                        cfg.loss, shared)
+                per_exit.append(topk_loss(heads.vocab_input(k, hid[k]), w, b, top_idx, top_logp, tail, neg, dup,
+                                          cfg.loss, shared))
             if cfg.check_every and step % cfg.check_every == 0:
                 checks.append(_full_vocab_check(heads, hid, top_idx[:, 0], pool, cfg.check_rows))
+        loss = sum(per_exit[1:], per_exit[0])  # summed in exit order, as before
+        if not torch.isfinite(loss):  # before the step: a NaN would spread to every parameter it touches
+            raise _non_finite_loss(heads, hid, per_exit, step, cfg.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,19 +138,37 @@ def train_heads(backbone: Backbone, heads: ExitHeads, features: Features, cfg: T
                        check_agreement=[round(c, 4) for c in checks])
 
 
-def _full_vocab_loss(backbone, heads, features, idx, hid, loss_kind, dev) -> torch.Tensor:
+def _non_finite_loss(heads: ExitHeads, hid: list[torch.Tensor], per_exit: list[torch.Tensor], step: int,
+                     steps: int) -> NonFiniteError:
+    """The error for a step whose loss is not finite: the first such exit, and a likely cause."""
+    k = next(i for i, v in enumerate(per_exit) if not torch.isfinite(v))
+    if not torch.isfinite(hid[k]).all():
+        why = ("its cached hidden states are not finite: the feature cache holds inf/NaN "
+               "(exporter/cache.py checks new caches; was this one written another way?)")
+    elif any(not torch.isfinite(p).all() for p in heads.heads[k].parameters()):
+        why = "its head's weights are no longer finite: training diverged (try a lower --lr)"
+    else:
+        why = "its inputs and weights are finite: the loss itself overflowed (try a lower --lr)"
+    return NonFiniteError(f"exit after layer {heads.exits[k]}: training loss {float(per_exit[k].detach()):.4g} at step "
+                          f"{step + 1} of {steps}; {why}. Stopped before writing a checkpoint.")
+
+
+def _full_vocab_loss(backbone, heads, features, idx, hid, loss_kind, dev) -> list[torch.Tensor]:
+    """Per exit, the loss against the full vocabulary's distribution."""
     with torch.no_grad():
         teacher = backbone.family.logits(features.final_hidden(idx, dev))
         t_logp = F.log_softmax(teacher, -1)
         t_top = teacher.argmax(-1)
-    loss = torch.zeros((), device=dev)
+    out = []
     for k in range(len(heads.exits)):
         s_logp = F.log_softmax(heads.logits(k, hid[k]), -1)
+        loss = torch.zeros((), device=dev)
         if "kl" in loss_kind:
             loss = loss + F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
         if "ce" in loss_kind:
             loss = loss + F.nll_loss(s_logp, t_top)
-    return loss
+        out.append(loss)
+    return out
 
 
 @torch.no_grad()

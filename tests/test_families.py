@@ -4,14 +4,14 @@ its transformers config, exports to a segment chain that reproduces transformers
 One line per family (conftest.CONFORMANCE; a registered model type without a line fails
 `test_every_registered_family_has_a_line`). Per line: the chain with exits off gives
 transformers' logits (fp32, max abs diff <= 1e-4) over a prompt longer than the sliding window,
-the `defer` caches equal the full model's after random exit patterns, and a gate-mode fp16
-export loads and runs. Each tiny model is exported once per session (two exports per line).
+the `defer` caches equal the full model's after random exit patterns, a gate-mode fp16
+export loads and runs, and the training cache holds the model's own hidden states. Each tiny model is exported once per session (two exports per line).
 """
 
 import numpy as np
 import pytest
 import torch
-from conftest import CONFORMANCE, WINDOW, make_checkpoint, tiny_config, tiny_model
+from conftest import CONFORMANCE, SAMPLE_TEXT, WINDOW, make_checkpoint, tiny_config, tiny_model
 from test_export_runtime import assert_cache_close, force_exit, run_tokens
 
 from exporter import api
@@ -106,6 +106,39 @@ def test_gate_mode_fp16_export(tmp_path_factory, case):
     cache = rt.new_cache()
     tok, j, _, _ = rt.step(np.array(tokens[:prefill]), cache, force_exit(rt, 0))
     assert j == 0 and 0 <= tok < ref.shape[-1]
+
+
+@pytest.mark.parametrize("case", CONFORMANCE)
+def test_cached_hidden_states_equal_the_models_own(tmp_path, case):
+    """What training reads (exporter/cache.py) is transformers' own hidden state after each exit
+    layer: exact in the RAM cache (fp32), within the stored type's rounding in the on-disk one
+    `lama train` writes (16 bits: float16 here, bfloat16 where float16 would overflow)."""
+    import json
+
+    from conftest import tiny_backbone
+
+    from exporter.cache import META, cache_features
+    from exporter.data import make_splits
+
+    bb = tiny_backbone(case, layers=LAYERS)
+    win = make_splits([SAMPLE_TEXT], bb.tokenizer, 4 * WINDOW, {"train": 200, "calib": 10, "heldout": 10})["train"]
+    with torch.no_grad():
+        own = bb.model(torch.from_numpy(win.ids), output_hidden_states=True)
+    exits = list(range(1, LAYERS))
+    ram = cache_features(bb, win, exits)
+    disk = cache_features(bb, win, exits, folder=tmp_path / "c", dtype="float16")
+    stored = json.loads((tmp_path / "c" / META).read_text())["dtype"]
+    rtol = {"float16": 2 ** -11, "bfloat16": 2 ** -8}[stored]  # half a unit in the last place
+    rows = np.arange(ram.total_tokens)
+    for k, layer in enumerate(exits):
+        ref = own.hidden_states[layer].reshape(-1, bb.shape.hidden_size).numpy()
+        np.testing.assert_allclose(ram.hidden(k, rows).numpy(), ref, rtol=1e-5, atol=1e-5, err_msg=f"{case} {layer}")
+        np.testing.assert_allclose(disk.hidden(k, rows).numpy(), ref, rtol=rtol, atol=1e-5, err_msg=f"{case} {layer}")
+    # the last layer's state (before the final norm, which transformers' last hidden state includes)
+    with torch.no_grad():
+        logits = bb.family.logits(ram.final_hidden(rows)).numpy()
+    np.testing.assert_allclose(logits, own.logits.reshape(logits.shape).numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(ram.top_idx[:, 0], own.logits.reshape(logits.shape).argmax(-1).numpy())
 
 
 @pytest.mark.parametrize("case", ["qwen3", "llama3"])
