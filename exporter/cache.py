@@ -70,11 +70,14 @@ def _view(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
-    """float32 tensor from a float16 / bfloat16 / float32 array (bfloat16 via its bits: torch reads
-    no ml_dtypes arrays)."""
+    """float32 tensor from a float16 / bfloat16 / float32 array. bfloat16 (which torch cannot read
+    from numpy) is the upper half of float32's bits: a shift widens it exactly, in numpy (~1 ms
+    for 7 exits x 256 rows at D=640; torch's own conversion took 35 ms on 2 busy cores)."""
     if arr.dtype.itemsize == 2 and arr.dtype != np.float16:  # bfloat16
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(arr)).float()
+        return torch.from_numpy((np.ascontiguousarray(arr).view(np.uint16).astype(np.uint32) << 16).view(np.float32))
+    if arr.dtype == np.float16:  # numpy widens it exactly too, and ~4x faster than torch did here
+        return torch.from_numpy(arr.astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 class _Overflow(Exception):
