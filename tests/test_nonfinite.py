@@ -175,3 +175,23 @@ def test_non_finite_scores_and_thresholds_are_refused():
         check_thresholds([0.5, float("nan")], [2, 4])
     with pytest.raises(NonFiniteError, match="exit after layer 2: calibrated threshold -inf"):
         check_thresholds([float("-inf"), 0.5], [2, 4])
+
+
+def test_lama_train_prints_the_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """The CLI path: one line naming the exit and the step, exit status 2, no --out folder."""
+    from exporter.cli import main
+
+    model_dir = tmp_path / "model"
+    bb = tiny_backbone("llama")
+    bb.model.save_pretrained(model_dir)
+    bb.tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    forced = Recipe(name="tiny", source=ModelSource(str(model_dir)), exits=[1, 2],
+                    train=TrainConfig(**{**CFG.__dict__, "lr": float("inf")}))  # forces a NaN at step 2
+    monkeypatch.setattr(api, "resolve_recipe", lambda model: forced)
+    rc = main(["train", str(model_dir), "--out", str(tmp_path / "ck"), "--data", str(text), "--steps", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "lama train: error: exit after layer 1: training loss nan at step 2 of 5" in err
+    assert "Traceback" not in err and not (tmp_path / "ck").exists()
