@@ -16,11 +16,11 @@ as the completeness marker, so an interrupted run is rebuilt rather than half-us
 folder whose meta matches (model, exits, k, the windows' exact token ids) is reused.
 
 Storage type. float16 keeps 11 significant bits but nothing above 65,504; some families'
-residual streams go past that (Gemma 3 270M: ~1.8e5 after its first layers), and a cast
-there turns them into inf, and every head's loss into NaN. A 16-bit request therefore
-stores float16 where the model's states fit it and bfloat16 (float32's range, 8 significant
-bits: the type these models are trained in) where they do not: the states are checked per
-batch, and a float16 cache that would overflow is restarted in bfloat16. The type chosen
+residual streams go past that (Gemma 3 270M: 8.8e4 after layer 12 in the first training
+batch), and a cast there turns them into inf, and every head's loss into NaN. A 16-bit
+request therefore stores float16 where the model's states fit it and bfloat16 (float32's
+range with 8 significant bits; Gemma 3 is released in it) where they do not: the states are
+checked per batch, and a float16 cache that would overflow is restarted in bfloat16. The type chosen
 is recorded in meta.json ("dtype", and "dtype_note" for why). bfloat16 is stored as its
 uint16 bit patterns (.npy has no bfloat16) and read back as `ml_dtypes.bfloat16`. float32
 holds everything exactly at twice the bytes. The model's own states must be finite: a
@@ -189,7 +189,7 @@ def _reusable(meta: Path, key: dict, dtype: str) -> str | None:
     old = json.loads(meta.read_text())
     if old.get("version") != CACHE_VERSION:
         tqdm.write(f"feature cache {meta.parent} was written by cache version {old.get('version')} "
-                   f"(16-bit states unchecked for overflow); rebuilding it as version {CACHE_VERSION}", file=sys.stderr)
+                   f"(stored states unchecked for overflow); rebuilding it as version {CACHE_VERSION}", file=sys.stderr)
         return None
     stored = old.get("dtype")
     same = {k: v for k, v in old.items() if k not in ("dtype", "dtype_note")} == {

@@ -5,7 +5,8 @@ One line per family (conftest.CONFORMANCE; a registered model type without a lin
 `test_every_registered_family_has_a_line`). Per line: the chain with exits off gives
 transformers' logits (fp32, max abs diff <= 1e-4) over a prompt longer than the sliding window,
 the `defer` caches equal the full model's after random exit patterns, a gate-mode fp16
-export loads and runs, and the training cache holds the model's own hidden states. Each tiny model is exported once per session (two exports per line).
+export loads and runs, and the training cache holds the model's own hidden states. Each tiny
+model is exported once per session (two exports per line).
 """
 
 import numpy as np
