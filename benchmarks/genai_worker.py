@@ -64,8 +64,10 @@ def strip_quantization_config(path: Path) -> bool:
     return False
 
 
-def build(model_path: str, gguf_file: str | None, out: Path, precision: str = PRECISION) -> Path:
-    """Run onnxruntime-genai's model builder once (CPU, `precision`), into `out`."""
+def build(model_path: str, gguf_file: str | None, out: Path, precision: str = PRECISION,
+          extra_options: list[str] | None = None) -> Path:
+    """Run onnxruntime-genai's model builder once (CPU, `precision`, its defaults unless
+    `extra_options`, KEY=VALUE strings such as is_symmetric=false), into `out`."""
     out = Path(out)
     if (out / "genai_config.json").is_file():
         return out
@@ -75,6 +77,8 @@ def build(model_path: str, gguf_file: str | None, out: Path, precision: str = PR
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(out.with_name(out.name + "-cache"))]
+    if extra_options:
+        cmd += ["--extra_options", *extra_options]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 or not (out / "genai_config.json").is_file():
         raise RuntimeError(f"model builder failed (rc={r.returncode}): {(r.stderr or r.stdout)[-1500:]}")
@@ -93,8 +97,10 @@ def graph_facts(path: Path) -> dict:
     g = onnx.load(str(path), load_external_data=False).graph
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute} if nbits else {}
-    return {"ops": dict(Counter(n.op_type for n in g.node).most_common()),
-            "matmulnbits": {k: attrs[k] for k in ("bits", "block_size", "accuracy_level") if k in attrs}}
+    facts = {k: attrs[k] for k in ("bits", "block_size", "accuracy_level") if k in attrs}
+    if nbits:  # MatMulNBits' 4th input: the zero points of an asymmetric quantization
+        facts["symmetric"] = not (len(nbits[0].input) > 3 and nbits[0].input[3])
+    return {"ops": dict(Counter(n.op_type for n in g.node).most_common()), "matmulnbits": facts}
 
 
 def overlay(threads: int) -> dict:
@@ -196,6 +202,8 @@ def _build_main(argv: list[str]) -> int:
     p.add_argument("--model", default="smollm2-135m", help="recipe name in models/ (default smollm2-135m)")
     p.add_argument("--model-path", help="instead of --model: the model's local folder (as shipped)")
     p.add_argument("--gguf-file", help="with --model-path: the GGUF file in it")
+    p.add_argument("--extra-options", nargs="+", metavar="KEY=VALUE",
+                   help="the builder's --extra_options (default: none, its defaults), e.g. is_symmetric=false")
     a = p.parse_args(argv)
     if a.model_path:
         path, gguf = a.model_path, a.gguf_file
@@ -205,7 +213,7 @@ def _build_main(argv: list[str]) -> int:
         from exporter.recipes import load_recipe
 
         path, gguf = resolve_local(load_recipe(a.model).source)
-    out = build(path, gguf, a.build)
+    out = build(path, gguf, a.build, extra_options=a.extra_options)
     print(json.dumps({"built": str(out), **json.loads((out / "build.json").read_text())}
                      if (out / "build.json").is_file() else {"built": str(out)}))
     return 0

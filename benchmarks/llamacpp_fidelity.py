@@ -145,8 +145,10 @@ def main(argv=None) -> int:
             model = ensure_genai(a.genai_python, a.genai_dir or default, folder, name)
             facts = json.loads((model / "build.json").read_text()) if (model / "build.json").is_file() else {}
             q = facts.get("matmulnbits") or {}
-            label = (f"onnxruntime-genai model builder int4 (MatMulNBits {q.get('bits', '?')}-bit, blocks of "
-                     f"{q.get('block_size', '?')}, accuracy level {q.get('accuracy_level', '?')})")
+            sym = {True: "symmetric, ", False: "asymmetric, "}.get(q.get("symmetric"), "")
+            origin = "; re-quantized from the dequantized GGUF" if name else ""
+            label = (f"onnxruntime-genai model builder int4 (MatMulNBits {q.get('bits', '?')}-bit, {sym}blocks of "
+                     f"{q.get('block_size', '?')}, accuracy level {q.get('accuracy_level', '?')}{origin})")
         top = engine_top1(engine, python, model, windows, a.threads)
         rows.append({"model": label, "engine": engine, "agreement_vs_fp32": float((top == ref).mean())})
     for e in a.exports:

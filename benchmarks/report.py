@@ -150,6 +150,7 @@ def genai_note(measured: dict) -> str:
     info = measured.get("info") or {}
     q = (info.get("build") or {}).get("matmulnbits") or {}
     settings = (f"MatMulNBits {q['bits']}-bit, blocks of {q['block_size']}, accuracy level {q['accuracy_level']}"
+                + {True: ", symmetric", False: ", asymmetric"}.get(q.get("symmetric"), "")
                 if {"bits", "block_size", "accuracy_level"} <= q.keys() else "the builder's defaults")
     return (f"- Row h: onnxruntime-genai {v.get('onnxruntime-genai', '?')} (onnxruntime {v.get('onnxruntime', '?')}, "
             "benchmarks/.venv-genai) on the one int4 graph its model builder (`-p int4 -e cpu`) made from the model as "

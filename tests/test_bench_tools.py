@@ -308,11 +308,12 @@ def test_genai_row_is_wired_into_the_benchmark(tmp_path):
             {**row, "status": "ok", "measured": {**measured, "tokens": [[1, 2, 9, 9]],
                                                  "versions": {"onnxruntime-genai": "0.18.0"},
                                                  "info": {"build": {"matmulnbits": {"bits": 4, "block_size": 32,
-                                                                                    "accuracy_level": 4}}}}}]
+                                                                                    "accuracy_level": 4,
+                                                                                    "symmetric": True}}}}}]
     run.derive(rows, num_layers=30, oracle_layers=30.0, oracle_tf={})
     assert rows[1]["greedy_agreement"] == 0.5 and rows[1]["rouge_l"] == 0.5 and not rows[1]["identical_to_a"]
     note = _load("report").genai_note(rows[1]["measured"])
-    assert "onnxruntime-genai 0.18.0" in note and "accuracy level 4" in note
+    assert "onnxruntime-genai 0.18.0" in note and "accuracy level 4, symmetric" in note
 
 
 @pytest.mark.skipif(not GENAI_PYTHON.is_file(),
@@ -333,6 +334,8 @@ def test_genai_builds_and_runs_a_tiny_model(tmp_path):
     worker = ROOT / "benchmarks" / "genai_worker.py"
     subprocess.run([str(GENAI_PYTHON), str(worker), "--build", str(tmp_path / "g"), "--model-path", str(model_dir)],
                    check=True, capture_output=True, timeout=300)
+    facts = json.loads((tmp_path / "g" / "build.json").read_text())["matmulnbits"]
+    assert facts == {"bits": 4, "block_size": 32, "accuracy_level": 4, "symmetric": True}  # the builder's CPU defaults
     spec = {"backend": "genai", "prompts": [[3, 4, 5, 6]], "max_new_tokens": 5, "threads": 1,
             "genai_dir": str(tmp_path / "g")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
