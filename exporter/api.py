@@ -249,7 +249,8 @@ def export(checkpoint: str | Path | Checkpoint, *, out: str | Path, precision: s
     picks the default for the backend.
     precision "int8"/"int4": weight-only MatMulNBits graphs (exporter/quantize.py) whose
     thresholds are recalibrated on the quantized model's own scores (exporter/quant_calibrate.py),
-    drawn from `data` (default: the text training used); `quant_options` overrides the scheme's
+    drawn from `data` (default: the text training used, checked against the windows' recorded
+    hash: Checkpoint.splits); `quant_options` overrides the scheme's
     block_size, symmetric, accuracy_level. max_pending: the runtime's deferral bound to size
     decode profiles for (dim `decode_sequence`)."""
     from .onnx_export import export as _export

@@ -83,6 +83,7 @@ class CheckpointConfig:
             raise ValueError(f"{where}: checkpoint version {d.get('version')} is not supported "
                              f"(this exporter reads version {VERSION})")
         d["source"] = ModelSource(**d["source"])
+        d["policy"] = Policy.from_dict(d["policy"], f"{where}: policy") if d.get("policy") else None
         return cls(**d)
 
     def threshold_values(self) -> list[float]:

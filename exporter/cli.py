@@ -129,7 +129,8 @@ def add_host_commands(sub) -> None:
     e.add_argument("--out", required=True, type=Path)
     e.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
                    help="int8/int4: weight-only MatMulNBits graphs, thresholds recalibrated on the quantized model")
-    e.add_argument("--data", nargs="+", help="int8/int4: text for the quantized calibration (default: training's)")
+    e.add_argument("--data", nargs="+", help="int8/int4: where the training text is now, if it moved (default: the "
+                   "recorded paths; the windows must match the hash lama train recorded)")
     e.add_argument("--block-size", type=int, help="int8/int4: weights per quantization block (default 32)")
     e.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="int8/int4: symmetric blocks (no zero point); default: symmetric")

@@ -212,7 +212,8 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
            quant_options: dict | None = None, max_pending: int | None = None) -> Path:
-    """`data`: text for the quantized model's calibration scores (default: what training used);
+    """`data`: the training text for the quantized model's calibration scores, if it moved (default:
+    the recorded paths; either way the windows must match the hash training recorded);
     `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level);
     max_pending: the runtime's bound on deferred positions; decode calls then take at most
     max_pending + 1 positions (dim `decode_sequence`, for engine profiles)."""
