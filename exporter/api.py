@@ -18,7 +18,7 @@ from runtime.manifest import from_json_thresholds, to_json_thresholds
 from runtime.policy import Policy
 
 from .checkpoint import Checkpoint, CheckpointConfig, check_replaceable, save_checkpoint, score_kind, scores_file
-from .scores import ExitScores
+from .scores import KV_POLICIES, ExitScores, simulate
 from .recipes import Recipe, TrainConfig, load_recipe, recipe_for_model
 
 
@@ -174,15 +174,30 @@ def _reports(calib, heldout, thresholds, target, delta) -> dict:
 def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: float | None = None,
               budget: float | None = None, confidence: str | None = None,
               margin: float | None = None, exit_min_share: float | None = None,
+              kv_policy: str | None = None, min_agreement: float = 0.5,
               backbone=None) -> dict[str, CalibrationReport]:
     """Choose new thresholds from the stored scores: an agreement target (optionally with a
     statistical guarantee) or an EERO compute budget. `confidence` switches the score the
     thresholds apply to ("gate" for the trained gates, or the head's "top1"/"margin" kind
     it was trained with). `margin`: calibrate at target + margin (default: the checkpoint's).
     `exit_min_share`: first drop the exits that would send out less than this share of the
-    calibration tokens at the target (exporter/placement.py; rewrites heads, gates and scores)."""
+    calibration tokens at the target (exporter/placement.py; rewrites heads, gates and scores).
+
+    `kv_policy`: the KV policy the work is counted (and a budget fitted) for; default `fill` for a
+    budget (the policy under which exits save work) and `defer` (the runtime's default, where the
+    work stays at the full model's) for a target. Budget (exporter/budget.py): a share of the
+    chain without early exits, checks included; 1 or more turns the exits off (the full model's
+    output); below the cheapest policy it is refused naming the feasible range, and so is one
+    whose held-out agreement (teacher-forced, stored scores; calibration if there are no held-out
+    ones) falls below `min_agreement` (0 accepts any). Without `confidence`, a budget takes the
+    cheaper check: the gate when the head's check (its LM head) costs half a layer or more."""
     if (target is None) == (budget is None):
         raise ValueError("give exactly one of target (agreement, e.g. 0.95) or budget (compute share, e.g. 0.5)")
+    if not (isinstance(min_agreement, (int, float)) and 0.0 <= min_agreement <= 1.0):
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement!r}")
+    kv_policy = kv_policy or ("fill" if budget is not None else "defer")
+    if kv_policy not in KV_POLICIES:
+        raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
     ckpt = Checkpoint.open(checkpoint)
     config = ckpt.config
     if margin is None:  # the checkpoint's, kept across budget calibrations (runtime/policy.py)
@@ -196,6 +211,11 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
 
         ckpt, _ = prune_checkpoint(ckpt, exit_min_share, target, margin, backbone)
         config = ckpt.config
+    notes: list[str] = []
+    if confidence is None and budget is not None:
+        confidence, why = _cheaper_check(ckpt)
+        if why:
+            notes.append(why)
     if confidence is not None:
         if score_kind(confidence) == "head" and confidence != config.head_confidence:
             raise ValueError(f"the stored head scores use confidence {config.head_confidence!r}; "
@@ -207,19 +227,57 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
     except FileNotFoundError:
         heldout = None
     if budget is not None:
-        from .budget import budget_thresholds
+        from .budget import budget_for_agreement, budget_thresholds
 
-        result = budget_thresholds(calib, budget)
+        result = budget_thresholds(calib, budget, kv_policy=kv_policy)  # refuses one below the range
         thresholds = [float(t) for t in result.thresholds]
-        config.policy = Policy("budget", budget=budget, mu=float(result.mu), margin=margin)
+        check, split = (calib, "calibration") if heldout is None else (heldout, "held-out")
+        agreement = simulate(check, thresholds, kv_policy).agreement
+        if agreement < min_agreement:
+            need = budget_for_agreement(calib, min_agreement, heldout=heldout, kv_policy=kv_policy, below=budget)
+            raise ValueError(f"budget {budget:g} would give {split} agreement {agreement:.3f} with the full model "
+                             f"(teacher-forced, from the stored scores), below the floor {min_agreement:g} "
+                             f"(min_agreement / --min-agreement; 0 accepts it); a budget of about {need:.3f} or "
+                             f"more keeps it; {result.range.describe()}")
+        notes.append(result.range.describe())
+        if result.origin == "never":
+            notes.append(f"budget {budget:g} covers the chain without early exits: every exit is off (the full "
+                         "model's output)")
+        if kv_policy == "fill":
+            notes.append("fitted for the fill KV policy: run it with kv_policy='fill' (lama generate --kv-policy "
+                         "fill); under the runtime's default, defer, the skipped layers run later and this budget "
+                         "saves calls and latency, not work")
+        config.policy = Policy("budget", budget=budget, mu=float(result.mu), margin=margin, kv_policy=kv_policy)
     else:
         thresholds = calibrate_thresholds(calib, target, delta=delta, margin=margin)
-        config.policy = Policy("target", target=target, delta=delta, margin=margin)
+        config.policy = Policy("target", target=target, delta=delta, margin=margin, kv_policy=kv_policy)
     config.thresholds = to_json_thresholds(thresholds)
-    config.calibration = _reports(calib, heldout, thresholds, target, delta)
+    config.calibration = {"calibration": report(calib, thresholds, "calibration", target, delta, kv_policy)}
+    config.calibration["calibration"].notes = notes
+    if heldout is not None:
+        config.calibration["heldout"] = report(heldout, thresholds, "heldout", target, delta, kv_policy)
+    config.calibration = {k: r.to_dict() for k, r in config.calibration.items()}
     _rewrite_config(ckpt.path, config)
     return {k: CalibrationReport(**{**v, "exits": [_exit_report(e) for e in v["exits"]]})
             for k, v in config.calibration.items()}
+
+
+def _cheaper_check(ckpt: Checkpoint) -> tuple[str | None, str]:
+    """(confidence, why) for a budget calibration that names none: the gate when the checkpoint
+    has gates and its head check costs half a layer or more (its LM head: tiny models, large
+    vocabularies), else the checkpoint's own (None). One check for every exit: an export gates
+    all its exits or none."""
+    config = ckpt.config
+    if config.confidence == "gate" or not config.gate_width:
+        return None, ""
+    try:
+        head, gate = ckpt.scores("calibration", "head"), ckpt.scores("calibration", "gate")
+    except FileNotFoundError:
+        return None, ""
+    if head.check_cost >= 0.5 and gate.check_cost < head.check_cost:
+        return "gate", (f"check: the gate ({gate.check_cost:.3g} layers per exit) instead of the head's "
+                        f"{config.head_confidence} ({head.check_cost:.3g} layers: its LM head costs most of a layer)")
+    return None, ""
 
 
 def _exit_report(e: dict):

@@ -10,8 +10,8 @@ compute budget B, which thresholds give the most agreement?". It follows
 EERO treats every exit as a classifier with a reject option: head l either answers or passes
 the token on. Notation, with heads l = 0..E-1 and l = E the full model:
 
-    B_l   cost of leaving at l, a fraction of the full model (`ExitScores.costs()`; B_E = 1
-          plus the exit checks)
+    B_l   cost of leaving at l, a share of the chain without early exits (`ExitScores.costs()`
+          over its last entry, so B_E = 1)
     R_l   Bayesian risk of head l: its disagreement with the full model on the calibration
           tokens (R_E = 0, the full model agrees with itself)
     pi_l  prior over heads, pi_l ∝ 1 / B_l
@@ -39,23 +39,33 @@ the token on. Notation, with heads l = 0..E-1 and l = E the full model:
    alone): a direct search of the thresholds for the most agreement within B, from four
    starts (exporter/budget_refine.py).
 
-What the budget means. The budget is a share of the plain model's work: B = 0.6 means at
-most 60% of the layer-positions the plain model runs (one decoder layer on one position), plus
-the exit checks in `unit="compute"`. That is what the runtime measures
-(`GenerationResult.work()`), and it holds for the KV policy that saves work, `fill`, where a
-token leaving after l layers costs l layer-positions (its skipped layers get only their K/V
-projections, a few % of a layer each, reported apart by the runtime and not in B). Under
-`defer` the skipped layers of every position run later anyway, so the work is ~1 whatever the
-thresholds (scores.simulate(..., kv_policy="defer")): there a budget buys fewer calls and
-lower latency per token, not less work. The prompt runs the whole model under `fill`; the
-budget is over generated tokens.
+What the budget means. The budget is a share of what this checkpoint's chain costs when no token
+leaves early: the plain model's layer-positions (one decoder layer on one position) plus every
+exit check, counted under the KV policy that will run (`kv_policy`). So `budget 1` is "the full
+model's cost" as the export runs it, and gives the full model's output: every exit is off, no
+token is forced out. Feasible budgets run from the cheapest policy (every token leaves at the first
+exit, `BudgetRange.cheapest`) to 1; a budget below the cheapest is refused naming that range, one
+at or above 1 turns the exits off. Earlier versions counted the budget in shares of the plain
+model alone, so with checks that cost a lot (stories260K's in-graph heads run the LM head, 0.77 of
+a layer each: the chain with its checks costs 1.61x the plain model) `budget 1` forced most tokens
+out at layer ~1.8 and the output was garbage; `BudgetRange.chain_compute` gives that multiple.
 
-Units: `unit="compute"`, a fraction of the full model in (0, 1], check costs included, so with
-check_cost > 0 running every token through the full model costs a little more than 1; or
-`unit="layers"`, an average number of decoder layers per token. Guarantees are empirical, on the
+Work is counted as the runtime counts it (`GenerationResult.work()`). Under `fill`, the policy that
+saves work, a token leaving after l layers costs l layer-positions (its skipped layers get only
+their K/V projections, a few % of a layer each, reported apart by the runtime and not in B).
+Under `defer` (the runtime's default) the skipped layers of every position run later anyway, so
+every token costs all the layers and exits save only the checks they skip: the feasible range is
+then close to [1, 1] and a budget buys fewer calls and lower latency per token, not less work.
+The prompt runs the whole model under `fill`; the budget is over generated tokens.
+
+Units: `unit="compute"`, a share of the chain without early exits (checks included, above); or
+`unit="layers"`, an average number of decoder layer-positions per token under the KV policy
+(checks not counted; `num_layers` = no early exit). Guarantees are empirical, on the
 calibration tokens and teacher-forced (each token's head on exact hidden states; with `fill` the
 approximate keys/values of skipped layers can move later tokens); on new text the average moves
-by sampling noise (about +-0.01 with a few thousand tokens in our synthetic tests).
+by sampling noise (about +-0.01 with a few thousand tokens in our synthetic tests). Agreement is
+not promised at all: `budget_for_agreement` finds the smallest budget that keeps a floor of it,
+and `lama calibrate --budget` refuses budgets below that (`--min-agreement`, default 0.5).
 """
 
 from __future__ import annotations
@@ -72,6 +82,47 @@ UNITS = ("compute", "layers")
 
 
 @dataclass(frozen=True)
+class BudgetRange:
+    """The budgets that mean something for one set of scores, unit and KV policy.
+
+    cheapest: every token leaves at the first exit; never: no token leaves early (1 in
+    unit="compute", num_layers in unit="layers"). A budget below `cheapest` is refused; one at
+    or above `never` turns the exits off (the full model's output).
+    """
+
+    cheapest: float  # in `unit`
+    never: float  # in `unit`
+    unit: str
+    kv_policy: str
+    chain_compute: float  # the chain without early exits, in multiples of the plain model's compute
+    cheapest_compute: float  # the cheapest policy, in the same multiples
+    check_cost: float  # one exit check, in decoder layers
+
+    def describe(self) -> str:
+        """One line: the range, and what its ends cost next to the plain model."""
+        if self.unit == "layers":
+            return (f"feasible budgets under the {self.kv_policy} KV policy: {self.cheapest:.4g} layers per token "
+                    f"(every token leaves at the first exit) to {self.never:g} (no early exit: the full model)")
+        return (f"feasible budgets under the {self.kv_policy} KV policy: {self.cheapest:.4f} (every token leaves at "
+                f"the first exit, {self.cheapest_compute:.3f}x the plain model's compute) to 1 (no early exit: the "
+                f"full model's output; {self.chain_compute:.3f}x the plain model's compute with the exit checks, "
+                f"{self.check_cost:.3g} layers each)")
+
+
+def budget_range(scores: ExitScores, unit: str = "compute", kv_policy: str = "fill") -> BudgetRange:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    plain = scores.costs(kv_policy)  # (E+1,) multiples of the plain model's compute, checks included
+    chain = float(plain[-1])
+    if unit == "compute":
+        cheapest, never = float(plain.min()) / chain, 1.0
+    else:
+        layers = scores.layers(kv_policy)
+        cheapest, never = float(layers.min()), float(scores.num_layers)
+    return BudgetRange(cheapest, never, unit, kv_policy, chain, float(plain.min()), float(scores.check_cost))
+
+
+@dataclass(frozen=True)
 class BudgetResult:
     """Thresholds for one budget, with the EERO quantities that produced them."""
 
@@ -82,43 +133,49 @@ class BudgetResult:
     mu: float  # price of compute found by bisection (0 when the budget does not bind)
     beta: float
     budget: float  # as given, in `unit`
-    unit: str  # "compute" (fraction of the full model) or "layers" (mean decoder layers)
+    unit: str  # "compute" (share of the chain without early exits) or "layers" (mean decoder layers)
     refined: bool
-    origin: str  # start the thresholds came from: "eero", "shared", "lagrange-under/over"
-    outcome: Outcome  # the thresholds applied to the calibration tokens
+    origin: str  # start the thresholds came from: "eero", "shared", "lagrange-under/over", or
+    #              "never" (budget >= the chain without early exits: every exit off)
+    outcome: Outcome  # the thresholds applied to the calibration tokens, work counted under kv_policy
+    range: BudgetRange
+    kv_policy: str = "fill"
 
     @property
     def spent(self) -> float:
         """Average cost on the calibration tokens, in the budget's unit."""
-        return self.outcome.layers if self.unit == "layers" else self.outcome.compute
+        return self.outcome.layers if self.unit == "layers" else self.outcome.compute / self.range.chain_compute
 
 
-def budget_costs(scores: ExitScores, budget: float, unit: str = "compute") -> tuple[np.ndarray, float]:
-    """(E+1,) cost per exit and the budget, both as fractions of the full model; validates.
+def spent(scores: ExitScores, thresholds, unit: str = "compute", kv_policy: str = "fill") -> float:
+    """Average cost of `thresholds` on `scores`, in the budget's unit (held-out checks)."""
+    out = simulate(scores, thresholds, kv_policy)
+    return out.layers if unit == "layers" else out.compute / float(scores.costs(kv_policy)[-1])
 
-    unit="compute": costs() (layers plus exit checks), budget in (0, 1].
-    unit="layers":  decoder layers only, budget in (0, num_layers] layers.
+
+def budget_costs(scores: ExitScores, budget: float, unit: str = "compute", kv_policy: str = "fill"
+                 ) -> tuple[np.ndarray, float]:
+    """(E+1,) cost per exit and the budget, both as shares of the chain without early exits; validates.
+
+    unit="compute": costs() (layers plus exit checks) over its last entry; unit="layers":
+    layer-positions only, over num_layers. A share >= 1 means no early exit; below the cheapest
+    exit's share the budget is refused, naming the feasible range.
     """
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    rng = budget_range(scores, unit, kv_policy)
     budget = float(budget)
-    top = 1.0 if unit == "compute" else float(scores.num_layers)
-    if not np.isfinite(budget) or not 0.0 < budget <= top:
-        what = "a fraction of full compute in (0, 1]" if unit == "compute" else f"a layer count in (0, {top:g}]"
-        raise ValueError(f"budget must be {what}, got {budget}")
+    if not np.isfinite(budget) or budget <= 0.0:
+        what = "a share of the chain's compute (1 = no early exit)" if unit == "compute" else "a layer count"
+        raise ValueError(f"budget must be a positive number, {what}; got {budget}; {rng.describe()}")
     if unit == "compute":
-        cost = scores.costs()
+        cost = scores.costs(kv_policy) / rng.chain_compute
         frac = budget
     else:
-        cost = np.asarray(list(scores.exit_layers) + [scores.num_layers], dtype=np.float64) / scores.num_layers
+        cost = scores.layers(kv_policy) / scores.num_layers
         frac = budget / scores.num_layers
     if np.any(cost <= 0):
         raise ValueError(f"every exit must cost something (the prior is 1/cost), got costs {cost.tolist()}")
-    cheapest = float(cost.min())
-    if frac < cheapest - 1e-12:
-        have = f"{cheapest:.4f} of full compute" if unit == "compute" else f"{cheapest * scores.num_layers:g} layers"
-        raise ValueError(f"budget {budget:g} ({unit}) is below the cheapest possible policy: "
-                         f"every token leaving at the first exit costs {have}")
+    if frac < float(cost.min()) - 1e-12:
+        raise ValueError(f"budget {budget:g} ({unit}) is below the cheapest possible policy; {rng.describe()}")
     return cost, frac
 
 
@@ -189,17 +246,29 @@ def rate_thresholds(scores: ExitScores, eps: np.ndarray) -> np.ndarray:
 
 
 def budget_thresholds(scores: ExitScores, budget: float, *, beta: float = DEFAULT_BETA,
-                      unit: str = "compute", refine: bool = True) -> BudgetResult:
+                      unit: str = "compute", refine: bool = True, kv_policy: str = "fill") -> BudgetResult:
     """EERO thresholds that keep the average cost on `scores` within `budget`.
 
-    budget: fraction of the full model's compute in (0, 1] (unit="compute"), or an average
-    number of decoder layers (unit="layers"). Raises ValueError for a budget outside that
-    range or below the cheapest possible policy (every token at the first exit).
+    budget: share of the chain without early exits (unit="compute": the plain model plus every
+    exit check, under `kv_policy`), or an average number of decoder layer-positions
+    (unit="layers"). At or above the no-exit cost every exit is off (the full model's output).
+    Raises ValueError for a budget that is not a positive number or below the cheapest possible
+    policy (every token at the first exit), naming the feasible range.
     """
     if scores.num_tokens == 0:
         raise ValueError("no calibration tokens")
-    cost, frac = budget_costs(scores, budget, unit)
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    cost, frac = budget_costs(scores, budget, unit, kv_policy)
+    rng = budget_range(scores, unit, kv_policy)
     risk = np.concatenate([1.0 - scores.agree.mean(axis=0), [0.0]])
+    if frac >= 1.0 - 1e-12:  # the full model fits: no token is forced out
+        thresholds = np.full(scores.num_exits, NEVER)
+        eps = np.zeros(scores.num_exits + 1)
+        eps[-1] = 1.0
+        return BudgetResult(thresholds=thresholds, eps=eps, risk=risk, mu=0.0, beta=float(beta), budget=float(budget),
+                            unit=unit, refined=False, origin="never", outcome=simulate(scores, thresholds, kv_policy),
+                            range=rng, kv_policy=kv_policy)
     eps, mu = eero_rates(risk, cost, frac, beta=beta)
     thresholds = rate_thresholds(scores, eps)
     origin = "eero"
@@ -207,4 +276,27 @@ def budget_thresholds(scores: ExitScores, budget: float, *, beta: float = DEFAUL
         thresholds, origin = refine_thresholds(scores, thresholds, cost, frac)
     return BudgetResult(thresholds=np.asarray(thresholds, dtype=np.float64), eps=eps, risk=risk, mu=float(mu),
                         beta=float(beta), budget=float(budget), unit=unit, refined=bool(refine), origin=origin,
-                        outcome=simulate(scores, thresholds))
+                        outcome=simulate(scores, thresholds, kv_policy), range=rng, kv_policy=kv_policy)
+
+
+def budget_for_agreement(scores: ExitScores, floor: float, *, heldout: ExitScores | None = None,
+                         unit: str = "compute", kv_policy: str = "fill", beta: float = DEFAULT_BETA,
+                         steps: int = 6, below: float | None = None) -> float:
+    """About the smallest budget whose thresholds (fitted on `scores`, refined as by default) keep
+    agreement >= floor on `heldout` (default: `scores`): a bisection of `steps` fits between the
+    cheapest policy (or `below`, a budget known to fall short) and the no-exit budget (1, or
+    num_layers), which always keeps it; the answer is within (that width) / 2**steps above it."""
+    rng = budget_range(scores, unit, kv_policy)
+    check = scores if heldout is None else heldout
+
+    def ok(b: float) -> bool:
+        th = budget_thresholds(scores, b, beta=beta, unit=unit, kv_policy=kv_policy).thresholds
+        return simulate(check, th, kv_policy).agreement >= floor
+
+    lo, hi = (rng.cheapest, rng.never) if below is None else (float(below), rng.never)
+    if below is None and ok(lo):
+        return lo
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi

@@ -15,7 +15,7 @@ exact statement and its assumptions are in that module's docstring.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -99,8 +99,11 @@ class CalibrationReport:
     tokens: int
     exits: list[ExitReport]
     agreement: float  # over all tokens, including those that ran the full model
-    layers_fraction: float  # expected share of decoder layers computed per token
+    layers_fraction: float  # expected work per token under kv_policy, a share of the plain model's layer-positions
     compute_fraction: float  # same, counting exit checks (ExitScores.costs)
+    kv_policy: str = "fill"  # the KV policy the work above is counted for (older reports: fill)
+    decided_fraction: float | None = None  # mean depth at which tokens were decided, a share of the layers
+    notes: list[str] = field(default_factory=list)  # e.g. a budget's feasible range, the check chosen
 
     @property
     def compute_saved(self) -> float:
@@ -120,15 +123,25 @@ class CalibrationReport:
             t = "never" if not np.isfinite(e.threshold) else f"{e.threshold:.4f}"
             a = "-" if e.agreement is None else f"{e.agreement:.3f}"
             lines.append(f"| {e.exit_layer} | {t} | {e.coverage:.3f} | {a} |")
-        lines.append(f"overall agreement {self.agreement:.4f}; layers computed {self.layers_fraction:.3f} "
-                     f"of the full model (saved {1 - self.layers_fraction:.1%})")
+        line = f"overall agreement {self.agreement:.4f}; "
+        if self.decided_fraction is not None:
+            line += f"decided at {self.decided_fraction:.3f} of the layers; "
+        line += (f"work under the {self.kv_policy} KV policy {self.layers_fraction:.3f} of the full model's "
+                 f"(saved {1 - self.layers_fraction:.1%}), {self.compute_fraction:.3f} with the exit checks")
+        if self.kv_policy == "defer":
+            line += " (skipped layers run later: exits save calls and latency, not work)"
+        lines.append(line)
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def report(scores: ExitScores, thresholds: list[float], split: str, target: float | None = None,
-           delta: float | None = None) -> CalibrationReport:
-    out = simulate(scores, thresholds)
+           delta: float | None = None, kv_policy: str = "fill") -> CalibrationReport:
+    """What `thresholds` do on `scores`, with work counted under `kv_policy` (scores.simulate):
+    under `defer` the work stays at the full model's whatever the exits do."""
+    out = simulate(scores, thresholds, kv_policy)
+    decided = simulate(scores, thresholds).layers if kv_policy != "fill" else out.layers
     exits = [ExitReport(layer, float(t), float(c), None if np.isnan(a) else float(a))
              for layer, t, c, a in zip(scores.exit_layers, thresholds, out.coverage, out.exit_agreement)]
     return CalibrationReport(split, target, delta, scores.num_tokens, exits, out.agreement,
-                             out.layers / scores.num_layers, out.compute)
+                             out.layers / scores.num_layers, out.compute, kv_policy, decided / scores.num_layers)

@@ -50,7 +50,8 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     from . import api
 
     reports = api.calibrate(a.checkpoint, target=a.target, delta=a.delta, budget=a.budget, confidence=a.confidence,
-                            margin=a.margin, exit_min_share=a.exit_min_share)
+                            margin=a.margin, exit_min_share=a.exit_min_share, kv_policy=a.kv_policy,
+                            min_agreement=a.min_agreement)
     if a.json:
         print(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
     else:
@@ -112,7 +113,10 @@ def add_host_commands(sub) -> None:
     c.add_argument("checkpoint", type=Path)
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--target", type=float, help="agreement with the full model, in (0, 1], e.g. 0.95")
-    g.add_argument("--budget", type=float, help="average compute as a share of the full model (EERO), e.g. 0.5")
+    g.add_argument("--budget", type=float,
+                   help="average compute as a share of this checkpoint's chain without early exits (EERO; exit "
+                        "checks included), e.g. 0.5; 1 = the full model's output; the feasible range is printed, "
+                        "a budget below it refused")
     c.add_argument("--delta", type=float, help="guarantee mode: target holds with probability >= 1 - delta")
     c.add_argument("--margin", type=float, help="plain mode: fit at target + margin, so that the target holds on new "
                    "text (default: the checkpoint's; the SmolLM2 recipe uses 0.03, measured per domain)")
@@ -121,6 +125,12 @@ def add_host_commands(sub) -> None:
     c.add_argument("--exit-min-share", type=float,
                    help="first drop the exits that send out less than this share of the calibration tokens at "
                         "--target (each costs a check and a segment call; rewrites the checkpoint's heads and scores)")
+    c.add_argument("--kv-policy", choices=["fill", "defer"],
+                   help="KV policy the work is counted (and a budget fitted) for: default fill for --budget (the "
+                        "policy under which exits save work), defer (the runtime's default) for --target")
+    c.add_argument("--min-agreement", type=float, default=0.5,
+                   help="--budget: refuse a budget whose held-out agreement with the full model (teacher-forced, "
+                        "stored scores) falls below this (default 0.5; 0 accepts any)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_calibrate)
 
