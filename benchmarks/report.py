@@ -19,6 +19,12 @@ def _train_summary(t: dict) -> str:
     return ", ".join(f"{k} {t[k]}" for k in keys if k in t) or "unknown"
 
 
+def _cheapest_budget(res: dict) -> float:
+    """The lowest feasible compute budget: every token at the first exit, over the chain without exits."""
+    check, exits, n = res["settings"]["exit_check_cost_layers"], res["exits"], res["num_layers"]
+    return (exits[0] + check) / (n + len(exits) * check)
+
+
 def _check_note(res: dict) -> str:
     """What one exit check runs, in words, for the export's confidence kind."""
     if res.get("confidence") == "gate":
@@ -113,9 +119,12 @@ def markdown(res: dict, command: str) -> str:
         "Python), so it is optimistic. Share of oracle speed-up = (speed-up over c - 1) / (e's speed-up over c - 1); "
         "above 100% a policy is faster than the oracle only by answering wrong more often.",
         f"- Budgets (unit: {s['budget_unit']}) come from `exporter.budget.budget_thresholds` on the calibration "
-        f"scores. In compute units every exit check costs {s['exit_check_cost_layers']:.2f} layers here "
-        f"({_check_note(res)}), so the chain with every check costs {s['plain_chain_compute']:.2f} x the plain "
-        "model and a budget <= 1 forces most tokens out early.",
+        f"scores. Every exit check costs {s['exit_check_cost_layers']:.2f} layers here ({_check_note(res)}), so "
+        f"the chain without early exits costs {s['plain_chain_compute']:.2f} x the plain model; "
+        + (f"a compute budget is a share of that chain (checks included): budget 1 turns every exit off (the full "
+           f"model's output) and the feasible budgets start at {_cheapest_budget(res):.3f} (every token at the first "
+           "exit)." if s['budget_unit'] == "compute" else
+           f"a layers budget counts decoder layers per token only; {res['num_layers']} turns every exit off."),
         f"- Check: our held-out windows reproduce the checkpoint's heldout_scores.npz: {c.get('match')} "
         f"({', '.join(f'{k}={v}' for k, v in c.items() if k != 'match')}).",
     ]

@@ -256,6 +256,8 @@ def calibrate(checkpoint: str | Path, *, target: float | None = None, delta: flo
     config.calibration["calibration"].notes = notes
     if heldout is not None:
         config.calibration["heldout"] = report(heldout, thresholds, "heldout", target, delta, kv_policy)
+    for r in config.calibration.values():
+        r.budget = budget
     config.calibration = {k: r.to_dict() for k, r in config.calibration.items()}
     _rewrite_config(ckpt.path, config)
     return {k: CalibrationReport(**{**v, "exits": [_exit_report(e) for e in v["exits"]]})

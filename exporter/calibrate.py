@@ -104,6 +104,8 @@ class CalibrationReport:
     kv_policy: str = "fill"  # the KV policy the work above is counted for (older reports: fill)
     decided_fraction: float | None = None  # mean depth at which tokens were decided, a share of the layers
     notes: list[str] = field(default_factory=list)  # e.g. a budget's feasible range, the check chosen
+    budget: float | None = None  # a budget calibration's budget (share of the chain without early exits)
+    chain_fraction: float = 1.0  # the chain without early exits under kv_policy, in the plain model's compute
 
     @property
     def compute_saved(self) -> float:
@@ -116,8 +118,9 @@ class CalibrationReport:
         return d
 
     def table(self) -> str:
-        lines = [f"{self.split}: {self.tokens} tokens, target {self.target}"
-                 + (f", guarantee delta {self.delta}" if self.delta else ""),
+        policy = (f"budget {self.budget:g} ({self.compute_fraction / self.chain_fraction:.3f} spent, shares of the "
+                  "chain without early exits)") if self.budget is not None else f"target {self.target}"
+        lines = [f"{self.split}: {self.tokens} tokens, {policy}" + (f", guarantee delta {self.delta}" if self.delta else ""),
                  "| exit after layer | threshold | coverage | agreement |", "|---:|---:|---:|---:|"]
         for e in self.exits:
             t = "never" if not np.isfinite(e.threshold) else f"{e.threshold:.4f}"
@@ -144,4 +147,5 @@ def report(scores: ExitScores, thresholds: list[float], split: str, target: floa
     exits = [ExitReport(layer, float(t), float(c), None if np.isnan(a) else float(a))
              for layer, t, c, a in zip(scores.exit_layers, thresholds, out.coverage, out.exit_agreement)]
     return CalibrationReport(split, target, delta, scores.num_tokens, exits, out.agreement,
-                             out.layers / scores.num_layers, out.compute, kv_policy, decided / scores.num_layers)
+                             out.layers / scores.num_layers, out.compute, kv_policy, decided / scores.num_layers,
+                             chain_fraction=float(scores.costs(kv_policy)[-1]))

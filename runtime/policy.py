@@ -69,6 +69,19 @@ class Policy:
         its guarantee's delta (target policies only) and its KV policy, at `target`."""
         return Policy("target", target=target, margin=self.margin, delta=self.table_delta, kv_policy=self.kv_policy)
 
+    def kv_warning(self, kv_policy: str) -> str | None:
+        """What to tell a user who runs a budget's thresholds under another KV policy than the one
+        they were fitted for (None when they match, or for a target policy, whose thresholds do not
+        depend on it). The runtime's default is defer; budgets are fitted for fill by default."""
+        if self.kind != "budget" or kv_policy == self.kv_policy:
+            return None
+        if self.kv_policy == "fill":
+            return (f"these thresholds hold a compute budget of {self.budget:g} counted for the fill KV policy, but "
+                    f"they run under {kv_policy}: the skipped layers run later, so the work stays at the full "
+                    "model's (exits save calls and latency only); load with kv_policy='fill' to save the work")
+        return (f"these thresholds hold a compute budget of {self.budget:g} counted for the {self.kv_policy} KV "
+                f"policy, but they run under {kv_policy}: their work differs from what was budgeted")
+
     def to_dict(self) -> dict:
         """The stored form (lama.json, manifest.json); `from_dict` reads it back."""
         return asdict(self)

@@ -230,3 +230,11 @@ def read_scores_kind(ckpt):
     from exporter.checkpoint import read_scores
 
     return read_scores(ckpt)
+
+
+def test_policy_warns_when_a_budget_runs_under_another_kv_policy():
+    fill = Policy("budget", budget=0.6, kv_policy="fill")
+    assert fill.kv_warning("fill") is None
+    assert "work stays at the full model's" in fill.kv_warning("defer") and "kv_policy='fill'" in fill.kv_warning("defer")
+    assert "counted for the defer KV policy" in Policy("budget", budget=0.99, kv_policy="defer").kv_warning("fill")
+    assert Policy("target", target=0.9, kv_policy="fill").kv_warning("defer") is None
