@@ -49,7 +49,6 @@ from exporter.scores import ExitScores, Outcome, oracle, simulate  # noqa: E402
 
 CALIBRATION_FILE = "calibration_scores.npz"
 HELDOUT_FILE = "heldout_scores.npz"
-BUDGET_POINTS = 9  # default budgets: evenly over the feasible range, both ends included
 DEFAULT_TARGETS = (0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 
 
@@ -83,10 +82,11 @@ def _point(method: str, setting: dict, held: Outcome, cal: Outcome, chain: tuple
             "coverage": [round(float(x), 5) for x in held.coverage], **extra}
 
 
-def default_budgets(cal: ExitScores, kv_policy: str = "fill", points: int = BUDGET_POINTS) -> list[float]:
-    """`points` budgets evenly over the feasible range (cheapest policy .. 1), rounded up to 4 places."""
-    lo = budget_range(cal, kv_policy=kv_policy).cheapest
-    return sorted({min(1.0, float(np.ceil(b * 1e4) / 1e4)) for b in np.linspace(lo, 1.0, points)})
+def default_budgets(cal: ExitScores, kv_policy: str = "fill") -> list[float]:
+    """The feasible range: its low end (every token at the first exit, rounded up to 4 places),
+    then every tenth above it up to 1 (the chain without early exits)."""
+    lo = float(np.ceil(budget_range(cal, kv_policy=kv_policy).cheapest * 1e4) / 1e4)
+    return [lo] + [round(b, 1) for b in np.arange(0.1, 1.05, 0.1) if b > lo + 0.02]
 
 
 def run(cal: ExitScores, held: ExitScores, budgets, targets, *, beta: float, delta: float | None,
@@ -146,7 +146,7 @@ def markdown(report: dict, checkpoint: str) -> str:
              "plus every exit check, under the KV policy): the budget's unit, 1 = the full model's output. "
              "Thresholds are fitted on calibration and applied to held-out tokens.", "",
              f"Range: {report['range']['describe']}. Held-out agreement >= {report['min_agreement']['floor']:g} "
-             f"needs a budget of about {report['min_agreement']['budget']:.3f} or more (EERO rates, bisection; "
+             f"needs a budget of about {report['min_agreement']['budget']:.3f} or more (refined EERO fits, bisection; "
              f"`lama calibrate --budget` refuses less, `--min-agreement`).", "",
              "| method | setting | held-out agreement | held-out compute | held-out layers "
              "| calib. agreement | calib. compute |",
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help=f"folder with {CALIBRATION_FILE} and {HELDOUT_FILE}")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default CHECKPOINT/reports/budget)")
     parser.add_argument("--budgets", type=float, nargs="+", default=None,
-                        help="average compute budgets, shares of the chain without early exits (default: "
-                             f"{BUDGET_POINTS} evenly over the feasible range)")
+                        help="average compute budgets, shares of the chain without early exits (default: the "
+                             "feasible range's low end, then every tenth above it up to 1)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS),
                         help="agreement targets for threshold calibration")
     parser.add_argument("--beta", type=float, default=0.04, help="EERO temperature")
