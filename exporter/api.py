@@ -95,6 +95,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     kind = score_kind(recipe.confidence)
     scores: dict[str, ExitScores] = scored("calibration")
     if min_share > 0:  # pruning reads the calibration scores only: held-out is scored once, below
+        from .gate_fitting import fit_gates
         from .placement import keep_heads, prune_exits
 
         pruned = prune_exits(scores[scores_file("calibration", kind)], target, min_share, recipe.margin)
@@ -134,6 +135,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
 def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
     """Heads (and gates) trained on cached features: (heads, gates | None, TrainReport,
     agreement before, agreement after) with agreements measured on 1024 training tokens."""
+    from .gate_fitting import fit_gates
     from .heads import ExitHeads
     from .train import exit_scores, train_heads
 
@@ -146,22 +148,6 @@ def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):
     gates, agree = fit_gates(bb, heads, feats, cfg, device)
     after = agree[:len(probe.rows)].mean(axis=0)
     return heads, gates, rep, before, after
-
-
-def fit_gates(bb, heads, feats, cfg: TrainConfig, device):
-    """(gates | None when the config trains none, the heads' agreement on the gates' tokens):
-    gates trained on `cfg.gate_tokens` of the training features, for the heads' exits."""
-    from .gates import ExitGates, train_gates
-    from .train import exit_scores
-
-    gate_feats = feats.with_tokens(cfg.gate_tokens, seed=cfg.seed)
-    agree = exit_scores(bb, heads, gate_feats, device=device).agree
-    if not cfg.gates:
-        return None, agree
-    gates = ExitGates(len(heads.exits), bb.shape.hidden_size, cfg.gate_width, cfg.gate_features,
-                      min(cfg.gate_shortlist, bb.shape.vocab_size))
-    train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
-    return gates, agree
 
 
 def _reports(calib, heldout, thresholds, target, delta) -> dict:

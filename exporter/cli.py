@@ -1,17 +1,19 @@
 """The host commands of `lama` (train, calibrate, export): a thin layer over `exporter.api`.
 
-The `lama` program itself lives in `runtime/cli.py`, with the device commands (generate,
-chat, inspect), so a device without torch has it too; it adds these commands when the
-exporter's dependencies are installed. `python -m exporter.cli ...` runs the same program.
-Imports are deferred to each command so `lama --help` is instant.
+The `lama` program (`lama/cli.py`) composes these with the device commands of
+`runtime/cli.py` (generate, chat, inspect); this module imports nothing from the runtime's
+CLI, and the runtime imports nothing from the exporter. Imports are deferred to each command
+so `lama --help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+HOST_COMMANDS = {"train": "train exit heads, then calibrate", "calibrate": "choose exit thresholds",
+                 "export": "split into per-segment graphs with a manifest"}
 
 
 def _print_reports(reports: dict) -> None:
@@ -161,13 +163,3 @@ def add_host_commands(sub) -> None:
     e.add_argument("--kv-capacity", type=int, default=None,
                    help="positions each KV buffer holds (--kv buffer; default: the model's context length)")
     e.set_defaults(func=cmd_export)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from runtime.cli import main as lama_main
-
-    return lama_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -192,7 +192,7 @@ def exact_twin(linear, accuracy_level: int = 4) -> str | None:
     import torch
     import torch.nn.functional as F
 
-    from .quantize import _int8_activations, int8_blocks
+    from .int8_activations import int8_activations, int8_blocks
 
     w = linear.weight.detach().float().numpy().T  # (K, N)
     q41 = q4_1_blocks(w)
@@ -201,7 +201,7 @@ def exact_twin(linear, accuracy_level: int = 4) -> str | None:
         return None
     if kind == "q8_0":
         if accuracy_level == 4:
-            linear.register_forward_pre_hook(_int8_activations(BLOCK))
+            linear.register_forward_pre_hook(int8_activations(BLOCK))
         return kind
     round8 = int8_blocks(BLOCK) if accuracy_level == 4 else (lambda x: x)
     d, m, q = q41

@@ -105,8 +105,8 @@ def _retrain_gates(bb, heads, config, cfg: dict, train):
     training windows worth `gate_tokens` (the heads stay as they are)."""
     import dataclasses
 
-    from .api import fit_gates
     from .cache import cache_features
+    from .gate_fitting import fit_gates
     from .recipes import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -13,7 +13,8 @@ goes through onnxruntime's own block quantizer (the function `MatMulNBitsQuantiz
 then is dequantized, `(q - zero_point) * scale`, so the thresholds can be calibrated on what
 the quantized model says rather than on the fp32 model. With accuracy level 0 the kernel
 computes in float with exactly those weights; accuracy level 4 also rounds the activations
-to int8 per block inside the kernel, which PyTorch does not mimic (tests measure the gap).
+to int8 per block inside the kernel, which `fake_quantize` mimics with a forward pre-hook
+(exporter/int8_activations.py, shared with exporter/gguf_blocks.py's exact twin).
 """
 
 from __future__ import annotations
@@ -177,33 +178,6 @@ def dequantized(weight: np.ndarray, scheme: Scheme) -> np.ndarray:
     return deq.reshape(cols, k_blocks * bs)[:, :rows].T  # (K, N)
 
 
-def int8_blocks(block_size: int):
-    """x -> x rounded as MatMulNBits rounds its input at accuracy level 4: symmetric int8 per
-    row, one scale per block of `block_size` inputs (max |x| / 127), half to even."""
-    import torch
-    import torch.nn.functional as F
-
-    def round8(x):
-        k = x.shape[-1]
-        pad = -k % block_size
-        xb = F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block_size)  # (..., K/bs, bs)
-        scale = xb.abs().amax(-1, keepdim=True) / 127.0
-        scale = scale.masked_fill(scale == 0, 1.0)
-        return (torch.round(xb / scale) * scale).reshape(*x.shape[:-1], -1)[..., :k]
-
-    return round8
-
-
-def _int8_activations(block_size: int):
-    """A forward pre-hook that rounds a Linear's input as MatMulNBits does at accuracy level 4."""
-    round8 = int8_blocks(block_size)
-
-    def hook(module, args):
-        return (round8(args[0]),) + tuple(args[1:])
-
-    return hook
-
-
 def fake_quantize(modules, scheme: Scheme) -> int:
     """Give every nn.Linear in `modules` the numerics of its MatMulNBits node: the dequantized
     weight and, at accuracy level 4, int8-rounded input blocks (matches onnxruntime to ~1e-5).
@@ -216,6 +190,7 @@ def fake_quantize(modules, scheme: Scheme) -> int:
     from torch import nn
 
     from .gguf_blocks import exact_twin
+    from .int8_activations import int8_activations
 
     seen: set[int] = set()
     count = 0
@@ -230,5 +205,5 @@ def fake_quantize(modules, scheme: Scheme) -> int:
                 deq = torch.from_numpy(np.ascontiguousarray(dequantized(w, scheme).T))
                 m.weight = nn.Parameter(deq.to(m.weight.dtype), requires_grad=False)
                 if scheme.accuracy_level == 4:
-                    m.register_forward_pre_hook(_int8_activations(scheme.block_size))
+                    m.register_forward_pre_hook(int8_activations(scheme.block_size))
     return count

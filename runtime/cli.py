@@ -1,25 +1,18 @@
-"""`lama`: the command line. Device commands live here, with the runtime; host commands are
-found in `exporter.cli` when the exporter's dependencies are installed.
+"""The device commands of `lama` (generate, chat, inspect), with the runtime: numpy,
+onnxruntime, tokenizers and jinja2 only, no torch, and no import of the exporter.
 
-The base install (`pip install lama-ee`: numpy, onnxruntime, tokenizers, jinja2) offers
-`lama generate`, `lama chat`, `lama inspect` and `lama --version` on a device without torch;
-`lama train / calibrate / export` say what to install there instead of failing on an import.
-Imports are deferred to each command so `lama --help` is instant.
+The `lama` program (`lama/cli.py`) adds these to the host commands (train, calibrate, export:
+`exporter/cli.py`). `python -m runtime.cli ...` runs the device commands alone, as a device
+without the `lama` package would. Imports are deferred to each command so `--help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
-
-HOST_COMMANDS = {"train": "train exit heads, then calibrate", "calibrate": "choose exit thresholds",
-                 "export": "split into per-segment graphs with a manifest"}
-HOST_DEPS = ("torch", "transformers", "onnx")
-
 
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
@@ -38,10 +31,6 @@ def version() -> str:
     except ImportError:
         ort = "onnxruntime missing"
     return f"lama {v} (manifest schema {SCHEMA_VERSION}; {ort}; Python {sys.version.split()[0]})"
-
-
-def missing_host_deps() -> list[str]:
-    return [m for m in HOST_DEPS if importlib.util.find_spec(m) is None]
 
 
 # -- device commands -------------------------------------------------------------------------
@@ -223,31 +212,17 @@ def add_device_commands(sub) -> None:
     i.set_defaults(func=cmd_inspect)
 
 
-def _host_missing(a: argparse.Namespace) -> None:
-    raise SystemExit(f"lama {a.command}: this needs the host install ({', '.join(a.missing)} missing here): "
-                     f"pip install 'lama-ee[export]'. A device only needs generate, chat and inspect.")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lama", description="Self-supervised early exits for LLMs, exported per segment.")
+    """The device commands alone (`python -m runtime.cli`); `lama/cli.py` adds the host ones."""
+    p = argparse.ArgumentParser(prog="lama", description="Run an exported early-exit model on this device.")
     p.add_argument("--version", action="version", version=version())
-    sub = p.add_subparsers(dest="command", required=True)
-    missing = missing_host_deps()
-    if not missing:
-        from exporter.cli import add_host_commands
-
-        add_host_commands(sub)
-    else:  # listed, so `lama --help` shows them, but they only explain what to install
-        for name, help_text in HOST_COMMANDS.items():
-            h = sub.add_parser(name, help=f"{help_text} (host install only)", add_help=False)
-            h.add_argument("rest", nargs=argparse.REMAINDER)
-            h.set_defaults(func=_host_missing, missing=missing)
-    add_device_commands(sub)
+    add_device_commands(p.add_subparsers(dest="command", required=True))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and run one command; errors a user can fix print one line and return 2."""
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:  # one-line errors, no traceback
@@ -256,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lama generate ... | head`
         return 0
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

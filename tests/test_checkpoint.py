@@ -89,7 +89,7 @@ def test_save_replaces_a_checkpoint_an_empty_folder_or_anything_when_asked(tmp_p
 
 
 def test_lama_train_refuses_a_non_checkpoint_out_before_training(tmp_path, capsys):
-    from runtime.cli import main
+    from lama.cli import main
 
     runs = tmp_path / "runs"
     runs.mkdir()

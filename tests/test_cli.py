@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "It is a truth universally acknowledged"
 # what a device without the host extras looks like: torch and transformers cannot be imported
 NO_TORCH = ("import sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
-            "from runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from lama.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def lama(*args, stdin: str | None = None, no_torch: bool = False, check: bool = True):
-    cmd = [sys.executable, "-c", NO_TORCH] if no_torch else [sys.executable, "-m", "runtime.cli"]
+    cmd = [sys.executable, "-c", NO_TORCH] if no_torch else [sys.executable, "-m", "lama"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd + [str(a) for a in args], input=stdin, capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=300)
@@ -109,6 +109,19 @@ def test_device_install_without_torch(calibrated):
     r = lama("train", "smollm2-135m", "--out", "x", no_torch=True, check=False)
     assert r.returncode != 0 and "pip install 'lama-ee[export]'" in r.stderr and "torch" in r.stderr
     assert "train" in lama("--help", no_torch=True).stdout
+
+
+def test_device_commands_stand_alone_without_the_exporter(calibrated):
+    """runtime/cli.py is the device side on its own: it runs with exporter/ and lama/ unimportable
+    (`lama/cli.py` composes it with the host commands; runtime imports neither)."""
+    code = ("import sys; sys.modules['torch'] = sys.modules['exporter'] = sys.modules['lama'] = None; "
+            "from runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, "inspect", str(calibrated)], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0 and "segment 0" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert "generate" in r.stdout and "train" not in r.stdout
 
 
 def test_clear_errors(calibrated, tmp_path):

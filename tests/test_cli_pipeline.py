@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import SAMPLE_TEXT, char_tokenizer, tiny_model
 
-from exporter import cli
+from lama import cli
 from runtime import Runtime
 
 PROMPT = "It is a truth"

@@ -317,7 +317,7 @@ def test_stream_and_cli_print_complete_characters(exported, monkeypatch, capsys)
     the model is scripted to emit the ids of MULTIBYTE, several of them lone UTF-8 bytes."""
     from tokenizers import Tokenizer
 
-    from exporter import cli
+    from lama import cli
 
     stories = Tokenizer.from_file(str(next((HF_CACHE / "models--karpathy--stories260K").glob("snapshots/*/tokenizer.json"))))
     ids = stories.encode(MULTIBYTE, add_special_tokens=False).ids

@@ -168,7 +168,7 @@ def test_buffer_refused_where_unsupported(tmp_path, llama_exports):
 
 
 def test_cli_kv_options(tmp_path, llama_exports, capsys):
-    from exporter import cli
+    from lama import cli
 
     _, _, _, ckpt = llama_exports
     out = tmp_path / "cli"

@@ -179,7 +179,7 @@ def test_non_finite_scores_and_thresholds_are_refused():
 
 def test_lama_train_prints_the_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """The CLI path: one line naming the exit and the step, exit status 2, no --out folder."""
-    from exporter.cli import main
+    from lama.cli import main
 
     model_dir = tmp_path / "model"
     bb = tiny_backbone("llama")

@@ -229,7 +229,7 @@ def test_gguf_blocks_are_kept_exactly(tmp_path, level):
         # int8 activations cost about what they cost llama.cpp (the exact weights times the rounded
         # input), not more: the 4-bit part is centred, d*(q-8), so the rounding error is weighted by
         # about the weights; with d*q (all >= 0) it was 1.85x llama.cpp's error in this set-up
-        from exporter.quantize import int8_blocks
+        from exporter.int8_activations import int8_blocks
 
         rounded = int8_blocks(32)(torch.from_numpy(x)).numpy() @ w41
         assert np.abs(ya - x @ w41).mean() < 1.5 * np.abs(rounded - x @ w41).mean()

@@ -347,7 +347,7 @@ def test_check_can_build_old_tensorrt(monkeypatch):
 def test_cli_export_tensorrt_without_gpu_fails_cleanly(onnx_export, tmp_path, monkeypatch, capsys):
     """The real environment here: no tensorrt, no GPU. The command fails fast, says why and
     what to do instead, and leaves no output folder behind."""
-    from exporter import cli
+    from lama import cli
 
     if tb.TensorRTBackend.available():
         pytest.skip("this machine can build TensorRT engines")
