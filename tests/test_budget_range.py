@@ -191,7 +191,7 @@ def test_reports_count_work_under_the_kv_policy(tmp_path):
 
 
 def test_cli_prints_the_range_and_refuses_in_one_line(tmp_path, capsys):
-    from runtime.cli import main
+    from lama.cli import main
 
     ckpt = fake_checkpoint(tmp_path / "ckpt", SMOL, confidence="gate")
     assert main(["calibrate", str(ckpt), "--budget", "1.0"]) == 0
