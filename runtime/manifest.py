@@ -27,7 +27,9 @@ the runtime relies on (`Manifest.check_values`: sizes, token ids, thresholds, fi
 so a bad manifest is refused at load with a ManifestError that names the key, not later inside
 onnxruntime or numpy.
 
-One source of truth per fact (schema 3): the thresholds the runtime uses are
+Every field, its type and the schema version that added it: docs/manifest.md (the spec);
+tests/data/manifests/ holds a golden manifest of each supported version, loaded by
+tests/test_golden_manifests.py. One source of truth per fact (schema 3): the thresholds the runtime uses are
 `calibration.thresholds` (an exit records no copy), the KV layout is `kv_cache.layout` (no
 `kv_layout` string). Older manifests that carry those copies still load; the copies are
 ignored. Every file the runtime reads carries its size and sha256, tokenizer files included
@@ -227,8 +229,10 @@ class KVCacheInfo:
 class QuantizationInfo:
     """How the weights of an int8/int4 export were quantized (absent for fp32/fp16).
 
-    Optional in schema version 1: readers that predate it ignore the key, and the graphs
-    still run on onnxruntime (MatMulNBits is a contrib op of its CPU and CUDA providers)."""
+    Optional, added while the schema was 2 without a version bump: readers that predate it
+    ignore the key, and the graphs still run on onnxruntime (MatMulNBits is a contrib op of its
+    CPU and CUDA providers). The full field list, with the version that added each, is
+    docs/manifest.md."""
 
     method: str  # e.g. "onnxruntime MatMulNBits (weight-only, round-to-nearest)"
     bits: int  # 4 or 8
@@ -241,7 +245,7 @@ class QuantizationInfo:
     calibration: dict = field(default_factory=dict)  # what the thresholds were calibrated on, and the
     # quantized model's own agreement with the fp32 one
     exact_blocks: dict = field(default_factory=dict)  # {"q4_1": n, "q8_0": n}: weights whose GGUF blocks
-    # were kept exactly instead of re-quantized (optional, schema version 1)
+    # were kept exactly instead of re-quantized (optional, added in schema 2)
 
 
 @dataclass(frozen=True)
