@@ -59,7 +59,9 @@ def _options(a: argparse.Namespace) -> dict:
     stop = [unescape(s) for s in a.stop] if a.stop else None
     return dict(thresholds=thresholds, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed, stop=stop,
-                stop_at_eos=not a.ignore_eos, max_time=a.max_time, exact=a.exact)
+                stop_at_eos=not a.ignore_eos, max_time=a.max_time, exact=a.exact,
+                **(dict(drafts=a.drafts, draft_tokens=a.draft_tokens) if a.exact or a.drafts else {}),
+                **(dict(online_check=True) if a.online_check else {}))
 
 
 def _stats(result) -> str:
@@ -172,7 +174,15 @@ def _generation_args() -> argparse.ArgumentParser:
     g.add_argument("--target", type=float, help="use the thresholds of another target from the calibration table")
     g.add_argument("--full", action="store_true", help="never exit early (the full model)")
     g.add_argument("--exact", action="store_true", help="verify early tokens with the full model's head (defer, "
-                   "greedy): the output is the full model's; tokens appear once verified")
+                   "greedy): the output is the full model's; tokens appear once verified. Drafted tokens are "
+                   "verified several per call (multi-token decoding)")
+    g.add_argument("--drafts", nargs="+", default=None, metavar="SOURCE",
+                   help="with --exact: draft sources to use (default: every one the export holds; 'lookup' = "
+                        "n-gram matches in the prompt and the text so far; 'none' = one token per call)")
+    g.add_argument("--draft-tokens", type=int, default=6, help="with --exact: most tokens drafted per call")
+    g.add_argument("--online-check", action="store_true",
+                   help="without --exact (defer): check exited tokens against the full model as their deferred "
+                        "layers run, and tighten an exit whose running agreement falls below the target")
     s = p.add_argument_group("sampling (default: greedy)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")

@@ -71,7 +71,7 @@ def make_drafters(drafts) -> list[Drafter]:
     "none"/False/[] = none, a name, or a list of names or Drafter objects (your own source)."""
     if drafts is None or drafts == "all" or drafts is True:
         drafts = list(SOURCES)
-    elif drafts in ("none", False):
+    elif drafts in ("none", False) or (isinstance(drafts, (list, tuple)) and list(drafts) == ["none"]):
         return []
     elif isinstance(drafts, str) or hasattr(drafts, "propose"):
         drafts = [drafts]

@@ -26,6 +26,7 @@ import numpy as np
 from .chain import StepStats
 from .detokenize import IncrementalDecoder
 from .drafting import make_drafters
+from .online import OnlineCheck
 from .kv_cache import KVCache
 from .manifest import ManifestError
 from .prefix_cache import KeptSequence
@@ -55,6 +56,7 @@ class GenerationRun:
     eos: frozenset = frozenset()  # exact mode verifies these before stopping
     stop: str | None = None
     drafters: list = field(default_factory=list)  # exact mode: draft sources, tried in order
+    online: OnlineCheck | None = None  # relaxed mode: checks exited tokens as their deferred layers run
     draft_tokens: int = 0  # most tokens drafted per step
 
 
@@ -87,6 +89,14 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) or draft_tokens < 0:
         raise ValueError(f"draft_tokens must be an integer >= 0, got {draft_tokens!r}")
     drafters = make_drafters(drafts) if exact else []
+    online = options.pop("online_check", False)
+    if online is not False and online is not None:
+        if exact:
+            raise ValueError("online_check is for relaxed mode: exact mode already verifies every token")
+        if rt.kv_policy != "defer":
+            raise ValueError("online_check needs the 'defer' KV policy (the fill policy never runs skipped layers)")
+        if not isinstance(online, OnlineCheck) and online is not True:
+            raise TypeError(f"online_check must be True, False or an OnlineCheck, got {online!r}")
     if drafts not in (None, "none", False) and not exact:
         raise ValueError("drafts are verified by the full model in exact mode only: pass exact=True")
     if "stream" in options:
@@ -113,13 +123,20 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
     run = GenerationRun(ids.tolist(), stopping, Sampler(params), rt.resolve_thresholds(thresholds), exact=exact,
                         eos=frozenset(rt.manifest.tokenizer.eos_ids if stop_at_eos else ()),
                         drafters=drafters, draft_tokens=min(int(draft_tokens), rt.max_pending))
+    if online is True:
+        online = OnlineCheck.for_manifest(rt.manifest, run.thresholds,
+                                          thresholds if isinstance(thresholds, float) else None)
+    run.online = online or None
+    if run.online is not None:
+        run.thresholds = list(run.thresholds)  # tightened in place as the check goes
 
     def finish(records: list[TokenRecord]) -> GenerationResult:
         text = rt.tokenizer.decode([r.token for r in records])
         if run.stop == "stop":  # cut before the stop string, as the stream did
             text = text[:stopping.stop.find(text)]
         return GenerationResult.from_records(run.prompt, records, text, rt.manifest.model.num_layers,
-                                             stop_reason=run.stop, cached_tokens=run.cached)
+                                             stop_reason=run.stop, cached_tokens=run.cached,
+                                             online=run.online.report() if run.online else None)
 
     return Stream(_records(rt, ids, max_new_tokens, reuse, run), finish)
 
@@ -181,6 +198,11 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
                 verified = max(verified, i + 1)
         else:
             verified = len(made)
+            if run.online is not None:  # deferred positions ran deep: were their exited tokens right?
+                for pos, full in stats.full_tokens.items():
+                    i = pos + 1 - p
+                    if 0 <= i < len(made) and made[i].segment != last:
+                        run.online.observe(made[i].segment, made[i].token == full, run.thresholds)
         if len(made) > shown:  # the newest token not yet shown takes this step's (and carried) work
             made[-1].work.add(carry)
             carry = StepStats()

@@ -49,12 +49,13 @@ class GenerationResult:
     num_layers: int
     stop_reason: str | None = None  # eos, stop, max_new_tokens, context, max_time, cancelled
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused (chat turns), not pre-filled
+    online: dict | None = None  # relaxed mode with online_check: exited tokens checked, thresholds tightened
 
     @classmethod
     def from_records(cls, prompt, records, text, num_layers, *, stop_reason: str | None = None,
-                     cached_tokens: int = 0) -> "GenerationResult":
+                     cached_tokens: int = 0, online: dict | None = None) -> "GenerationResult":
         return cls(tuple(prompt), tuple(r.token for r in records), text, tuple(records), num_layers,
-                   stop_reason, cached_tokens)
+                   stop_reason, cached_tokens, online)
 
     @property
     def prefill_tokens(self) -> int:
@@ -124,6 +125,12 @@ class GenerationResult:
         if d["sources"]:
             per = ", ".join(f"{k} {v['accepted']}/{v['drafted']}" for k, v in d["sources"].items())
             rb += f"; {d['tokens_per_step']:.2f} tokens per step (drafts accepted: {per})"
+        if self.online:
+            seen = [e for e in self.online["exits"] if e["checked"]]
+            ok = sum(e["agreed"] for e in seen)
+            n = sum(e["checked"] for e in seen)
+            rb += (f"; online check: {ok}/{n} exited tokens agreed with the full model, "
+                   f"{len(self.online['changes'])} threshold(s) tightened") if n else "; online check: nothing checked yet"
         return (f"{len(self.tokens)} tokens, {self.tokens_per_second:.1f} tokens/s, "
                 f"first token {self.first_token_seconds * 1e3:.1f} ms, "
                 f"latency p50/p95/max {lat['p50'] * 1e3:.1f}/{lat['p95'] * 1e3:.1f}/{lat['max'] * 1e3:.1f} ms; "
@@ -141,6 +148,7 @@ class GenerationResult:
                 "work": {k: _finite(v) for k, v in self.work().items()},
                 "latency_seconds": {k: _finite(v) for k, v in self.latency().items()},
                 "exits": {str(k): v for k, v in self.exit_histogram().items()},
+                "online_check": self.online,
                 "drafts": {"sources": {k: {kk: _finite(vv) for kk, vv in v.items()}
                                        for k, v in self.drafts()["sources"].items()},
                            "steps": self.drafts()["steps"],

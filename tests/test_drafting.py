@@ -133,3 +133,35 @@ def test_draft_options_are_checked(exports):
         rt.generate(PROMPT, 4, exact=True, draft_tokens=-1)
     res = rt.generate(PROMPT, 8, exact=True, draft_tokens=0, stop_at_eos=False)
     assert res.drafts()["sources"] == {}
+
+
+# -- the online check of relaxed mode ------------------------------------------------------------
+def test_online_check_tightens_exits_that_disagree(exports):
+    """Random heads forced to exit everywhere agree with the full model rarely: the check sees
+    it as their deferred layers run, and switches those exits off; what it reports is what ran."""
+    from runtime.online import OnlineCheck
+
+    rt = Runtime.load(exports["concat"], max_pending=2)
+    loose = [0.0] * len(rt.manifest.exits)
+    plain = rt.generate(PROMPT, 40, thresholds=loose, stop_at_eos=False)
+    checked = rt.generate(PROMPT, 40, thresholds=loose, stop_at_eos=False, online_check=True)
+    rep = checked.online
+    assert rep["changes"], rep  # at least one exit was tightened
+    n = sum(e["checked"] for e in rep["exits"])
+    assert n > 0 and all(e["agreed"] <= e["checked"] for e in rep["exits"])
+    assert checked.mean_layers > plain.mean_layers  # tightened exits let tokens out later
+    assert "online check" in checked.summary() and checked.to_dict()["online_check"] == rep
+    # a check that never fires changes nothing: same tokens as without it
+    calm = OnlineCheck.for_manifest(rt.manifest, rt.resolve_thresholds(loose), target=0.01)
+    same = rt.generate(PROMPT, 40, thresholds=loose, stop_at_eos=False, online_check=calm)
+    assert same.tokens == plain.tokens and same.online["changes"] == []
+
+
+def test_online_check_refusals(exports):
+    rt = Runtime.load(exports["concat"])
+    with pytest.raises(ValueError, match="relaxed mode"):
+        rt.generate(PROMPT, 4, exact=True, online_check=True)
+    with pytest.raises(ValueError, match="defer"):
+        Runtime.load(exports["concat"], kv_policy="fill").generate(PROMPT, 4, online_check=True)
+    with pytest.raises(TypeError, match="online_check"):
+        rt.generate(PROMPT, 4, online_check="yes")

@@ -1,0 +1,227 @@
+"""Exact multi-token decoding on an export: how often drafts are accepted, and does it pay?
+
+    python benchmarks/multitoken.py EXPORT [--data ../shared/data] [--per-domain 8]
+        [--prompt-tokens 128] [--new-tokens 32] [--rounds 15] [--timed-per-domain 2]
+        [--threads 2] [--draft-tokens 6] [--out DIR]
+
+Prompts are windows of the held-out share of every domain's text (exporter/data.py: the
+part of each document that training and calibration never draw from). Two parts:
+
+1. Acceptance (not timed; greedy, so deterministic): every prompt generates `--new-tokens`
+   tokens in exact mode with each draft source; per domain, tokens drafted and accepted,
+   acceptance per draft position (position i counts when positions < i were accepted), and
+   the mean tokens each decoding step made. Every exact output is checked against the same
+   export's full path (token for token).
+2. Speed (timed, paired): the export's full path (exits off, one token per call) against
+   exact decoding with drafts (exits off), and with drafts and the calibrated exits, taking
+   turns within each round (order rotating); the verdict is the median per-round ratio with
+   a bootstrap 95% interval (timing.ratio_interval), on `--timed-per-domain` prompts of each
+   domain. Load average is recorded: time only on quiet cores.
+
+Writes multitoken.json and multitoken.md into --out (default: print only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from timing import ratio_interval  # beside this script
+
+from report import write_report
+
+ARMS = {"full path": dict(thresholds="never"),
+        "exact + drafts, exits off": dict(thresholds="never", exact=True),
+        "exact + drafts + exits": dict(exact=True)}
+
+
+def heldout_prompts(export: Path, data: list[Path], per_domain: int, length: int) -> dict[str, list[list[int]]]:
+    """{domain: prompts}: `per_domain` windows of `length` tokens from each domain's held-out text."""
+    from transformers import PreTrainedTokenizerFast
+
+    from exporter.data import make_splits, read_docs
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(export / "tokenizer.json"))
+    docs = read_docs(data)
+    domains = sorted({d.domain for d in docs})
+    splits = make_splits(docs, tok, length, {"train": 0, "calib": 0, "heldout": per_domain * length * len(domains)})
+    w = splits["heldout"]
+    return {name: w.ids[w.domain == i][:per_domain].tolist() for i, name in enumerate(w.domains)}
+
+
+def draft_positions(records, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(drafted, accepted) per draft position: a step that drafted d tokens of which the first
+    m were accepted counts positions 0..d-1 as drafted and 0..m-1 as accepted."""
+    drafted, accepted = np.zeros(64, int), np.zeros(64, int)
+    run = 0  # accepted drafts of `source` since the last step's record
+    for r in records:
+        if r.source == source:
+            run += 1
+            continue
+        d = r.drafted.get(source, 0)
+        drafted[:d] += 1
+        accepted[:min(run, d)] += 1
+        run = 0
+    return drafted, accepted
+
+
+def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_tokens: int) -> dict:
+    from tqdm.auto import tqdm
+
+    out, mismatches = {}, 0
+    for domain, ps in tqdm(prompts.items(), desc="acceptance", unit="domain"):
+        drafted, accepted = np.zeros(64, int), np.zeros(64, int)
+        tokens = steps = 0
+        for p in ps:
+            full = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False)
+            res = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False, exact=True,
+                              draft_tokens=draft_tokens)
+            mismatches += res.tokens != full.tokens
+            d, a = draft_positions(res.records, "lookup")
+            drafted, accepted = drafted + d, accepted + a
+            tokens += len(res.tokens)
+            steps += res.drafts()["steps"]
+        k = int(np.max(np.flatnonzero(drafted), initial=-1)) + 1
+        out[domain] = {"prompts": len(ps), "tokens": tokens, "steps": steps, "tokens_per_step": tokens / steps,
+                       "drafted": int(drafted.sum()), "accepted": int(accepted.sum()),
+                       "drafted_at": drafted[:k].tolist(), "accepted_at": accepted[:k].tolist()}
+    return {"domains": out, "mismatches": int(mismatches)}
+
+
+def call_cost(rt, prompt: list[int], sizes=(1, 2, 3, 4, 6, 8), reps: int = 30) -> dict:
+    """Milliseconds of one whole-chain call over S positions after `prompt` (median of `reps`,
+    sizes taking turns), and each over S=1: what a drafted position costs on this machine."""
+    never = [float("inf")] * len(rt.manifest.exits)
+    cache = rt.new_cache()
+    rt.step(np.asarray(prompt), cache, never)
+    rt.flush(cache)
+    p = cache.position
+    ids = np.asarray(prompt[:max(sizes)])
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    for _ in range(reps):
+        for s in sizes:
+            t0 = time.perf_counter()
+            rt.step(ids[:s], cache, never)
+            times[s].append(time.perf_counter() - t0)
+            cache.truncate(p)
+    ms = {s: 1e3 * float(np.median(v)) for s, v in times.items()}
+    return {"past": p, "ms": ms, "over_one": {s: ms[s] / ms[sizes[0]] for s in sizes}}
+
+
+def one_pass(rt, prompts, new_tokens: int, options: dict) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    results = [rt.generate(p, new_tokens, stop_at_eos=False, **options) for p in prompts]
+    return sum(len(r.tokens) for r in results) / (time.perf_counter() - t0), results
+
+
+def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_tokens: int) -> dict:
+    from tqdm.auto import tqdm
+
+    arms = {k: dict(v, **({"draft_tokens": draft_tokens} if v.get("exact") else {})) for k, v in ARMS.items()}
+    names = list(arms)
+    for n in names:  # warm-up, not timed
+        one_pass(rt, prompts[:1], new_tokens, arms[n])
+    load_start = os.getloadavg()
+    tps: dict[str, list[float]] = {n: [] for n in names}
+    last: dict[str, list] = {}
+    for r in tqdm(range(rounds), desc="paired rounds", unit="round"):
+        for n in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            s, last[n] = one_pass(rt, prompts, new_tokens, arms[n])
+            tps[n].append(s)
+    base = names[0]
+    same = {n: [a.tokens == b.tokens for a, b in zip(last[base], last[n])] for n in names}
+    rows = {}
+    for n in names:
+        ratios = [y / x for x, y in zip(tps[base], tps[n])]
+        d = [r.drafts() for r in last[n]]
+        steps = sum(x["steps"] for x in d)
+        rows[n] = {"tokens_per_second": float(np.median(tps[n])),
+                   "spread": float((max(tps[n]) - min(tps[n])) / 2 / np.median(tps[n])),
+                   "vs_full": float(np.median(ratios)), "vs_full_ci95": ratio_interval(ratios),
+                   "tokens_per_step": sum(len(r.tokens) for r in last[n]) / steps if steps else None,
+                   "same_tokens_as_full": f"{sum(same[n])}/{len(same[n])}",
+                   "layer_positions_per_token": float(np.mean([r.work()["per_token"] for r in last[n]])),
+                   "passes": tps[n]}
+    return {"rows": rows, "rounds": rounds, "prompts": len(prompts),
+            "load_average": {"start": load_start, "end": os.getloadavg()}}
+
+
+def markdown(res: dict) -> str:
+    s = res["settings"]
+    lines = [f"# Exact multi-token decoding: {s['export']}", "",
+             f"Held-out windows of every domain, {s['prompt_tokens']}-token prompts, {s['new_tokens']} greedy tokens, "
+             f"at most {s['draft_tokens']} drafted per call, {s['threads']} thread(s). Command: `{res['command']}`", "",
+             "## Acceptance of prompt-lookup drafts (exits off)", "",
+             f"Exact outputs that differ from the full path: {res['acceptance']['mismatches']}.", "",
+             "| domain | prompts | tokens per step | drafted | accepted | acceptance by draft position 1, 2, ... |",
+             "|---|---:|---:|---:|---:|---|"]
+    for dom, a in res["acceptance"]["domains"].items():
+        per = " ".join(f"{x / y:.2f}" if y else "-" for x, y in zip(a["accepted_at"], a["drafted_at"]))
+        lines.append(f"| {dom} | {a['prompts']} | {a['tokens_per_step']:.2f} | {a['drafted']} | {a['accepted']} | {per} |")
+    cc = res.get("call_cost")
+    if cc:
+        lines += ["", f"## Cost of one whole-chain call over S positions (after {cc['past']} positions; median)", "",
+                  "| S | " + " | ".join(str(k) for k in cc["ms"]) + " |", "|---|" + "---:|" * len(cc["ms"]),
+                  "| ms | " + " | ".join(f"{v:.2f}" for v in cc["ms"].values()) + " |",
+                  "| over S=1 | " + " | ".join(f"{v:.2f}" for v in cc["over_one"].values()) + " |"]
+    sp = res.get("speed")
+    if sp:
+        la = sp["load_average"]
+        lines += ["", f"## Speed: {sp['rounds']} paired rounds over {sp['prompts']} prompts "
+                      f"(load average {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end)", "",
+                  "| row | tokens/s (median) | spread | vs full path [95% CI] | tokens per step | same tokens as full | layer-positions per token |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for n, r in sp["rows"].items():
+            ci = r["vs_full_ci95"]
+            ci_s = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            tps = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else "1.00"
+            lines.append(f"| {n} | {r['tokens_per_second']:.1f} | ±{r['spread']:.0%} | {r['vs_full']:.2f}x{ci_s} | "
+                         f"{tps} | {r['same_tokens_as_full']} | {r['layer_positions_per_token']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("export", type=Path)
+    p.add_argument("--data", type=Path, nargs="+", help="text folders (default: ../shared/data)")
+    p.add_argument("--per-domain", type=int, default=8, help="held-out prompts per domain for acceptance")
+    p.add_argument("--timed-per-domain", type=int, default=2, help="of those, prompts per domain in the timed part")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=15, help="timed paired rounds (0: acceptance only)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--draft-tokens", type=int, default=6)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    if not (a.export / "manifest.json").is_file():
+        p.error(f"{a.export} is not an export folder (no manifest.json)")
+    if a.rounds and a.rounds < 3:
+        p.error("--rounds must be 0 or at least 3 (for an interval)")
+    from exporter.data import default_data_dir
+    from runtime import Runtime
+
+    rt = Runtime.load(a.export, threads=a.threads)
+    prompts = heldout_prompts(a.export, a.data or [default_data_dir()], a.per_domain, a.prompt_tokens)
+    res = {"command": "python benchmarks/multitoken.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "settings": {"export": str(a.export), "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                        "draft_tokens": a.draft_tokens, "threads": a.threads, "precision": rt.manifest.precision},
+           "acceptance": acceptance(rt, prompts, a.new_tokens, a.draft_tokens)}
+    if a.rounds:
+        first = next(iter(prompts.values()))[0]
+        res["call_cost"] = call_cost(rt, first)
+        timed = [q for ps in prompts.values() for q in ps[:a.timed_per_domain]]
+        res["speed"] = speed(rt, timed, a.new_tokens, a.rounds, a.draft_tokens)
+    md = markdown(res)
+    if a.out:
+        write_report(a.out, "multitoken", res, md)
+    else:
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
