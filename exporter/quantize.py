@@ -30,7 +30,7 @@ from runtime.manifest import QuantizationInfo
 EXCLUDE_PREFIXES = ("/gates/",)  # node-name prefixes left in float: the exit gates (Segment.gates)
 SCHEMES = {
     # precision -> (bits, block size, symmetric, accuracy level, exact GGUF blocks); chosen by
-    # measurement, see README
+    # measurement (docs/design.md, Export; benchmarks/results/smollm2-135m/llamacpp_fidelity/)
     "int4": (4, 32, True, 4, True),
     "int8": (8, 32, True, 4, False),
 }

@@ -47,7 +47,8 @@ def _session_options(ort, pool: str, threads: int | None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if pool == "shared":
         # one spinning pool for every session of the chain: a segment's small ops do not wait
-        # for sleeping threads to wake (SmolLM2 int4 chains 1.05-1.09x on idle cores: README)
+        # for sleeping threads to wake (SmolLM2 int4 chains 1.05-1.09x, within noise, at load 2-3.6:
+        # benchmarks/results/smollm2-135m/thread_pools/)
         opts.use_per_session_threads = False
     else:
         # spinning threads of N per-session pools fight for the same cores: a chain of 8

@@ -23,9 +23,10 @@ if [ -n "${LAMA_DATA:-}" ]; then DATA=(--data "$LAMA_DATA"); fi
 # training text (SmolLM2: 409,600 tokens; the frozen pass over it is most of the job's time on a CPU).
 [ -n "${LAMA_DEVICE:-}" ] && DATA+=(--device "$LAMA_DEVICE")
 [ -n "${LAMA_TRAIN_TOKENS:-}" ] && DATA+=(--train-tokens "$LAMA_TRAIN_TOKENS")
-# The export the README recommends for this machine: 4-bit weights on a CPU (SmolLM2's int4 chain
-# decodes ~2.4x its fp32 one; the export also calibrates on the quantized model), fp32 where an
-# NVIDIA GPU is present. LAMA_PRECISION=fp32|fp16|int8|int4 overrides.
+# The export the README recommends for this machine: 4-bit weights on a CPU (in the committed
+# SmolLM2 run, benchmarks/results/smollm2-135m/results.md, the int4 chain decoded at 3.1x
+# optimum/onnxruntime and the fp32 chain at 1.3x; the export also calibrates on the quantized
+# model), fp32 where an NVIDIA GPU is present. LAMA_PRECISION=fp32|fp16|int8|int4 overrides.
 if [ -z "${LAMA_PRECISION:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then LAMA_PRECISION=fp32; else LAMA_PRECISION=int4; fi
 fi
