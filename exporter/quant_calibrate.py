@@ -61,7 +61,7 @@ def policy_thresholds(calib: ExitScores, policy: Policy) -> list[float]:
     if policy.kind == "budget":
         from .budget import budget_thresholds
 
-        return [float(t) for t in budget_thresholds(calib, policy.budget).thresholds]
+        return [float(t) for t in budget_thresholds(calib, policy.budget, kv_policy=policy.kv_policy).thresholds]
     return calibrate_thresholds(calib, policy.target, delta=policy.delta, margin=policy.margin)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from numbers import Integral, Real
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,18 @@ from .stopping import Stopping
 from .verify import verify_files
 
 Thresholds = list[float | None] | float | str | None
+
+
+def _policy_warning(manifest: Manifest, kv_policy: str) -> str | None:
+    """Policy.kv_warning for the export's calibration policy (None when it fits, or is unreadable:
+    the manifest's own checks already passed, and a warning must never stop a load)."""
+    from .policy import Policy
+
+    try:
+        policy = Policy.from_dict(manifest.calibration.policy)
+    except (TypeError, ValueError, KeyError):
+        return None
+    return policy.kv_warning(kv_policy)
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 FLAG_OPTIONS = ("stop_at_eos", "reuse_cache", "exact")  # True or False, nothing truthy
 
@@ -138,6 +151,9 @@ class Runtime(Chain):
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         rt = cls(folder, manifest, backends, tokenizer, kv_policy, heads, fills, max_pending)
+        note = _policy_warning(manifest, kv_policy)
+        if note:  # a budget's work was counted for another KV policy than the one that will run
+            warnings.warn(note, stacklevel=2)
         if chat_template is not None:  # a file that replaces (or supplies) the export's template
             rt.chat_template = ChatTemplate.from_file(chat_template, special_tokens(folder))
         return rt

@@ -217,7 +217,15 @@ def test_export_at_budget_one_generates_the_full_models_tokens(tmp_path):
     api.calibrate(ckpt, budget=low, min_agreement=0.0)
     assert any(np.isfinite(t) for t in read_config(ckpt).thresholds if t is not None)
     api.calibrate(ckpt, budget=1.0)
-    rt = Runtime.load(api.export(ckpt, out=tmp_path / "onnx", backbone=bb))
+    folder = api.export(ckpt, out=tmp_path / "onnx", backbone=bb)
+    with pytest.warns(UserWarning, match="fill KV policy"):  # budgets are fitted for fill, the default runs defer
+        Runtime.load(folder)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime.load(folder, kv_policy="fill")  # the policy it was fitted for: no warning
+    rt = Runtime.load(folder, kv_policy="fill")
     assert rt.manifest.calibration.policy["kind"] == "budget" and rt.manifest.calibration.policy["budget"] == 1.0
     assert all(not np.isfinite(t) for t in rt.resolve_thresholds(None))
     prompt = "It is a truth universally"
