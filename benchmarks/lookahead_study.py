@@ -131,7 +131,7 @@ def study(model: str, train_dir: Path, heldout_dir: Path, exit_index: int, heads
     return out
 
 
-def build_heldout(checkpoint: Path, folder: Path) -> None:
+def build_heldout(checkpoint: Path, folder: Path, exits: list[int]) -> None:
     """Cache the frozen model's states on the checkpoint's held-out windows (text that neither
     training nor calibration drew from; Checkpoint.splits checks they are the recorded ones)."""
     from exporter.backbone import load_backbone
@@ -141,7 +141,7 @@ def build_heldout(checkpoint: Path, folder: Path) -> None:
     ck = Checkpoint.open(checkpoint)
     bb = load_backbone(ck.config.source)
     windows = ck.splits(bb.tokenizer)["heldout"]
-    cache_features(bb, windows, ck.config.exits, folder=folder, desc="caching held-out states")
+    cache_features(bb, windows, exits, folder=folder, desc="caching held-out states")
 
 
 def markdown(res: dict, command: str) -> str:
@@ -168,8 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("model", help="recipe name or model id (its LM head and final norm are used)")
     p.add_argument("--train-cache", type=Path, required=True)
     p.add_argument("--heldout-cache", type=Path, required=True)
-    p.add_argument("--exit", default="final",
-                   help="whose hidden state feeds the heads: 'final' (the last layer's, default) or an exit index")
+    p.add_argument("--exit", default="-1",
+                   help="whose hidden state feeds the heads: an exit index of the caches (default -1: the deepest) "
+                        "or 'final' (the last layer's; `lama train` keeps it only in RAM caches)")
     p.add_argument("--checkpoint", type=Path,
                    help="build --heldout-cache first (if missing) from this checkpoint's held-out windows")
     p.add_argument("--heads", type=int, default=3)
@@ -179,8 +180,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from exporter.recipes import load_recipe
 
-    if a.checkpoint and not (a.heldout_cache / "meta.json").is_file():
-        build_heldout(a.checkpoint, a.heldout_cache)
+    import json
+
+    if a.checkpoint and not (a.heldout_cache / "meta.json").is_file():  # the same exits as the training cache
+        build_heldout(a.checkpoint, a.heldout_cache, json.loads((a.train_cache / "meta.json").read_text())["exits"])
     for d in (a.train_cache, a.heldout_cache):
         if not (d / "meta.json").is_file():
             p.error(f"{d} is not a finished feature cache (no meta.json)")

@@ -60,7 +60,8 @@ def _options(a: argparse.Namespace) -> dict:
     return dict(thresholds=thresholds, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed, stop=stop,
                 stop_at_eos=not a.ignore_eos, max_time=a.max_time, exact=a.exact,
-                **(dict(drafts=a.drafts, draft_tokens=a.draft_tokens) if a.exact or a.drafts else {}),
+                **(dict(drafts=a.drafts, draft_tokens=a.draft_tokens, draft_cost=a.draft_cost)
+                   if a.exact or a.drafts else {}),
                 **(dict(online_check=True) if a.online_check else {}))
 
 
@@ -180,6 +181,9 @@ def _generation_args() -> argparse.ArgumentParser:
                    help="with --exact: draft sources to use (default: every one the export holds; 'lookup' = "
                         "n-gram matches in the prompt and the text so far; 'none' = one token per call)")
     g.add_argument("--draft-tokens", type=int, default=6, help="with --exact: most tokens drafted per call")
+    g.add_argument("--draft-cost", type=float, default=0.05,
+                   help="with --exact: one drafted position's cost as a share of a one-token call on this device "
+                        "(sets how long drafts are: benchmarks/multitoken.py measures it; ~0 on a GPU)")
     g.add_argument("--online-check", action="store_true",
                    help="without --exact (defer): check exited tokens against the full model as their deferred "
                         "layers run, and tighten an exit whose running agreement falls below the target")

@@ -25,7 +25,7 @@ import numpy as np
 
 from .chain import StepStats
 from .detokenize import IncrementalDecoder
-from .drafting import make_drafters
+from .drafting import DraftLengths, make_drafters
 from .online import OnlineCheck
 from .kv_cache import KVCache
 from .manifest import ManifestError
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 # of a step each for SmolLM2 on 2 CPU threads), a right one saves a whole step; the cap also
 # keeps a call within the export's decode profile (max_pending + 1 positions).
 DEFAULT_DRAFT_TOKENS = 6
+# What one drafted position costs, as a share of a one-token call: the draft length is chosen
+# against it (drafting.DraftLengths). Measured for SmolLM2 on 2 CPU threads (benchmarks/multitoken.py).
+DEFAULT_DRAFT_COST = 0.05
 
 
 @dataclass
@@ -58,6 +61,7 @@ class GenerationRun:
     drafters: list = field(default_factory=list)  # exact mode: draft sources, tried in order
     online: OnlineCheck | None = None  # relaxed mode: checks exited tokens as their deferred layers run
     draft_tokens: int = 0  # most tokens drafted per step
+    lengths: DraftLengths = field(default_factory=DraftLengths)  # how many of those pay, as drafting goes
 
 
 @dataclass
@@ -88,6 +92,10 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
     draft_tokens = options.pop("draft_tokens", DEFAULT_DRAFT_TOKENS)
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) or draft_tokens < 0:
         raise ValueError(f"draft_tokens must be an integer >= 0, got {draft_tokens!r}")
+    draft_cost = options.pop("draft_cost", DEFAULT_DRAFT_COST)
+    if isinstance(draft_cost, bool) or not isinstance(draft_cost, (int, float)) or not 0 <= draft_cost < 10:
+        raise ValueError(f"draft_cost (one drafted position's cost, as a share of a one-token call) must be a "
+                         f"number in [0, 10), got {draft_cost!r}")
     drafters = make_drafters(drafts) if exact else []
     online = options.pop("online_check", False)
     if online is not False and online is not None:
@@ -122,7 +130,8 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
                                 "which this export lacks: re-export it")
     run = GenerationRun(ids.tolist(), stopping, Sampler(params), rt.resolve_thresholds(thresholds), exact=exact,
                         eos=frozenset(rt.manifest.tokenizer.eos_ids if stop_at_eos else ()),
-                        drafters=drafters, draft_tokens=min(int(draft_tokens), rt.max_pending))
+                        drafters=drafters, draft_tokens=min(int(draft_tokens), rt.max_pending),
+                        lengths=DraftLengths(float(draft_cost)))
     if online is True:
         online = OnlineCheck.for_manifest(rt.manifest, run.thresholds,
                                           thresholds if isinstance(thresholds, float) else None)
@@ -169,6 +178,7 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
                 token = sampler.pick(logits[0], history)
             if drafts:  # checked below against the full model's tokens at their positions
                 stats.drafted[source] = len(drafts)
+                first_draft = len(made)
                 made += [_Token(d, last, n_layers, float("nan"), source=source) for d in drafts]
                 history += drafts
             made.append(_Token(token, j, rt.manifest.segments[j].layers[1], conf))
@@ -203,6 +213,9 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
                     i = pos + 1 - p
                     if 0 <= i < len(made) and made[i].segment != last:
                         run.online.observe(made[i].segment, made[i].token == full, run.thresholds)
+        if stats.drafted:  # drafts made[first_draft:...] kept until the first one the full model rejected
+            n_drafts = stats.drafted[source]
+            run.lengths.update(source, n_drafts, max(0, min(n_drafts, len(made) - 1 - first_draft)))
         if len(made) > shown:  # the newest token not yet shown takes this step's (and carried) work
             made[-1].work.add(carry)
             carry = StepStats()
@@ -223,9 +236,10 @@ def _draft(rt: "Runtime", cache: KVCache, x: np.ndarray, history: list[int], wan
     if room <= 0 or not run.drafters:
         return "", []
     for drafter in run.drafters:
-        tokens = drafter.propose(history, room)
+        k = run.lengths.choose(drafter.name, room)
+        tokens = drafter.propose(history, k) if k else []
         if tokens:
-            return drafter.name, tokens
+            return drafter.name, tokens[:k]
     return "", []
 
 

@@ -9,7 +9,7 @@ from conftest import make_checkpoint
 
 from exporter import api
 from runtime import Runtime
-from runtime.drafting import PromptLookup, make_drafters
+from runtime.drafting import DraftLengths, PromptLookup, make_drafters
 
 CAPACITY = 64
 PROMPT = "It is a truth universally acknowledged"
@@ -51,6 +51,20 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert PromptLookup(min_ngram=1).propose([4, 7, 4], 2) == [7, 4]
     with pytest.raises(ValueError, match="min_ngram"):
         PromptLookup(max_ngram=1, min_ngram=2)
+
+
+def test_draft_length_follows_what_drafting_earns():
+    lengths = DraftLengths(cost=0.05)
+    assert 1 <= lengths.choose("lookup", 6) <= 6  # the prior (half accepted) pays for a few positions
+    for _ in range(30):
+        lengths.update("lookup", 6, 6)  # every draft accepted: draft as long as allowed
+    assert lengths.choose("lookup", 6) == 6
+    bad = DraftLengths(cost=0.05)
+    for _ in range(30):
+        bad.update("lookup", 3, 0)  # the first position always rejected: stop paying for drafts
+    assert bad.choose("lookup", 6) == 0
+    assert DraftLengths(cost=5.0).choose("x", 6) == 0  # a position dearer than a call never pays
+    assert DraftLengths(cost=0.0).choose("x", 6) == 6  # free positions (a GPU): draft all
 
 
 def test_make_drafters_names_and_errors():
@@ -131,6 +145,8 @@ def test_draft_options_are_checked(exports):
         rt.generate(PROMPT, 4, drafts="lookup")
     with pytest.raises(ValueError, match="draft_tokens"):
         rt.generate(PROMPT, 4, exact=True, draft_tokens=-1)
+    with pytest.raises(ValueError, match="draft_cost"):
+        rt.generate(PROMPT, 4, exact=True, draft_cost=float("nan"))
     res = rt.generate(PROMPT, 8, exact=True, draft_tokens=0, stop_at_eos=False)
     assert res.drafts()["sources"] == {}
 
