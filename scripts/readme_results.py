@@ -87,6 +87,10 @@ SECTIONS = [
      "`python benchmarks/llamacpp_fidelity.py smollm2-135m --out benchmarks/results/smollm2-135m/genai_fidelity` "
      "(onnxruntime-genai 0.18's builder defaults: symmetric round-to-nearest, blocks of 32, re-quantizing the "
      "dequantized Q4_1 GGUF; llama.cpp skipped there: its venv was absent)."),
+    ("Exact multi-token decoding, int4 (SmolLM2-135M)", "smollm2-135m/multitoken-int4/multitoken.md",
+     "Commands and reading: [multitoken-int4/README.md](results/smollm2-135m/multitoken-int4/README.md)."),
+    ("Exact multi-token decoding, fp32 (SmolLM2-135M)", "smollm2-135m/multitoken-fp32/multitoken.md", None),
+    ("Lookahead heads, offline acceptance (SmolLM2-135M)", "smollm2-135m/lookahead/lookahead.md", None),
 ]
 
 
