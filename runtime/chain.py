@@ -105,6 +105,17 @@ class Chain:
                                           self.kv_policy)
         return KVCache.empty(layers, m.num_kv_heads, m.head_dim, self.dtype)
 
+    def recycle_cache(self, old: KVCache | None) -> KVCache:
+        """A cache for a new sequence. A KV buffer cache is emptied and used again: a fresh one is
+        capacity-sized (SmolLM2 at 8,192 positions: 377 MB) and writing into newly mapped memory
+        made a 13-token prefill take 20-385 ms instead of a steady 18 ms (int4, 2 threads); its
+        bindings are kept too. The graphs read a buffer only below the valid length, so the old
+        bytes above it are never seen. Any other cache: a new one."""
+        if isinstance(old, KVBufferCache):
+            old.truncate(0)
+            return old
+        return self.new_cache()
+
     def _run_segment(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats) -> dict:
         """Run segment j on x (positions [length_j, end)) and keep its new KV: returned arrays
         (concat), or written in place (buffer). Its pending states are in its cache then."""

@@ -251,7 +251,7 @@ def _records(rt: "Runtime", ids: np.ndarray, max_new_tokens: int, reuse: bool,
     # finds none and pre-fills from scratch instead of sharing (and corrupting) this one
     kept, rt.kept = rt.kept, None
     reused = kept.reuse_for(ids) if (reuse and kept is not None) else None
-    cache, run.cached = reused if reused else (rt.new_cache(), 0)
+    cache, run.cached = reused if reused else (rt.recycle_cache(kept.cache if kept else None), 0)
     stopping = run.stopping
     history = ids.tolist()  # the sequence so far: the repetition penalty looks at all of it
     consistent = True

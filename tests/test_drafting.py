@@ -181,3 +181,16 @@ def test_online_check_refusals(exports):
         Runtime.load(exports["concat"], kv_policy="fill").generate(PROMPT, 4, online_check=True)
     with pytest.raises(TypeError, match="online_check"):
         rt.generate(PROMPT, 4, online_check="yes")
+
+
+def test_a_kv_buffer_is_recycled_between_generations(exports):
+    """A new sequence reuses the previous one's KV buffers (emptied): same tokens as a fresh
+    runtime, whatever the old bytes above the valid length were."""
+    rt = Runtime.load(exports["buffer"])
+    first = rt.generate("abc abc abc", 12, stop_at_eos=False)
+    buffers = rt.kept.cache
+    second = rt.generate(PROMPT, 12, stop_at_eos=False)  # no common prefix: a new sequence
+    assert rt.kept.cache is buffers
+    assert second.tokens == Runtime.load(exports["buffer"]).generate(PROMPT, 12, stop_at_eos=False).tokens
+    again = rt.generate(PROMPT, 12, stop_at_eos=False, exact=True)  # drafts + rollback on a recycled buffer
+    assert again.tokens == second.tokens and first.tokens
