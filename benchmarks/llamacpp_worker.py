@@ -36,8 +36,13 @@ def _load_llamacpp(spec: dict):
     n = spec["max_new_tokens"]
     longest = max(len(p) for p in spec["prompts"]) + n
     threads = spec["threads"]
+    draft = None
+    if spec.get("prompt_lookup"):  # llama.cpp's own prompt-lookup decoding: n-gram drafts verified in a batch
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=int(spec["prompt_lookup"]))
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, longest + 8), n_batch=512, n_threads=threads,
-                n_threads_batch=threads, seed=0, verbose=False)
+                n_threads_batch=threads, seed=0, verbose=False, draft_model=draft)
 
     def run(ids: list[int]):
         llm.reset()  # n_tokens = 0: eval() then drops every cached position (no prefix reuse across passes)

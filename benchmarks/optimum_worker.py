@@ -172,12 +172,14 @@ def _load_lama(spec: dict):
     n = spec["max_new_tokens"]
     exact = bool(spec.get("exact"))
     resolved = rt.resolve_thresholds(th)
+    # exact mode drafts with every source unless the spec says otherwise ("none": one token per call)
+    drafting = {k: spec[k] for k in ("drafts", "draft_tokens", "draft_cost") if exact and k in spec}
 
     def run(ids: list[int]):
         t0 = time.perf_counter()
         first = None
         records = []
-        for rec in rt.stream(ids, n, thresholds=th, stop_at_eos=False, exact=exact):
+        for rec in rt.stream(ids, n, thresholds=th, stop_at_eos=False, exact=exact, **drafting):
             if first is None:
                 first = time.perf_counter()
             records.append(rec)

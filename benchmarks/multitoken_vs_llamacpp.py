@@ -1,0 +1,109 @@
+"""Exact multi-token decoding against what CPU users run: llama.cpp, plain and with its own
+prompt-lookup decoding, in the same run on the same prompts.
+
+    python benchmarks/multitoken_vs_llamacpp.py EXPORT [--gguf FILE] [--per-domain 2] [--rounds 15]
+        [--threads 2] [--new-tokens 32] [--prompt-lookup 6] [--out DIR]
+
+Rows, each a worker process of benchmarks/timing.py taking turns pass by pass (order rotating):
+llama.cpp on the GGUF the export was made from; llama.cpp with LlamaPromptLookupDecoding; our
+chain's full path (exits off, one token per call); our exact decoding with drafts (exits off).
+Prompts: `--per-domain` held-out windows of every domain (benchmarks/multitoken.py), greedy, no
+EOS stop. tokens/s is decode speed (after the first token, as every row of benchmarks/run.py);
+each row's ratio to llama.cpp is the median per-round ratio with a bootstrap 95% interval.
+Needs benchmarks/.venv-llamacpp (setup_llamacpp.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from report import write_report  # beside this script
+from timing import ratio_interval, time_rows
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("export", type=Path)
+    p.add_argument("--gguf", type=Path, help="the GGUF file (default: the recipe's, from the exporter's cache)")
+    p.add_argument("--recipe", default="smollm2-135m")
+    p.add_argument("--per-domain", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-lookup", type=int, default=6, help="llama.cpp's num_pred_tokens")
+    p.add_argument("--llamacpp-python", type=Path, default=HERE / ".venv-llamacpp" / "bin" / "python")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    if not a.llamacpp_python.exists():
+        p.error(f"{a.llamacpp_python} not found: run bash benchmarks/setup_llamacpp.sh")
+    from exporter.data import default_data_dir
+    from multitoken import heldout_prompts
+
+    gguf = a.gguf
+    if gguf is None:
+        from exporter.fetch import resolve_local
+        from exporter.recipes import load_recipe
+
+        folder, name = resolve_local(load_recipe(a.recipe).source)
+        gguf = Path(folder) / name
+    prompts = [q for ps in heldout_prompts(a.export, [default_data_dir()], a.per_domain, a.prompt_tokens).values()
+               for q in ps]
+    base = {"prompts": prompts, "max_new_tokens": a.new_tokens, "threads": a.threads}
+    me = Path(sys.executable)
+    specs = {"llama.cpp": (a.llamacpp_python, dict(base, backend="llamacpp", gguf_path=str(gguf))),
+             "llama.cpp + prompt lookup": (a.llamacpp_python, dict(base, backend="llamacpp", gguf_path=str(gguf),
+                                                                   prompt_lookup=a.prompt_lookup)),
+             "LAMA full path": (me, dict(base, backend="lama", export_dir=str(a.export), thresholds="never")),
+             "LAMA exact + drafts": (me, dict(base, backend="lama", export_dir=str(a.export), thresholds="never",
+                                              exact=True))}
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, failed = time_rows(specs, a.rounds, Path(tmp), timeout=900)
+    ref = rows.get("llama.cpp")
+    out = {}
+    for k, r in rows.items():
+        tps = [x["tokens_per_second"] for x in r["passes"]]
+        ratios = [x / y for x, y in zip(tps, (q["tokens_per_second"] for q in ref["passes"]))] if ref else []
+        full = rows.get("LAMA full path")
+        same = (sum(t == u for t, u in zip(r["passes"][-1]["tokens"], full["passes"][-1]["tokens"]))
+                if full else None)
+        out[k] = {"tokens_per_second": float(np.median(tps)), "spread": float((max(tps) - min(tps)) / 2 / np.median(tps)),
+                  "vs_llamacpp": float(np.median(ratios)) if ratios else None,
+                  "vs_llamacpp_ci95": ratio_interval(ratios) if ratios else None,
+                  "same_tokens_as_lama_full": f"{same}/{len(prompts)}" if same is not None else None,
+                  "passes": tps, "versions": r.get("versions")}
+    res = {"command": "python benchmarks/multitoken_vs_llamacpp.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "export": str(a.export), "gguf": gguf.name, "prompts": len(prompts), "new_tokens": a.new_tokens,
+           "threads": a.threads, "rounds": a.rounds, "rows": out, "failed": failed,
+           "load_average": {"start": load, "end": os.getloadavg()}}
+    lines = [f"# Exact multi-token decoding vs llama.cpp: {a.export}", "", f"`{res['command']}`", "",
+             f"{len(prompts)} held-out prompts ({a.prompt_tokens} tokens, {a.per_domain} per domain) x {a.new_tokens} "
+             f"greedy tokens, {a.threads} threads, {a.rounds} rounds with the rows taking turns; decode tokens/s "
+             f"(after the first token). Load average {load[0]:.2f} at start, {res['load_average']['end'][0]:.2f} at end.",
+             "", "| row | tokens/s (median) | spread | vs llama.cpp [95% CI] | same tokens as LAMA full path |",
+             "|---|---:|---:|---:|---:|"]
+    for k, r in out.items():
+        ci = r["vs_llamacpp_ci95"]
+        ratio = f"{r['vs_llamacpp']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        lines.append(f"| {k} | {r['tokens_per_second']:.1f} | ±{r['spread']:.0%} | {ratio} | "
+                     f"{r['same_tokens_as_lama_full']} |")
+    if failed:
+        lines += ["", "Failed rows: " + "; ".join(f"{k}: {v}" for k, v in failed.items())]
+    md = "\n".join(lines) + "\n"
+    if a.out:
+        write_report(a.out, "vs_llamacpp", res, md)
+    else:
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
