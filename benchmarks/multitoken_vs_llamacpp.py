@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-lookup", type=int, default=6, help="llama.cpp's num_pred_tokens")
+    p.add_argument("--draft-costs", type=float, nargs="+",
+                   help="one exact + drafts row per draft_cost (default: one row, the runtime's default)")
     p.add_argument("--llamacpp-python", type=Path, default=HERE / ".venv-llamacpp" / "bin" / "python")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
@@ -62,8 +64,10 @@ def main(argv=None) -> int:
              "llama.cpp + prompt lookup": (a.llamacpp_python, dict(base, backend="llamacpp", gguf_path=str(gguf),
                                                                    prompt_lookup=a.prompt_lookup)),
              "LAMA full path": (me, dict(base, backend="lama", export_dir=str(a.export), thresholds="never")),
-             "LAMA exact + drafts": (me, dict(base, backend="lama", export_dir=str(a.export), thresholds="never",
-                                              exact=True))}
+             **{f"LAMA exact + drafts{'' if c is None else f' (draft_cost {c:g})'}":
+                (me, dict(base, backend="lama", export_dir=str(a.export), thresholds="never", exact=True,
+                          **({} if c is None else {"draft_cost": c})))
+                for c in (a.draft_costs or [None])}}
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         rows, failed = time_rows(specs, a.rounds, Path(tmp), timeout=900)
