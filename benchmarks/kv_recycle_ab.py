@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from compare_exports import PROMPTS  # beside this script
-from report import write_report
+from report import command_line, write_report
 from timing import ratio_interval
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             tps[k].append(s)
             tokens[k] = [x.tokens for x in res]
     ratios = [b / x for x, b in zip(*tps.values())]
-    res = {"command": "python benchmarks/kv_recycle_ab.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": command_line("kv_recycle_ab.py", argv),
            "export": str(a.export), "rounds": a.rounds, "threads": a.threads, "new_tokens": a.new_tokens,
            "prompts": len(PROMPTS), "tokens_per_second": {k: float(np.median(v)) for k, v in tps.items()},
            "spread": {k: float((max(v) - min(v)) / 2 / np.median(v)) for k, v in tps.items()},
@@ -75,10 +75,7 @@ def main(argv=None) -> int:
                     *(f"| {k} | {res['tokens_per_second'][k]:.1f} | ±{res['spread'][k]:.0%} |" for k in arms), "",
                     f"B / A: **{res['b_over_a']:.3f}** [{lo:.3f}, {hi:.3f}] (median per-round ratio, bootstrap 95%).",
                     ""])
-    if a.out:
-        write_report(a.out, "kv_recycle", res, md)
-    else:
-        print(md)
+    write_report(a.out, "kv_recycle", res, md)
     return 0
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from report import write_report  # beside this script
+from report import command_line, write_report  # beside this script
 
 
 class LookaheadHeads(nn.Module):
@@ -193,12 +193,9 @@ def main(argv=None) -> int:
         source = a.model
     res = study(source, a.train_cache, a.heldout_cache, None if a.exit == "final" else int(a.exit), a.heads,
                 a.shortlist, a.steps)
-    command = "python benchmarks/lookahead_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("lookahead_study.py", argv)
     md = markdown(res, command)
-    if a.out:
-        write_report(a.out, "lookahead", res, md)
-    else:
-        print(md)
+    write_report(a.out, "lookahead", res, md)
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from timing import ratio_interval  # beside this script
 
-from report import write_report
+from report import command_line, write_report
 
 ARMS = {"full path": dict(thresholds="never"),
         "exact + drafts, exits off": dict(thresholds="never", exact=True),
@@ -71,11 +71,10 @@ def draft_positions(records, source: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _logits_after(rt, ids: list[int], split: int) -> np.ndarray:
     """The full model's logits (top-k spread over the vocabulary) after `ids`, computed as a
-    prefill of ids[:split] then one call per remaining token."""
+    prefill of ids[:split] then one call per remaining token (split = len(ids): the prefill's)."""
     never = [float("inf")] * len(rt.manifest.exits)
     cache = rt.new_cache()
-    rt.step(np.asarray(ids[:split]), cache, never)
-    logits = None
+    _, _, _, logits = rt.step(np.asarray(ids[:split]), cache, never, want_logits=True)
     for t in ids[split:]:
         _, _, _, logits = rt.step(np.asarray([t]), cache, never, want_logits=True)
     return logits[0]
@@ -92,12 +91,9 @@ def batching_noise(rt, prompts: list[list[int]], tail: int = 4) -> float:
     tokens one call each. Greedy choices closer than this can flip with how positions are batched."""
     worst = 0.0
     for p in prompts:
-        never = [float("inf")] * len(rt.manifest.exits)
-        cache = rt.new_cache()
-        _, _, _, whole = rt.step(np.asarray(p), cache, never, want_logits=True)
-        steps = _logits_after(rt, p, len(p) - tail)
-        both = np.isfinite(whole[0]) & np.isfinite(steps)
-        worst = max(worst, float(np.abs(whole[0][both] - steps[both]).max()))
+        whole, steps = _logits_after(rt, p, len(p)), _logits_after(rt, p, len(p) - tail)
+        both = np.isfinite(whole) & np.isfinite(steps)
+        worst = max(worst, float(np.abs(whole[both] - steps[both]).max()))
     return worst
 
 
@@ -254,7 +250,7 @@ def main(argv=None) -> int:
 
     rt = Runtime.load(a.export, threads=a.threads)
     prompts = heldout_prompts(a.export, a.data or [default_data_dir()], a.per_domain, a.prompt_tokens)
-    res = {"command": "python benchmarks/multitoken.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": command_line("multitoken.py", argv),
            "settings": {"export": str(a.export), "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                         "draft_tokens": a.draft_tokens, "threads": a.threads, "precision": rt.manifest.precision},
            "acceptance": acceptance(rt, prompts, a.new_tokens, a.draft_tokens)}
@@ -264,10 +260,7 @@ def main(argv=None) -> int:
         timed = [q for ps in prompts.values() for q in ps[:a.timed_per_domain]]
         res["speed"] = speed(rt, timed, a.new_tokens, a.rounds, a.draft_tokens)
     md = markdown(res)
-    if a.out:
-        write_report(a.out, "multitoken", res, md)
-    else:
-        print(md)
+    write_report(a.out, "multitoken", res, md)
     return 0
 
 

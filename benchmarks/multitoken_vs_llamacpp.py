@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from report import write_report  # beside this script
+from report import command_line, write_report  # beside this script
 from timing import ratio_interval, time_rows
 
 HERE = Path(__file__).resolve().parent
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                   "vs_llamacpp_ci95": ratio_interval(ratios) if ratios else None,
                   "same_tokens_as_lama_full": f"{same}/{len(prompts)}" if same is not None else None,
                   "passes": tps, "versions": r.get("versions")}
-    res = {"command": "python benchmarks/multitoken_vs_llamacpp.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": command_line("multitoken_vs_llamacpp.py", argv),
            "export": str(a.export), "gguf": gguf.name, "prompts": len(prompts), "new_tokens": a.new_tokens,
            "threads": a.threads, "rounds": a.rounds, "rows": out, "failed": failed,
            "load_average": {"start": load, "end": os.getloadavg()}}
@@ -102,10 +102,7 @@ def main(argv=None) -> int:
     if failed:
         lines += ["", "Failed rows: " + "; ".join(f"{k}: {v}" for k, v in failed.items())]
     md = "\n".join(lines) + "\n"
-    if a.out:
-        write_report(a.out, "vs_llamacpp", res, md)
-    else:
-        print(md)
+    write_report(a.out, "vs_llamacpp", res, md)
     return 0
 
 

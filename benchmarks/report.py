@@ -197,14 +197,23 @@ def policy_table(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, name: str, res: dict, md: str) -> None:
-    """A result as machines and people read it: OUT/NAME.json and OUT/NAME.md, the table printed."""
+def write_report(out: Path | None, name: str, res: dict, md: str) -> None:
+    """A result as machines and people read it: OUT/NAME.json and OUT/NAME.md, the table printed
+    (out=None: printed only, for a run without --out)."""
     import json
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-    (out / f"{name}.md").write_text(md)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        (out / f"{name}.md").write_text(md)
     print(md)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command a report quotes: `python benchmarks/SCRIPT` and its arguments."""
+    import sys
+
+    return f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def plain(x):

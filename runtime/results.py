@@ -140,6 +140,7 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         """Plain data for `--json` and scripts (per-token records included)."""
+        drafts = self.drafts()
         return {"text": self.text, "tokens": list(self.tokens), "stop_reason": self.stop_reason,
                 "prompt_tokens": len(self.prompt_tokens), "cached_tokens": self.cached_tokens,
                 "tokens_per_second": _finite(self.tokens_per_second),
@@ -150,9 +151,8 @@ class GenerationResult:
                 "exits": {str(k): v for k, v in self.exit_histogram().items()},
                 "online_check": self.online,
                 "drafts": {"sources": {k: {kk: _finite(vv) for kk, vv in v.items()}
-                                       for k, v in self.drafts()["sources"].items()},
-                           "steps": self.drafts()["steps"],
-                           "tokens_per_step": _finite(self.drafts()["tokens_per_step"])},
+                                       for k, v in drafts["sources"].items()},
+                           "steps": drafts["steps"], "tokens_per_step": _finite(drafts["tokens_per_step"])},
                 "records": [{"token": r.token, "text": r.text, "segment": r.segment, "exit_layer": r.exit_layer,
                              "confidence": r.confidence, "seconds": r.seconds,
                              "layer_positions": r.layer_positions, "fill_positions": r.fill_positions,
