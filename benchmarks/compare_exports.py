@@ -1,6 +1,6 @@
 """Is export B faster than export A? A paired A/B of two export folders on the same prompts.
 
-    python benchmarks/compare_exports.py A B [--rounds 20] [--threads 2] [--new-tokens 32]
+    python -m benchmarks.compare_exports A B [--rounds 20] [--threads 2] [--new-tokens 32]
                                          [--thresholds never] [--thresholds-b T] [--out DIR]
 
 For a change to the graphs (an encoding, a fusion) the full benchmark is too coarse: its rows
@@ -9,7 +9,7 @@ two exports take turns within each round (the order alternates), each generating
 `--new-tokens` greedy tokens for every prompt through the runtime (`Runtime.generate`, whole
 calls: prefill included, so short prompts keep it small), and the
 verdict is the median over rounds of B's tokens/s over A's, with a bootstrap 95% interval
-(timing.ratio_interval): an interval that holds 1.00 means no difference beyond noise.
+(timing.paired_rounds, timing.ratio_interval): an interval that holds 1.00 means no difference beyond noise.
 A and B may be one folder with different thresholds (`--thresholds never --thresholds-b 0.95`:
 do the calibrated exits pay on this machine?). Writes compare.json / compare.md into --out
 (default: print only).
@@ -26,10 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(HERE.parent))
-from timing import ratio_interval  # noqa: E402 (beside this script)
+from benchmarks.timing import paired_rounds, ratio_interval
 
 PROMPTS = ("The history of the city begins", "def parse(line):\n    ", "She opened the door and",
            "In 1905 the physicist")
@@ -49,8 +46,6 @@ def one_pass(rt, prompts, new_tokens: int, thresholds) -> tuple[float, float, fl
 
 def compare(a: Path, b: Path, *, rounds: int = 20, threads: int = 2, new_tokens: int = 32,
             thresholds="never", thresholds_b=None, prompts=PROMPTS) -> dict:
-    from tqdm.auto import tqdm
-
     from runtime import Runtime
 
     rts = [Runtime.load(p, threads=threads) for p in (a, b)]
@@ -58,12 +53,10 @@ def compare(a: Path, b: Path, *, rounds: int = 20, threads: int = 2, new_tokens:
     for rt, t in zip(rts, th):  # warm-up, not timed
         one_pass(rt, prompts[:1], new_tokens, t)
     load_start = os.getloadavg()
-    tps: list[list[float]] = [[], []]
-    depth, work = [0.0, 0.0], [0.0, 0.0]  # greedy and deterministic: the same every pass
-    for r in tqdm(range(rounds), desc="A/B rounds", unit="round"):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            speed, depth[i], work[i] = one_pass(rts[i], prompts, new_tokens, th[i])
-            tps[i].append(speed)
+    arms = {i: (lambda i=i: one_pass(rts[i], prompts, new_tokens, th[i])) for i in (0, 1)}
+    passes, last = paired_rounds(arms, rounds, desc="A/B rounds")
+    tps = [passes[0], passes[1]]
+    depth, work = [last[i][1] for i in (0, 1)], [last[i][2] for i in (0, 1)]  # greedy: the same every pass
     ratios = [y / x for x, y in zip(*tps)]
     return {"a": str(a), "b": str(b), "rounds": rounds, "threads": threads, "new_tokens": new_tokens,
             "prompts": len(prompts), "thresholds": {"a": th[0], "b": th[1]},

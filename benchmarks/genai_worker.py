@@ -1,8 +1,12 @@
 """onnxruntime-genai's greedy generation for the benchmark's genai row (JSON lines on stdout), and
 the model build it runs on.
 
-    benchmarks/.venv-genai/bin/python genai_worker.py SPEC.json        # then "pass" ..., "quit"
-    benchmarks/.venv-genai/bin/python genai_worker.py --build OUT [--model smollm2-135m]
+    benchmarks/.venv-genai/bin/python -m benchmarks.genai_worker SPEC.json    # then "pass" ..., "quit"
+    benchmarks/.venv-genai/bin/python -m benchmarks.genai_worker --build OUT [--model smollm2-135m]
+
+(from the repository root, or anywhere with the root on PYTHONPATH, as the harness runs it; that
+venv has no project install and needs none: a build from a recipe name reads exporter.recipes and
+exporter.fetch, standard library only, from the checkout)
 
 onnxruntime-genai (Microsoft's generation loop over onnxruntime, with its own model builder) is
 the other way to run a Hugging Face model as int4 ONNX on a CPU. Its builder
@@ -31,9 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import optimum_worker  # noqa: E402  (the shared protocol: serve, versions, memory)
+from benchmarks import optimum_worker  # the shared protocol: serve, versions, memory
 
 PRECISION = "int4"  # the builder's precision; its other choices stay at the builder's defaults
 
@@ -208,8 +210,7 @@ def _build_main(argv: list[str]) -> int:
     if a.model_path:
         path, gguf = a.model_path, a.gguf_file
     else:
-        sys.path.insert(0, str(HERE.parent))  # exporter.recipes / exporter.fetch: standard library only
-        from exporter.fetch import resolve_local
+        from exporter.fetch import resolve_local  # (standard library only, like exporter.recipes)
         from exporter.recipes import load_recipe
 
         path, gguf = resolve_local(load_recipe(a.model).source)

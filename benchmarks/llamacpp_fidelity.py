@@ -1,8 +1,8 @@
 """How faithful is each 4-bit model to the float one? llama.cpp's own Q4_1 run and
 onnxruntime-genai's int4 build next to our int4 exports.
 
-    python benchmarks/llamacpp_fidelity.py CKPT EXPORT [EXPORT ...] [--out DIR]
-    python benchmarks/llamacpp_fidelity.py smollm2-135m [EXPORT ...] --engines genai llamacpp
+    python -m benchmarks.llamacpp_fidelity CKPT EXPORT [EXPORT ...] [--out DIR]
+    python -m benchmarks.llamacpp_fidelity smollm2-135m [EXPORT ...] --engines genai llamacpp
 
 On the checkpoint's held-out windows (drawn exactly as `lama train` drew them; given a recipe
 name instead of a checkpoint, the windows `lama train` would draw with that recipe's training
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import write_report
+from benchmarks.timing import module_command, worker_env
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
-from report import write_report  # noqa: E402 (beside this script)
 
 LLAMACPP_PYTHON = HERE / ".venv-llamacpp" / "bin" / "python"
 GENAI_PYTHON = HERE / ".venv-genai" / "bin" / "python"
@@ -60,8 +60,7 @@ np.save(sys.argv[3], out)
 
 _GENAI = """
 import sys, numpy as np
-sys.path.insert(0, sys.argv[5])
-import genai_worker
+from benchmarks import genai_worker  # the repository root is on PYTHONPATH (timing.worker_env)
 np.save(sys.argv[3], genai_worker.teacher_forced_top1(sys.argv[1], np.load(sys.argv[2]), int(sys.argv[4])))
 """
 
@@ -92,15 +91,15 @@ def engine_top1(engine: str, python: Path, model: Path, windows: np.ndarray, thr
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "w.npy", windows)
         subprocess.run([str(python), "-c", script, str(model), str(Path(tmp) / "w.npy"), str(Path(tmp) / "top.npy"),
-                        str(threads), str(HERE)], check=True)
+                        str(threads)], check=True, env=worker_env())
         return np.load(Path(tmp) / "top.npy")
 
 
 def ensure_genai(python: Path, folder: Path, model_path: str, gguf: str | None) -> Path:
     """The genai int4 build in `folder`, made there once (dequantize + model builder)."""
     if not (folder / "genai_config.json").is_file():
-        cmd = [str(python), str(HERE / "genai_worker.py"), "--build", str(folder), "--model-path", model_path]
-        subprocess.run(cmd + (["--gguf-file", gguf] if gguf else []), check=True)
+        cmd = module_command(python, HERE / "genai_worker.py", "--build", folder, "--model-path", model_path)
+        subprocess.run(cmd + (["--gguf-file", gguf] if gguf else []), check=True, env=worker_env())
     return folder
 
 

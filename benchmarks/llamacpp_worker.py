@@ -1,6 +1,9 @@
 """Time llama.cpp's greedy generation for the benchmark's llama.cpp row (JSON lines on stdout).
 
-    benchmarks/.venv-llamacpp/bin/python llamacpp_worker.py SPEC.json   # then "pass" ..., "quit"
+    benchmarks/.venv-llamacpp/bin/python -m benchmarks.llamacpp_worker SPEC.json   # then "pass" ..., "quit"
+
+(from the repository root, or anywhere with the root on PYTHONPATH, as the harness runs it; that
+venv has no project install and needs none: the worker imports only optimum_worker from here)
 
 llama.cpp (through `llama-cpp-python`, built by setup_llamacpp.sh) is what people run a small
 model with on a CPU or a Jetson: it is the baseline an early-exit runtime has to beat. This
@@ -23,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import optimum_worker  # noqa: E402  (the shared protocol: serve, versions, memory)
+import llama_cpp  # (imported before serve() reads the "after imports" RSS, like the other rows)
 
-import llama_cpp  # noqa: E402  (imported before serve() reads the "after imports" RSS, like the other rows)
+from benchmarks import optimum_worker  # the shared protocol: serve, versions, memory
 
 
 def _load_llamacpp(spec: dict):

@@ -1,6 +1,6 @@
 """Exact multi-token decoding on an export: how often drafts are accepted, and does it pay?
 
-    python benchmarks/multitoken.py EXPORT [--data ../shared/data] [--per-domain 8]
+    python -m benchmarks.multitoken EXPORT [--data ../shared/data] [--per-domain 8]
         [--prompt-tokens 128] [--new-tokens 32] [--rounds 15] [--timed-per-domain 2]
         [--threads 2] [--draft-tokens 6] [--out DIR]
 
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from timing import ratio_interval  # beside this script
 
-from report import command_line, write_report
+from benchmarks.report import command_line, write_report
+from benchmarks.timing import paired_rounds, ratio_interval
 
 ARMS = {"full path": dict(thresholds="never"),
         "exact + drafts, exits off": dict(thresholds="never", exact=True),
@@ -152,19 +152,13 @@ def one_pass(rt, prompts, new_tokens: int, options: dict) -> tuple[float, list]:
 
 
 def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_tokens: int) -> dict:
-    from tqdm.auto import tqdm
-
     arms = {k: dict(v, **({"draft_tokens": draft_tokens} if v.get("exact") else {})) for k, v in ARMS.items()}
     names = list(arms)
     for n in names:  # warm-up, not timed
         one_pass(rt, prompts[:1], new_tokens, arms[n])
     load_start = os.getloadavg()
-    tps: dict[str, list[float]] = {n: [] for n in names}
-    last: dict[str, list] = {}
-    for r in tqdm(range(rounds), desc="paired rounds", unit="round"):
-        for n in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            s, last[n] = one_pass(rt, prompts, new_tokens, arms[n])
-            tps[n].append(s)
+    tps, passes = paired_rounds({n: (lambda n=n: one_pass(rt, prompts, new_tokens, arms[n])) for n in names}, rounds)
+    last = {n: passes[n][1] for n in names}  # each arm's results in the last round
     base = names[0]
     same = {n: [a.tokens == b.tokens for a, b in zip(last[base], last[n])] for n in names}
     rows = {}
@@ -250,7 +244,7 @@ def main(argv=None) -> int:
 
     rt = Runtime.load(a.export, threads=a.threads)
     prompts = heldout_prompts(a.export, a.data or [default_data_dir()], a.per_domain, a.prompt_tokens)
-    res = {"command": command_line("multitoken.py", argv),
+    res = {"command": command_line("benchmarks.multitoken", argv),
            "settings": {"export": str(a.export), "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                         "draft_tokens": a.draft_tokens, "threads": a.threads, "precision": rt.manifest.precision},
            "acceptance": acceptance(rt, prompts, a.new_tokens, a.draft_tokens)}

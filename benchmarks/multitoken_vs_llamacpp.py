@@ -1,7 +1,7 @@
 """Exact multi-token decoding against what CPU users run: llama.cpp, plain and with its own
 prompt-lookup decoding, in the same run on the same prompts.
 
-    python benchmarks/multitoken_vs_llamacpp.py EXPORT [--gguf FILE] [--per-domain 2] [--rounds 15]
+    python -m benchmarks.multitoken_vs_llamacpp EXPORT [--gguf FILE] [--per-domain 2] [--rounds 15]
         [--threads 2] [--new-tokens 32] [--prompt-lookup 6] [--out DIR]
 
 Rows, each a worker process of benchmarks/timing.py taking turns pass by pass (order rotating):
@@ -22,8 +22,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from report import command_line, write_report  # beside this script
-from timing import ratio_interval, time_rows
+
+from benchmarks.multitoken import heldout_prompts
+from benchmarks.report import command_line, write_report
+from benchmarks.timing import ratio_interval, time_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,7 +49,6 @@ def main(argv=None) -> int:
     if not a.llamacpp_python.exists():
         p.error(f"{a.llamacpp_python} not found: run bash benchmarks/setup_llamacpp.sh")
     from exporter.data import default_data_dir
-    from multitoken import heldout_prompts
 
     gguf = a.gguf
     if gguf is None:
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
                   "vs_llamacpp_ci95": ratio_interval(ratios) if ratios else None,
                   "same_tokens_as_lama_full": f"{same}/{len(prompts)}" if same is not None else None,
                   "passes": tps, "versions": r.get("versions")}
-    res = {"command": command_line("multitoken_vs_llamacpp.py", argv),
+    res = {"command": command_line("benchmarks.multitoken_vs_llamacpp", argv),
            "export": str(a.export), "gguf": gguf.name, "prompts": len(prompts), "new_tokens": a.new_tokens,
            "threads": a.threads, "rounds": a.rounds, "rows": out, "failed": failed,
            "load_average": {"start": load, "end": os.getloadavg()}}

@@ -1,6 +1,6 @@
 """Time greedy generation for one benchmark row in a process of its own (JSON lines on stdout).
 
-    python optimum_worker.py SPEC.json      # then, on stdin: "pass" (any number of times), "quit"
+    python -m benchmarks.optimum_worker SPEC.json   # then, on stdin: "pass" (any number of times), "quit"
 
 Named for its main job: it is what `benchmarks/run.py` runs with the python of
 `benchmarks/.venv-optimum` (transformers 4.57 + optimum-onnx, see setup_optimum.sh) for the
@@ -13,11 +13,13 @@ measured by the same code in a fresh process:
                        text-generation-with-past`, done once, then reused)
     backend "lama"     this project's Runtime on the per-segment export            main venv
 
-It imports only the standard library at the top, so it starts under either venv.
+It imports only the standard library at the top, so it starts under either venv. The harness
+(timing.Worker) runs it as a module with the repository root on PYTHONPATH, which is also where
+the lama backend's `runtime` comes from: the checkout's, whatever the venv has installed.
 
 SPEC (JSON): backend, prompts (lists of token ids), max_new_tokens, threads, and per backend:
 model_path [+ gguf_file] (torch), model_path [+ gguf_file] + onnx_dir (optimum),
-export_dir + thresholds + repo_root [+ kv_policy, exact, max_pending] (lama).
+export_dir + thresholds [+ kv_policy, exact, max_pending] (lama).
 
 Protocol: after loading and one warm-up generation (not counted) the worker prints
 {"ready": ...}. Each "pass" line runs every prompt once and prints that pass: decode
@@ -258,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
-    if spec["backend"] == "lama" and spec.get("repo_root"):  # the project's runtime package
-        sys.path.insert(0, spec["repo_root"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     serve(spec)
     return 0

@@ -209,11 +209,11 @@ def write_report(out: Path | None, name: str, res: dict, md: str) -> None:
     print(md)
 
 
-def command_line(script: str, argv: list[str] | None) -> str:
-    """The command a report quotes: `python benchmarks/SCRIPT` and its arguments."""
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command a report quotes: `python -m MODULE` (e.g. benchmarks.multitoken) and its arguments."""
     import sys
 
-    return f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def plain(x):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.manifest import Manifest, to_json_thresholds
-from timing import WORKERS
+from benchmarks.timing import WORKERS
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS.setdefault("genai", ROOT / "benchmarks" / "genai_worker.py")  # row h's worker (optimum_worker's protocol)
@@ -82,7 +82,7 @@ def policy_rows(s: Setup, policies, max_pending: int | None, evaluate) -> list[R
     for p in policies:
         kv = "fill" if p.kv == "fill" else "defer"
         spec = {**s.base, "backend": "lama", "export_dir": str(s.export_dir), "thresholds": p.runtime,
-                "repo_root": str(ROOT), "kv_policy": kv, "exact": p.kv == "exact", "max_pending": max_pending}
+                "kv_policy": kv, "exact": p.kv == "exact", "max_pending": max_pending}
         out.append(Row(p.key, p.kind, (s.python, spec),
                        {"value": p.value, "kv_policy": p.kv, "thresholds": to_json_thresholds(p.thresholds),
                         **evaluate(p)}))
@@ -122,8 +122,7 @@ def quantized_rows(s: Setup, precision: str, export_dir: Path, manifest: Manifes
         if th != "never" and f"{th:g}" not in manifest.calibration.by_target:
             worker = f"no thresholds for target {th:g} in {export_dir}"
         else:
-            worker = (s.python, {**s.base, "backend": "lama", "export_dir": str(export_dir), "thresholds": th,
-                                 "repo_root": str(ROOT)})
+            worker = (s.python, {**s.base, "backend": "lama", "export_dir": str(export_dir), "thresholds": th})
         out.append(Row(f"g: {precision} chain, {label}", "quant-full" if th == "never" else "quant-target", worker,
                        fields))
     return out

@@ -1,8 +1,8 @@
 """Side-by-side benchmark: plain PyTorch, optimum/onnxruntime, our segment chain, early exits, oracle.
 
-    python benchmarks/run.py                          # stories260k, the quick CPU run
-    python benchmarks/run.py --model smollm2-135m --threads 2 --repeats 3
-    python benchmarks/run.py --help
+    python -m benchmarks.run                          # stories260k, the quick CPU run
+    python -m benchmarks.run --model smollm2-135m --threads 2 --repeats 3
+    python -m benchmarks.run --help
 
 For one model recipe (models/*.json) this trains a checkpoint if there is none, exports it,
 takes prompts from the held-out split (exporter/data.py) and measures, per row:
@@ -50,20 +50,19 @@ ROOT = HERE.parent
 OPTIMUM_PYTHON = HERE / ".venv-optimum" / "bin" / "python"
 LLAMACPP_PYTHON = HERE / ".venv-llamacpp" / "bin" / "python"
 GENAI_PYTHON = HERE / ".venv-genai" / "bin" / "python"
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 _SHARED_CACHE = ROOT.parent / "shared" / "hf-cache"
 if _SHARED_CACHE.is_dir():  # no hub is reachable here: models come from the shared cache
     os.environ.setdefault("HF_HUB_CACHE", str(_SHARED_CACHE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from policies import exit_policies, with_kv_policies  # noqa: E402 (benchmarks/*.py, beside this script)
-from quality import check_against_checkpoint, position_agreement, rouge_l, teacher_forced  # noqa: E402
-from report import markdown, plain, plot, policy_table  # noqa: E402
-from timing import machine_info, main_versions, ratio_interval, summarize, time_rows  # noqa: E402
-from rows import Setup, declare, full_model_rows, genai_row, llamacpp_row, policy_rows, quantized_rows  # noqa: E402
-from runtime.manifest import Manifest  # noqa: E402 (stdlib only; after the path set-up)
+from benchmarks.policies import exit_policies, with_kv_policies  # noqa: E402 (after the environment set-up)
+from benchmarks.quality import check_against_checkpoint, position_agreement, rouge_l, teacher_forced  # noqa: E402
+from benchmarks.report import command_line, markdown, plain, plot, policy_table  # noqa: E402
+from benchmarks.rows import (Setup, declare, full_model_rows, genai_row, llamacpp_row, policy_rows,  # noqa: E402
+                             quantized_rows)
+from benchmarks.timing import machine_info, main_versions, ratio_interval, summarize, time_rows  # noqa: E402
+from runtime.manifest import Manifest  # noqa: E402 (stdlib only)
 
 
 # -- checkpoint, export, local model ---------------------------------------------------------------
@@ -358,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out or HERE / "results" / args.model)
-    command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("benchmarks.run", argv)
     res = benchmark(args)
     out.mkdir(parents=True, exist_ok=True)
     res["command"] = command.strip()

@@ -1,7 +1,7 @@
 """Timing rows: one worker process per row (benchmarks/optimum_worker.py, or the script of a
 backend timed elsewhere), all kept alive and taking turns pass by pass so that load from other
-jobs on shared cores spreads over every row; medians over passes; what machine and versions
-the figures come from."""
+jobs on shared cores spreads over every row; the same turn-taking for arms timed in one process
+(`paired_rounds`); medians over passes; what machine and versions the figures come from."""
 
 from __future__ import annotations
 
@@ -17,8 +17,24 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 WORKER = HERE / "optimum_worker.py"
 WORKERS = {"llamacpp": HERE / "llamacpp_worker.py"}  # backends timed by another script (same protocol)
+
+
+def module_command(python: Path | str, script: Path, *args: str) -> list[str]:
+    """`python -m benchmarks.NAME ARGS`: how a benchmark script runs under any python (another
+    venv's included, which has no project install), with `worker_env()`'s PYTHONPATH."""
+    module = ".".join(script.resolve().relative_to(ROOT).with_suffix("").parts)
+    return [str(python), "-m", module, *map(str, args)]
+
+
+def worker_env() -> dict[str, str]:
+    """This environment with the repository root first on PYTHONPATH: a worker imports the
+    benchmarks package (and, for the lama rows, this checkout's runtime) from here."""
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
 
 
 class Worker:
@@ -31,8 +47,8 @@ class Worker:
         path.write_text(json.dumps(spec))
         self.stderr = open(tmp / f"{slug}.err", "w+")
         script = WORKERS.get(spec["backend"], WORKER)
-        self.proc = subprocess.Popen([str(python), str(script), str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=os.environ.copy())
+        self.proc = subprocess.Popen(module_command(python, script, path), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=worker_env())
 
     def ask(self, command: str | None = None) -> dict:
         """Send a command (None: just wait for the next answer) and read one JSON line."""
@@ -93,6 +109,24 @@ def time_rows(specs: dict[str, tuple[Path, dict]], repeats: int, tmp: Path, time
         w.close()
         w.stderr.close()
     return out, failed
+
+
+def paired_rounds(arms: dict, rounds: int, desc: str = "paired rounds") -> tuple[dict[str, list[float]], dict]:
+    """Arms timed in one process, taking turns: every round runs each arm once, the order rotating
+    by one per round (with two arms: alternating), so that load drifting between rounds hits every
+    arm alike and per-round ratios pair them. An arm is a callable running one pass and returning
+    a tuple whose first item is its tokens/s. Returns ({arm: tokens/s per round}, {arm: the tuple
+    of its last pass}); warm-up passes are the caller's."""
+    from tqdm.auto import tqdm
+
+    names = list(arms)
+    tps: dict[str, list[float]] = {n: [] for n in names}
+    last: dict = {}
+    for r in tqdm(range(rounds), desc=desc, unit="round"):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            last[n] = arms[n]()
+            tps[n].append(last[n][0])
+    return tps, last
 
 
 def summarize(passes: list[dict]) -> dict:

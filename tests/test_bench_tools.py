@@ -1,6 +1,6 @@
-"""benchmarks/profile_chain.py on a tiny export, and the llama.cpp worker's protocol wiring."""
+"""benchmarks/studies/profile_chain.py on a tiny export, and the llama.cpp worker's protocol wiring."""
 
-import importlib.util
+import importlib
 import io
 import json
 import sys
@@ -15,20 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    """benchmarks.NAME (e.g. "run", "studies.profile_chain"), executed afresh: stand-ins that a test
+    put in sys.modules (llama_cpp, onnxruntime_genai) apply even when an earlier test imported it."""
+    return importlib.reload(importlib.import_module(f"benchmarks.{name}"))
 
 
 def test_profile_chain_splits_each_token(tmp_path, precision="int4"):
     ckpt, bb = make_checkpoint(tmp_path, "llama")
     folder = api.export(ckpt, out=tmp_path / "onnx", precision=precision, backbone=bb)
-    prof = _load("profile_chain")
+    prof = _load("studies.profile_chain")
     p = prof.profile(folder, "It is a truth", 6, "never", 1, tmp_path / "prof")
     t = p["totals"]
     assert p["decode_tokens"] == 5 and p["precision"] == precision
@@ -110,7 +105,7 @@ def test_gate_references_consistency_streak_and_fit():
     import numpy as np
     import torch
 
-    ref = _load("gate_references")
+    ref = _load("studies.gate_references")
     top1 = np.array([[1, 1, 1, 2], [3, 1, 1, 1], [5, 6, 5, 5]])
     same, streak = ref.consistency(top1, 3)
     assert same.tolist() == [0, 1, 1] and streak.tolist() == [0, 2, 1]  # row 3: exit 2 agrees, exit 1 breaks it
@@ -170,7 +165,7 @@ def test_compare_exports_pairs_two_folders(tmp_path):
 def test_kv_buffer_probe_writes_its_table(tmp_path):
     import types
 
-    from benchmarks import kv_buffer_probe as probe
+    from benchmarks.studies import kv_buffer_probe as probe
 
     args = types.SimpleNamespace(chain=False, layers=30, threads=2, steps=16, rounds=5, out=tmp_path)
     rows = [{"context": 32, "concat_ms": 50.0, "buffer_ms": 40.0, "concat_cpu_ms": 1, "buffer_cpu_ms": 1, "load": 0.1},
@@ -285,8 +280,8 @@ def test_genai_row_is_wired_into_the_benchmark(tmp_path):
     the rows' prompts and threads; its worker script is registered; derive() and the report treat
     its greedy tokens like every other row's."""
     run = _load("run")
-    rows_mod = sys.modules["rows"]  # as run.py imported it
-    assert rows_mod.WORKERS is sys.modules["timing"].WORKERS  # the table timing.Worker picks scripts from
+    rows_mod = sys.modules["benchmarks.rows"]  # as run.py imported it
+    assert rows_mod.WORKERS is sys.modules["benchmarks.timing"].WORKERS  # the table timing.Worker picks scripts from
     assert rows_mod.WORKERS["genai"] == ROOT / "benchmarks" / "genai_worker.py"
     setup = rows_mod.Setup({"prompts": [[1, 2]], "max_new_tokens": 4, "threads": 2}, "/m", "x.gguf", tmp_path,
                            tmp_path / "onnx")
@@ -331,16 +326,18 @@ def test_genai_builds_and_runs_a_tiny_model(tmp_path):
     model.config.bos_token_id = model.config.eos_token_id = 96  # the builder needs an EOS id (<unk> here)
     model.save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
+    from benchmarks.timing import module_command, worker_env  # how the harness runs it: that venv has no project install
+
     worker = ROOT / "benchmarks" / "genai_worker.py"
-    subprocess.run([str(GENAI_PYTHON), str(worker), "--build", str(tmp_path / "g"), "--model-path", str(model_dir)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(module_command(GENAI_PYTHON, worker, "--build", tmp_path / "g", "--model-path", model_dir),
+                   check=True, capture_output=True, timeout=300, env=worker_env(), cwd=tmp_path)
     facts = json.loads((tmp_path / "g" / "build.json").read_text())["matmulnbits"]
     assert facts == {"bits": 4, "block_size": 32, "accuracy_level": 4, "symmetric": True}  # the builder's CPU defaults
     spec = {"backend": "genai", "prompts": [[3, 4, 5, 6]], "max_new_tokens": 5, "threads": 1,
             "genai_dir": str(tmp_path / "g")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    r = subprocess.run([str(GENAI_PYTHON), str(worker), str(tmp_path / "spec.json")], input="pass\nquit\n",
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(module_command(GENAI_PYTHON, worker, tmp_path / "spec.json"), input="pass\nquit\n",
+                       capture_output=True, text=True, timeout=300, env=worker_env(), cwd=tmp_path)
     ready, passed, summary = [json.loads(x) for x in r.stdout.splitlines()]
     tokens = passed["tokens"][0]
     assert len(tokens) == 5 and summary["versions"]["onnxruntime-genai"]

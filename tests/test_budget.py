@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +12,6 @@ import pytest
 from exporter.budget import BudgetResult, budget_range, budget_thresholds, eero_rates, rate_thresholds, spent
 from exporter.scores import ExitScores, oracle, simulate
 
-ROOT = Path(__file__).resolve().parents[1]
 EXITS = (3, 6, 9, 12, 15, 18, 21, 24, 27)  # 9 exits in a 30-layer model
 
 
@@ -238,10 +237,7 @@ def test_rate_thresholds_take_the_planned_shares():
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("budget_curve", ROOT / "benchmarks" / "budget_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.studies.budget_curve")
 
 
 def test_budget_oracle_is_an_upper_bound():

@@ -1,8 +1,6 @@
 """Domains (issue 12): windows drawn evenly across domains, labels kept, per-domain leave-one-out table."""
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import numpy as np
 from conftest import SAMPLE_TEXT, char_tokenizer
@@ -10,15 +8,9 @@ from conftest import SAMPLE_TEXT, char_tokenizer
 from exporter.data import Doc, make_splits, read_docs
 from exporter.scores import ExitScores
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _domains_module():
-    spec = importlib.util.spec_from_file_location("domains", ROOT / "benchmarks" / "domains.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["domains"] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.studies.domains")
 
 
 def test_windows_are_drawn_evenly_across_domains(tmp_path):

@@ -6,13 +6,17 @@ dependency a reader has to follow; only those under `if TYPE_CHECKING:` (annotat
 run) are left out. An import of a package counts as an import of its
 `__init__.py`; `from pkg import name` counts as the submodule `pkg.name` when that file
 exists. Importing a submodule does not add an edge to its parent package's `__init__.py`
-(Python runs it, but that is the language's order, not a design choice). benchmarks/ scripts
-that import each other by bare name (`from rows import ...`) resolve to benchmarks/.
+(Python runs it, but that is the language's order, not a design choice).
+
+benchmarks/ is a package like the others: its scripts run as modules from the repository root
+(`python -m benchmarks.run`) and import each other as `benchmarks.X`, never by editing sys.path
+(checked below).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +44,9 @@ def imports(name: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, int
     """(imported project module, line) for every import statement in the file."""
     is_pkg = path.name == "__init__.py"
     package = name if is_pkg else name.rpartition(".")[0]
-    top = name.split(".")[0]
 
     def resolve(target: str) -> str | None:
-        if target in mods:
-            return target
-        if top == "benchmarks" and f"benchmarks.{target}" in mods:  # bare names on the script's path
-            return f"benchmarks.{target}"
-        return None
+        return target if target in mods else None
 
     tree = ast.parse(path.read_text(), str(path))
     typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _type_checking(block.test)
@@ -186,3 +185,23 @@ def test_runtime_never_imports_the_exporter_or_torch():
                 if t.split(".")[0] in ("exporter", "lama", "torch", "transformers"):
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {t}")
     assert not bad, "\n".join(bad)
+
+
+def test_benchmarks_never_edit_sys_path():
+    """No benchmarks/ file puts a folder on sys.path (`sys.path.insert`, `.append`, slicing): the
+    scripts run as modules of the benchmarks package (`python -m benchmarks.run`, the studies as
+    `python -m benchmarks.studies.NAME`) and the workers that run in other venvs are started the
+    same way with the repository root on PYTHONPATH (benchmarks/timing.py: module_command,
+    worker_env). Strings count too: a script handed to `python -c` is code as well."""
+    edit = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|\[|\+=|=[^=])")
+    found = []
+    for path in sorted((ROOT / "benchmarks").rglob("*")):
+        rel = path.relative_to(ROOT)
+        if path.suffix not in (".py", ".sh") or any(p.startswith(".") or p in ("results", "__pycache__")
+                                                     for p in rel.parts):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if edit.search(line):
+                found.append(f"{rel}:{n}: {line.strip()}")
+    assert (ROOT / "benchmarks" / "__init__.py").is_file() and (ROOT / "benchmarks" / "studies" / "__init__.py").is_file()
+    assert not found, "benchmarks/ edits sys.path (run it as a module instead):\n" + "\n".join(found)

@@ -672,7 +672,7 @@ def test_gpu_bench_runs(onnx_export, fake_gpu, tmp_path, monkeypatch):
     from pathlib import Path
 
     _, cudart = fake_gpu
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "studies" / "gpu_bench.py"
     spec = importlib.util.spec_from_file_location("gpu_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

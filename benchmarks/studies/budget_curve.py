@@ -1,6 +1,6 @@
 """Agreement vs. average compute on held-out tokens: threshold calibration, EERO budget, oracle.
 
-    python benchmarks/budget_curve.py CHECKPOINT [--out DIR] [--budgets 0.3 0.5 ...] [--targets 0.9 ...]
+    python -m benchmarks.studies.budget_curve CHECKPOINT [--out DIR] [--budgets 0.3 0.5 ...] [--targets 0.9 ...]
                                       [--kv-policy fill|defer] [--scores head|gate]
 
 CHECKPOINT holds `calibration_scores.npz` and `heldout_scores.npz` (written by
@@ -38,14 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import exporter  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from exporter.budget import budget_for_agreement, budget_range, budget_thresholds  # noqa: E402
-from exporter.calibrate import calibrate_thresholds  # noqa: E402
-from exporter.scores import ExitScores, Outcome, oracle, simulate  # noqa: E402
+from exporter.budget import budget_for_agreement, budget_range, budget_thresholds
+from exporter.calibrate import calibrate_thresholds
+from exporter.scores import ExitScores, Outcome, oracle, simulate
 
 CALIBRATION_FILE = "calibration_scores.npz"
 HELDOUT_FILE = "heldout_scores.npz"

@@ -1,6 +1,6 @@
 """Cost of one call vs. the positions it carries: what bounds the deferral (runtime max_pending).
 
-    python benchmarks/deferral_cost.py EXPORT_DIR [--sizes 1 2 4 8 16 32 64] [--past 64] [--repeats 30]
+    python -m benchmarks.studies.deferral_cost EXPORT_DIR [--sizes 1 2 4 8 16 32 64] [--past 64] [--repeats 30]
 
 With the `defer` KV policy, positions that exited early wait, and the next token that goes
 deep carries them through the deeper segments in one call. A call on S positions costs
@@ -22,9 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def time_chain(rt, sizes: list[int], past: int, repeats: int) -> dict[int, float]:
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
            "threads": a.threads, "load_average_end": load, "rows": rows}
     (out / "deferral_cost.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Cost of one pass of the whole chain vs. positions carried ({res['model']})", "",
-             f"`python benchmarks/deferral_cost.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+             f"`python -m benchmarks.studies.deferral_cost {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              f"past {a.past} cached positions, median of {a.repeats} calls, {a.threads} thread(s); load average "
              f"{load if load is None else round(load, 1)} at the end on {os.cpu_count()} cores: on shared cores "
              "read the ratios, not the milliseconds.", "",

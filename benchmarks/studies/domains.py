@@ -1,6 +1,6 @@
 """Does the calibration promise hold on text it never saw? Per-domain table, one domain left out.
 
-    python benchmarks/domains.py CHECKPOINT [--target 0.95] [--margin 0.02] [--scores gate|head] [--out DIR]
+    python -m benchmarks.studies.domains CHECKPOINT [--target 0.95] [--margin 0.02] [--scores gate|head] [--out DIR]
 
 CHECKPOINT's stored scores carry each token's domain (data.py draws windows evenly from the
 folders of ../shared/data: gutenberg = fiction, nonfiction, encyclopedic, dialogue, code,
@@ -18,23 +18,17 @@ Writes domains.json and domains.md into --out (default CHECKPOINT/reports/domain
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import beta
 
-try:
-    import exporter  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scipy.stats import beta  # noqa: E402
-
-from exporter.calibrate import calibrate_thresholds  # noqa: E402
-from exporter.checkpoint import read_scores  # noqa: E402
-from exporter.scores import ExitScores, simulate  # noqa: E402
+from exporter.calibrate import calibrate_thresholds
+from exporter.checkpoint import read_scores
+from benchmarks.report import write_report
+from exporter.scores import ExitScores, simulate
 
 
 def interval(k: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
@@ -137,11 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     res = run(a.checkpoint, a.target, a.scores, a.margin)
-    out = a.out or a.checkpoint / "reports" / "domains"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "domains.json").write_text(json.dumps(res, indent=1))
-    (out / "domains.md").write_text(markdown(res))
-    print(markdown(res))
+    write_report(a.out or a.checkpoint / "reports" / "domains", "domains", res, markdown(res))
     return 0
 
 

@@ -1,6 +1,6 @@
 """What an exit decision costs: learned gates vs. a full-vocabulary head at every exit (issue 7).
 
-    python benchmarks/exit_cost.py --model smollm2-135m --ckpt runs/bench/smollm2/ckpt
+    python -m benchmarks.studies.exit_cost --model smollm2-135m --ckpt runs/bench/smollm2/ckpt
 
 One run, three parts, all on onnxruntime CPU with the same threads:
 
@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from benchmarks.quality import position_agreement
+from benchmarks.report import command_line, write_report
+from benchmarks.run import pick_prompts
+from benchmarks.timing import machine_info, main_versions
 
-from quality import position_agreement  # noqa: E402
-from run import pick_prompts  # noqa: E402
-from timing import machine_info, main_versions  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 TARGETS = (0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
 
@@ -316,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.data import default_data_dir, make_splits, read_texts
     from exporter.train import check_cost, layer_macs
 
-    ckpt = Path(args.ckpt or HERE.parent / "runs" / "bench" / args.model / "ckpt")
+    ckpt = Path(args.ckpt or ROOT / "runs" / "bench" / args.model / "ckpt")
     work = Path(args.work) if args.work else ckpt.parent
-    out = Path(args.out or HERE / "results" / args.model)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / args.model)
     config = read_config(ckpt)
     bb = load_backbone(config.source)
     heads, gates = load_heads(ckpt, bb, config), load_gates(ckpt, bb, config)
@@ -335,18 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     del bb, heads, gates
     exports = ensure_exports(ckpt, work, args.target)
     rows = time_runtimes(exports, prompts, args.new_tokens, args.target, args.threads, args.repeats)
-    res = {"model": args.model, "command": "python benchmarks/exit_cost.py " + " ".join(argv or sys.argv[1:]),
+    res = {"model": args.model, "command": command_line("benchmarks.studies.exit_cost", argv),
            "machine": machine_info(), "versions": main_versions(), "threads": args.threads,
            "train": ", ".join(f"{key} {cfg[key]}" for key in ("train_tokens", "steps", "rank", "gate_width")),
            "layer": config.exits[k] - 1, "exit_layer": config.exits[k], "past": args.past, "rounds": args.rounds,
            "calls": args.calls, "check_costs": costs, "macs": macs, "prompts": len(prompts),
            "new_tokens": args.new_tokens, "repeats": args.repeats, "runtime": rows, "curves": curves(ckpt)}
     res["wall_seconds"] = time.perf_counter() - t_start
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "exit_cost.json").write_text(json.dumps(res, indent=1))
-    (out / "exit_cost.md").write_text(markdown(res))
+    write_report(out, "exit_cost", res, markdown(res))
     plot(res, out / "exit_cost.png")
-    print((out / "exit_cost.md").read_text())
     return 0
 
 

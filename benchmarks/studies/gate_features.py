@@ -1,6 +1,6 @@
 """Which gate features earn their place? Coverage at 95% precision per exit, by feature set.
 
-    python benchmarks/gate_features.py CHECKPOINT CACHE_DIR [--steps 300] [--sets hidden hidden+move ...]
+    python -m benchmarks.studies.gate_features CHECKPOINT CACHE_DIR [--steps 300] [--sets hidden hidden+move ...]
                                        [--references] [--out DIR]
 
 CHECKPOINT: a `lama train` checkpoint (its heads, and the head agreements stored in
@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-try:
-    import exporter  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_report
+
 
 SETS = (("hidden",), ("hidden", "move"), ("hidden", "shortlist"), ("hidden", "position"),
         ("hidden", "move", "shortlist"), ("hidden", "move", "shortlist", "position"))
@@ -106,11 +103,7 @@ def main(argv=None) -> int:
         print(r["features"], [round(e["coverage_at_95"], 3) for e in r["per_exit"]], round(r["chain"]["layers"], 2))
     res = {"checkpoint": str(a.checkpoint), "calibration_tokens": cal_s.num_tokens,
            "heldout_tokens": held_s.num_tokens, "num_layers": cfg.num_layers, "target": a.target, "sets": results}
-    out = a.out or a.checkpoint / "reports" / "gate_features"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gate_features.json").write_text(json.dumps(res, indent=1))
-    (out / "gate_features.md").write_text(markdown(res))
-    print(markdown(res))
+    write_report(a.out or a.checkpoint / "reports" / "gate_features", "gate_features", res, markdown(res))
     return 0
 
 
@@ -134,7 +127,7 @@ def evaluate(score: np.ndarray, held_s, exits: list[int], first: np.ndarray, tar
 
 def references(a, bb, heads, gates, gate_held, gate_set, cal_f, held_f, cal_s, held_s, first) -> list[dict]:
     """The reference rows (gate_references.py): none of them is in the exported graph."""
-    import gate_references as ref
+    from benchmarks.studies import gate_references as ref
     from exporter.checkpoint import read_scores
     from exporter.gates import shortlist_ids
 
@@ -169,7 +162,7 @@ def markdown(res: dict) -> str:
     lines.append("| oracle | " + " | ".join(f"{e['oracle_coverage']:.3f}" for e in res["sets"][0]["per_exit"])
                  + " | | | |")
     if any(s.get("reference") for s in res["sets"]):
-        lines += ["", "Reference rows are not in the exported graph (benchmarks/gate_references.py): the head's own "
+        lines += ["", "Reference rows are not in the exported graph (benchmarks/studies/gate_references.py): the head's own "
                   "top-1 probability over the whole vocabulary (a vocabulary-sized product per check); the last "
                   "gate's logit with whether the shortlist's top-1 equals the previous exit's (logistic fit on the "
                   "calibration tokens); the head's top-1 and top-1 minus top-2 probabilities with whether its "

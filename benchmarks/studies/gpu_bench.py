@@ -14,7 +14,7 @@ Setup on the GPU machine (tensorrt cannot be installed on the project's CPU mach
 
 Run::
 
-    python benchmarks/gpu_bench.py runs/bench-onnx --tokens 64 --out gpu_bench.json
+    python -m benchmarks.studies.gpu_bench runs/bench-onnx --tokens 64 --out gpu_bench.json
 
 The export folder is copied (engines are built in the copy, the original stays as it was).
 Backends: ort-cpu (reference), ort-cuda (skipped with the reason when onnxruntime-gpu or its
@@ -35,10 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime import ManifestError, Runtime  # noqa: E402
-from runtime import tensorrt as tb  # noqa: E402
+from runtime import ManifestError, Runtime
+from runtime import tensorrt as tb
 
 PROMPTS = ["The old house at the end of the street", "Once upon a time, a little robot",
            "The capital of France is", "def fibonacci(n):"]

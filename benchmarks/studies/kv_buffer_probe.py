@@ -6,8 +6,8 @@ cache is copied every token) and the "buffer" layout (GroupQueryAttention writin
 preallocated buffer bound as both past and present), checks both against PyTorch, and
 times one decode step at several context lengths on CPU onnxruntime.
 
-    python -m benchmarks.kv_buffer_probe --threads 2 --contexts 32 512 2048 --rounds 5
-    python -m benchmarks.kv_buffer_probe --chain      # the same through `export` + Runtime.step:
+    python -m benchmarks.studies.kv_buffer_probe --threads 2 --contexts 32 512 2048 --rounds 5
+    python -m benchmarks.studies.kv_buffer_probe --chain      # the same through `export` + Runtime.step:
                                                       # 9 segments (exits every 3 layers), exits off
 
 Figures are medians over `--steps` steps per round and over rounds; run it on quiet cores.
@@ -287,7 +287,7 @@ def write_report(args, rows: list[dict], load_before, load_after) -> None:
     what = ("the exported 9-segment chain through Runtime.step (exits every 3 layers, exits off; each segment "
             "still runs its in-graph full-vocabulary head check, which dominates the absolute figures)" if args.chain
             else "one graph of the whole model")
-    res = {"command": "python -m benchmarks.kv_buffer_probe " + " ".join(sys.argv[1:]), "what": what,
+    res = {"command": "python -m benchmarks.studies.kv_buffer_probe " + " ".join(sys.argv[1:]), "what": what,
            "layers": args.layers, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
            "load_before": load_before, "load_after": load_after, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

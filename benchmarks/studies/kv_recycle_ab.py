@@ -1,6 +1,6 @@
 """Does recycling the KV buffers between generations pay? A paired A/B in one process.
 
-    python benchmarks/kv_recycle_ab.py EXPORT [--rounds 15] [--threads 2] [--new-tokens 32] [--out DIR]
+    python -m benchmarks.studies.kv_recycle_ab EXPORT [--rounds 15] [--threads 2] [--new-tokens 32] [--out DIR]
 
 A: every generation allocates a fresh KV buffer cache (what the runtime did before
 Chain.recycle_cache); B: the previous sequence's buffers are emptied and used again (the
@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from compare_exports import PROMPTS  # beside this script
-from report import command_line, write_report
-from timing import ratio_interval
+
+from benchmarks.compare_exports import PROMPTS
+from benchmarks.report import command_line, write_report
+from benchmarks.timing import paired_rounds, ratio_interval
 
 
 def one_pass(rt, new_tokens: int) -> tuple[float, list]:
@@ -37,8 +38,6 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    from tqdm.auto import tqdm
-
     from runtime import Runtime
 
     fresh, recycled = (Runtime.load(a.export, threads=a.threads) for _ in range(2))
@@ -49,15 +48,11 @@ def main(argv=None) -> int:
     for rt in arms.values():
         one_pass(rt, 4)
     load = os.getloadavg()
-    tps = {k: [] for k in arms}
-    tokens = {}
-    for r in tqdm(range(a.rounds), desc="A/B rounds", unit="round"):
-        for k in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
-            s, res = one_pass(arms[k], a.new_tokens)
-            tps[k].append(s)
-            tokens[k] = [x.tokens for x in res]
+    tps, last = paired_rounds({k: (lambda rt=rt: one_pass(rt, a.new_tokens)) for k, rt in arms.items()}, a.rounds,
+                              desc="A/B rounds")
+    tokens = {k: [x.tokens for x in last[k][1]] for k in arms}  # each arm's tokens in the last round
     ratios = [b / x for x, b in zip(*tps.values())]
-    res = {"command": command_line("kv_recycle_ab.py", argv),
+    res = {"command": command_line("benchmarks.studies.kv_recycle_ab", argv),
            "export": str(a.export), "rounds": a.rounds, "threads": a.threads, "new_tokens": a.new_tokens,
            "prompts": len(PROMPTS), "tokens_per_second": {k: float(np.median(v)) for k, v in tps.items()},
            "spread": {k: float((max(v) - min(v)) / 2 / np.median(v)) for k, v in tps.items()},

@@ -1,6 +1,6 @@
 """Where does more training text stop paying? Heads and gates trained on growing subsets.
 
-    python benchmarks/learning_curve.py RECIPE --tokens 40960 163840 655360 [--epochs 2]
+    python -m benchmarks.studies.learning_curve RECIPE --tokens 40960 163840 655360 [--epochs 2]
         [--cache DIR] [--data PATH ...] [--out DIR]
 
 One frozen pass caches the largest training set (and the recipe's calibration and
@@ -30,10 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import exporter  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_report
 
 
 def main(argv=None) -> int:
@@ -97,11 +94,7 @@ def main(argv=None) -> int:
            "target": recipe.target, "confidence": recipe.confidence, "epochs": a.epochs,
            "calibration_tokens": calib.num_tokens, "heldout_tokens": held.num_tokens, "domains": list(held.domains),
            "cache_seconds": cache_s, "points": points}
-    dest = a.out or Path("runs") / "learning_curve" / recipe.name
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "learning_curve.json").write_text(json.dumps(res, indent=1))
-    (dest / "learning_curve.md").write_text(markdown(res))
-    print(markdown(res))
+    write_report(a.out or Path("runs") / "learning_curve" / recipe.name, "learning_curve", res, markdown(res))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Offline study: how far ahead can a small head on a cached hidden state guess the full model?
 
-    python benchmarks/lookahead_study.py MODEL --train-cache DIR --heldout-cache DIR
+    python -m benchmarks.studies.lookahead_study MODEL --train-cache DIR --heldout-cache DIR
         [--exit -1] [--heads 3] [--shortlist 1024 4096 16384] [--steps 600] [--out DIR]
 
 Before building a lookahead drafter into the runtime, measure what it would accept. Medusa-1
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from report import command_line, write_report  # beside this script
+from benchmarks.report import command_line, write_report
 
 
 class LookaheadHeads(nn.Module):
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         source = a.model
     res = study(source, a.train_cache, a.heldout_cache, None if a.exit == "final" else int(a.exit), a.heads,
                 a.shortlist, a.steps)
-    command = command_line("lookahead_study.py", argv)
+    command = command_line("benchmarks.studies.lookahead_study", argv)
     md = markdown(res, command)
     write_report(a.out, "lookahead", res, md)
     return 0

@@ -1,6 +1,6 @@
 """Where a decoded token's time goes in the segment chain: kernels, onnxruntime, numpy, Python.
 
-    python benchmarks/profile_chain.py EXPORT_DIR [--threshold never|0.95] [--threads 2] [--out DIR]
+    python -m benchmarks.studies.profile_chain EXPORT_DIR [--threshold never|0.95] [--threads 2] [--out DIR]
 
 Works on any `lama export` folder (fp32, fp16, int8, int4; head or gate mode). It loads the
 export with the ordinary Runtime, swaps each segment's onnxruntime session for one with the
@@ -36,9 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PROMPT = ("Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker "
           "who had spent his whole life building clocks that told more than the time.")

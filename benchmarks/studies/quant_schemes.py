@@ -1,6 +1,6 @@
 """Which int4/int8 scheme to export with: agreement with fp32 per scheme, and MatMulNBits speed.
 
-    python benchmarks/quant_schemes.py --model smollm2-135m [--tokens 2048] [--threads 2]
+    python -m benchmarks.studies.quant_schemes --model smollm2-135m [--tokens 2048] [--threads 2]
 
 For each scheme (bits, symmetric or not, accuracy level 0 or 4; blocks of 32) this quantizes the
 model's weights with onnxruntime's own block quantizer, runs the model in PyTorch with exactly the
@@ -23,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SCHEMES = [(4, False, 0), (4, False, 4), (4, True, 0), (4, True, 4), (8, True, 0), (8, True, 4), (8, False, 4)]

@@ -1,6 +1,6 @@
 """Which onnxruntime thread pool suits a chain of segments: one shared spinning pool or one per session.
 
-    python benchmarks/thread_pools.py EXPORT [EXPORT ...] [--threads 2] [--repeats 9] [--out DIR]
+    python -m benchmarks.studies.thread_pools EXPORT [EXPORT ...] [--threads 2] [--repeats 9] [--out DIR]
 
 For each export, two rows in the same run (benchmarks/timing.py: one worker process each,
 taking turns pass by pass): the chain with exits off under `thread_pool="shared"` (opt-in) and under
@@ -15,11 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
-from report import write_report  # noqa: E402 (beside this script)
-from timing import machine_info, summarize, time_rows  # noqa: E402
+from benchmarks.report import write_report
+from benchmarks.timing import machine_info, summarize, time_rows
 
 PROMPTS = ["The old house at the end of the street had been empty for years, and",
            "In 1887 the city council voted to build a new bridge across the river because",
@@ -44,8 +41,7 @@ def main(argv=None) -> int:
         for pool in ("shared", "session"):
             specs[f"{folder.parent.name}/{folder.name}: {pool}"] = (Path(sys.executable), {
                 "backend": "lama", "export_dir": str(folder), "thresholds": "never", "prompts": ids,
-                "max_new_tokens": a.new_tokens, "threads": a.threads, "thread_pool": pool,
-                "repo_root": str(HERE.parent)})
+                "max_new_tokens": a.new_tokens, "threads": a.threads, "thread_pool": pool})
     with tempfile.TemporaryDirectory(prefix="lama-pools-") as tmp:
         measured, failed = time_rows(specs, a.repeats, Path(tmp), 600)
     rows = []
