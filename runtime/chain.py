@@ -15,12 +15,16 @@ segments together, so each segment's too) are bounded (`max_pending`): past the 
 step flushes them deep, and no decode call carries more than max_pending + 1 positions.
 The last segment also reports the full model's token at every position it ran
 (`StepStats.full_tokens`), which exact mode checks early tokens against
-(runtime/generation.py). `fill` gives skipped layers only their keys/values
+(runtime/generation.py). Exact mode with sampling needs the full model's distribution at each
+of those positions, but a graph's head (its top-k or full logits) sees only the last position
+it ran: with a `check` the last segment runs the positions to check one per call instead
+(`Chain.step`), and stops as soon as the check rejects one. `fill` gives skipped layers only their keys/values
 (runtime/kv_cache.py). Every tensor is found by its role in the manifest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +44,8 @@ from .sampling import dense_logits
 # flush at most once per 8 early tokens; on a GPU a larger bound (16-32) costs little.
 DEFAULT_MAX_PENDING = 8
 DECODE_DIM = "decode_sequence"  # manifest dim: positions one segment call takes in decode (bound + 1)
+# Exact sampling: check(position, logits row of the full model there) -> keep going? (Chain.step)
+Check = Callable[[int, np.ndarray], bool]
 
 
 @dataclass
@@ -159,25 +165,53 @@ class Chain:
         return feeds
 
     def step(self, ids: np.ndarray, cache: KVCache, thresholds: list[float], want_logits: bool = False,
-             stats: StepStats | None = None):
+             stats: StepStats | None = None, check: Check | None = None, check_from: int = 0):
         """Feed token ids (positions cache.position ..) and return (token, exit index, confidence, logits).
 
         All or nothing: on any error the cache is as before. With `defer`, once more than
         `max_pending` positions wait (all segments together), they are flushed deep before
-        returning. `stats` collects the work."""
+        returning. `stats` collects the work.
+
+        `check` (exact mode with sampling): whenever the last segment runs positions >=
+        `check_from` (in this step or in its flush), it runs them one per call, in order (the
+        positions before the first of them in one call), and calls check(position, logits)
+        with the full model's logits row there (vocabulary-sized: the head's top-k, -inf
+        elsewhere, or its full logits). When check returns False the positions after that one
+        are dropped from every segment (the cache is truncated to position + 1): the caller
+        rejected the token that followed it."""
         stats = StepStats() if stats is None else stats
         mark = cache.mark()
         try:
             result = self._step(np.asarray(ids).reshape(1, -1).astype(np.int64), cache, thresholds, want_logits,
-                                stats)
+                                stats, check, check_from)
             if self.kv_policy == "defer" and sum(cache.pending_counts()) > self.max_pending:
-                self._flush(cache, stats)
+                self._flush(cache, stats, check, check_from)
             return result
         except BaseException:
             cache.rollback(mark)
             raise
 
-    def _step(self, ids: np.ndarray, cache: KVCache, thresholds: list[float], want_logits: bool, stats: StepStats):
+    def _run_checked(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats, check: Check | None,
+                     check_from: int) -> tuple[dict, int | None]:
+        """Run the last segment j on x (positions [end - len, end)); with a check, one call per
+        position from check_from on (see `step`). Returns the last call's outputs and the
+        position the check rejected (None: none), after which nothing was run."""
+        if check is None:
+            return self._run_segment(j, x, cache, end, stats), None
+        seg, n, start = self.manifest.segments[j], x.shape[1], end - x.shape[1]
+        done = 0
+        while done < n:
+            size = max(1, check_from - start - done + 1) if done == 0 else 1  # up to check_from at once
+            size = min(size, n - done)
+            out = self._run_segment(j, x[:, done:done + size], cache, start + done + size, stats)
+            done += size
+            pos = start + done - 1
+            if pos >= check_from and not check(pos, self._logits(seg, out, True)[0]):
+                return out, pos
+        return out, None
+
+    def _step(self, ids: np.ndarray, cache: KVCache, thresholds: list[float], want_logits: bool, stats: StepStats,
+              check: Check | None = None, check_from: int = 0):
         start0 = cache.position
         end = start0 + ids.shape[1]
         if self.kv_policy == "fill" and ids.shape[1] > 1:
@@ -192,11 +226,15 @@ class Chain:
                 begin = cache.segments[j].length
                 x = cache.segment_input(j, hidden, start).astype(self.dtype, copy=False)
                 start = begin
+            if seg.exit is None:
+                out, rejected = self._run_checked(j, x, cache, end, stats, check, check_from)
+                cache.position = end
+                if rejected is not None:
+                    cache.truncate(rejected + 1)
+                conf = float(out[seg.name("confidence")][0])
+                return int(out[seg.name("token")][0]), j, conf, self._logits(seg, out, want_logits)
             out = self._run_segment(j, x, cache, end, stats)
             conf = float(out[seg.name("confidence")][0])
-            if seg.exit is None:
-                cache.position = end
-                return int(out[seg.name("token")][0]), j, conf, self._logits(seg, out, want_logits)
             hidden = out[seg.name("hidden_out")]
             if conf >= thresholds[j]:
                 if self.kv_policy == "defer":
@@ -213,26 +251,34 @@ class Chain:
                 return int(out[graph.name("token")][0]), j, conf, self._logits(graph, out, want_logits)
         raise RuntimeError("the last segment has an exit; the manifest is inconsistent")
 
-    def flush(self, cache: KVCache, stats: StepStats | None = None) -> StepStats:
-        """Run every pending position through the deeper segments now (all or nothing)."""
+    def flush(self, cache: KVCache, stats: StepStats | None = None, check: Check | None = None,
+              check_from: int = 0) -> StepStats:
+        """Run every pending position through the deeper segments now (all or nothing; `check`
+        as in `step`)."""
         stats = StepStats() if stats is None else stats
         mark = cache.mark()
         try:
-            self._flush(cache, stats)
+            self._flush(cache, stats, check, check_from)
         except BaseException:
             cache.rollback(mark)
             raise
         return stats
 
-    def _flush(self, cache: KVCache, stats: StepStats) -> None:
+    def _flush(self, cache: KVCache, stats: StepStats, check: Check | None = None, check_from: int = 0) -> None:
         first = cache.first_pending()
         if first is None:
             return
         end = cache.position  # shallower segments hold every position: pending ends here
         hidden, start = None, None
-        for j in range(first, len(self.manifest.segments)):
+        last = len(self.manifest.segments) - 1
+        for j in range(first, last + 1):
             begin = cache.segments[j].length
             x = cache.segment_input(j, hidden, start).astype(self.dtype, copy=False)
+            if j == last:
+                _, rejected = self._run_checked(j, x, cache, end, stats, check, check_from)
+                if rejected is not None:
+                    cache.truncate(rejected + 1)
+                return
             out = self._run_segment(j, x, cache, end, stats)
             hidden, start = out.get(self.manifest.segments[j].names.get("hidden_out")), begin
 

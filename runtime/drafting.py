@@ -5,7 +5,10 @@ read once: SmolLM2 fp32 on 2 CPU threads, ~5% of a step per extra position up to
 nearly nothing). So in exact mode the runtime guesses the next few tokens, feeds them with the
 current one, and keeps the longest prefix the full model agrees with, plus the full model's
 own token after it (runtime/generation.py). The output is the full model's greedy output
-whatever the guesses are; good guesses make one call yield several tokens.
+whatever the guesses are; good guesses make one call yield several tokens. With sampling, a
+draft is kept while the full model's draw at its position equals it (the speculative-sampling
+rule for a draft that is a single token, not a distribution), so the output has plain
+sampling's distribution whatever the guesses are.
 
 A drafter only proposes; it never sees the model. `PromptLookup` needs no training: it finds
 the latest earlier occurrence of the sequence's last n tokens (in the prompt or in what was

@@ -12,6 +12,22 @@ the next tokens, the step feeds them after the current one through the whole cha
 check keeps the longest prefix the full model agrees with, plus the full model's token after
 it, and the cache rolls back over the rest. Early-exit tokens are drafts too (checked once
 their deferred positions run deep), so every source is verified the same way.
+
+Exact mode with sampling (temperature > 0, or a repetition penalty) gives plain sampling's
+output distribution: the full model's (thresholds "never"), with the same SamplingParams.
+Every draft is a point mass: a prompt-lookup token, or an exit's argmax (an exit never samples
+in exact mode), fixed before the full model's distribution p at its position is known. The
+speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023) for such a draft x is:
+accept with probability p(x), else emit a draw from p without x, renormalized, and stop. It is
+implemented in its simplest equivalent form: at each checked position draw t ~ p with the
+generation's Sampler (filters, and the repetition penalty over the sequence up to there); keep
+the draft while t equals it; the first t that differs is emitted and ends the check (`_Draws`,
+`accept`). Each emitted token is then one draw from p at its position, in order, from the
+generation's one random stream, exactly as in plain sampling: for a seed, exact mode emits
+plain sampling's tokens (up to float rounding of the logits between calls), whatever the drafts.
+The graphs give the head's logits at a call's last position only, so the last segment runs the
+positions to check one per call (runtime/chain.py, `check`); the shallower segments still run
+all drafted positions in one call each.
 """
 
 from __future__ import annotations
@@ -121,8 +137,6 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
         what = "KV buffer capacity" if rt.manifest.kv_cache.layout == "buffer" else "model's context"
         raise ValueError(f"prompt is {len(ids)} tokens; the {what} is {limit}")
     if exact:
-        if not Sampler(params).greedy:
-            raise ValueError("exact mode reproduces the full model's greedy output: use temperature 0")
         if rt.kv_policy != "defer":
             raise ValueError("exact mode needs the 'defer' KV policy (the fill policy's caches are approximate)")
         if rt.manifest.segments[-1].output("tokens_all") is None:
@@ -150,12 +164,54 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
     return Stream(_records(rt, ids, max_new_tokens, reuse, run), finish)
 
 
+class _Draws:
+    """Exact mode with sampling: the check the last segment calls at each position it runs
+    (Chain.step's `check`). At position pos it draws t from the full model's distribution there,
+    with the sampler's filters and the repetition penalty over the sequence up to pos, exactly
+    as plain sampling would; made[i] (i = pos + 1 - p) is kept while it equals t. The first
+    t that differs replaces it and ends the check (the chain drops the positions after it); a
+    draw past the last made token is the step's own new token."""
+
+    def __init__(self, sampler: Sampler, made: list[_Token], history: list[int], p: int):
+        self.sampler, self.made, self.history, self.p = sampler, made, history, p
+        self.verified = 0  # made[:verified] agreed with the draws so far
+        self.rejected: tuple[int, int] | None = None  # (i, the token drawn in place of made[i])
+        self.new: int | None = None  # the token drawn after the last made one
+
+    def __call__(self, pos: int, logits: np.ndarray) -> bool:
+        i = pos + 1 - self.p
+        t = self.sampler.pick(logits, self.history[:self.p + i])
+        if i >= len(self.made):
+            self.new = t
+            return True
+        if accept(t, self.made[i].token):
+            self.verified = i + 1
+            return True
+        self.rejected = (i, t)
+        return False
+
+
+def accept(drawn: int, made: int) -> bool:
+    """The speculative-sampling rule for a token fixed before the full model's distribution p
+    at its position was known (a prompt-lookup draft, an exit's argmax: a point mass): keep it
+    when a draw t ~ p equals it, i.e. with probability p(made); on a mismatch t is emitted, which
+    is a draw from p without `made`, renormalized (Leviathan et al. 2023; Chen et al. 2023).
+    Every emitted token is then a draw from p at its position, as in plain sampling."""
+    return drawn == made
+
+
 def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[int],
             run: GenerationRun) -> Iterator[_Token]:
     """Tokens in order, each once final: every token unless run.exact, where an early token
     is final once the last segment has checked it (flushing what waits when generation
-    would end). Each carries the work of its step (and of discarded tokens and flushes)."""
+    would end). Each carries the work of its step (and of discarded tokens and flushes).
+
+    Exact mode checks a token against the full model's choice at its position: greedy, the
+    last segment's `tokens_all` (one call for all positions); sampling, a draw from the full
+    model's distribution there (`_Draws`: the last segment runs the positions to check one per
+    call, and stops at the first rejected token)."""
     sampler, p, exact = run.sampler, cache.position + len(x), run.exact
+    sampled = exact and not sampler.greedy
     last, n_layers = len(rt.manifest.segments) - 1, rt.manifest.model.num_layers
     never = [float("inf")] * len(run.thresholds)  # a drafting step runs the whole chain: it verifies
     made: list[_Token] = []  # one per token so far; token i sits at position p + i
@@ -166,27 +222,53 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
         if done and verified == len(made):
             return
         stats, t0 = StepStats(), time.perf_counter()
+        draws = _Draws(sampler, made, history, p) if sampled else None
+        check = dict(check=draws, check_from=p + verified - 1) if sampled else {}
         if done:  # exact: what is left unverified runs deep now
-            rt.flush(cache, stats)
+            rt.flush(cache, stats, **check)
         else:
             source, drafts = _draft(rt, cache, x, history, n - len(made) - 1, run)
             thresholds = run.thresholds if not drafts else never
-            token, j, conf, logits = rt.step(np.concatenate([x, np.asarray(drafts, dtype=np.int64)]), cache,
-                                               thresholds, want_logits=not sampler.greedy, stats=stats)
-            stats.steps += 1
-            if not sampler.greedy:
-                token = sampler.pick(logits[0], history)
             if drafts:  # checked below against the full model's tokens at their positions
                 stats.drafted[source] = len(drafts)
                 first_draft = len(made)
                 made += [_Token(d, last, n_layers, float("nan"), source=source) for d in drafts]
                 history += drafts
-            made.append(_Token(token, j, rt.manifest.segments[j].layers[1], conf))
-            history.append(token)
-            x = np.array([token], dtype=np.int64)
+            token, j, conf, logits = rt.step(np.concatenate([x, np.asarray(drafts, dtype=np.int64)]), cache,
+                                               thresholds, want_logits=not sampler.greedy and not sampled,
+                                               stats=stats, **check)
+            stats.steps += 1
+            if sampled:  # the exit's argmax (a draft, checked later), else the full model's draw
+                wrong = draws.new is not None and j != last and draws.new != token  # a forced flush checked it
+                token = token if draws.new is None else draws.new
+                if draws.rejected is None:
+                    made.append(_Token(token, j, rt.manifest.segments[j].layers[1], conf, rollbacks=int(wrong)))
+                    history.append(token)
+                    x = np.array([token], dtype=np.int64)
+            else:
+                if not sampler.greedy:
+                    token = sampler.pick(logits[0], history)
+                made.append(_Token(token, j, rt.manifest.segments[j].layers[1], conf))
+                history.append(token)
+                x = np.array([token], dtype=np.int64)
         stats.seconds = time.perf_counter() - t0
         carry.add(stats)
-        if exact:
+        if sampled:
+            if draws.rejected is not None:  # made[i] lost to the full model's draw: the chain dropped what followed
+                i, t = draws.rejected
+                for r in made[i:]:
+                    carry.add(r.work)
+                rollbacks = (made[i].source == "model") + sum(r.rollbacks for r in made[i:])
+                del made[i:]
+                del history[p + i:]
+                cache.truncate(p + i)
+                made.append(_Token(t, last, n_layers, float("nan"), rollbacks=rollbacks))
+                history.append(t)
+                x = np.array([t], dtype=np.int64)
+                verified = i + 1
+            else:
+                verified = max(verified, draws.verified, len(made) if draws.new is not None else 0)
+        elif exact:
             for pos in sorted(stats.full_tokens):
                 i = pos + 1 - p  # the full model's token for made[i]
                 if not 0 <= i < len(made):

@@ -21,7 +21,8 @@ def exports(tmp_path_factory):
     d = tmp_path_factory.mktemp("drafting")
     ckpt, bb = make_checkpoint(d, "llama_hd16")
     return {"concat": api.export(ckpt, out=d / "concat", kv="concat", backbone=bb),
-            "buffer": api.export(ckpt, out=d / "buffer", kv="buffer", kv_capacity=CAPACITY, backbone=bb)}
+            "buffer": api.export(ckpt, out=d / "buffer", kv="buffer", kv_capacity=CAPACITY, backbone=bb),
+            "plain": api.export(ckpt, out=d / "plain", kv="buffer", kv_capacity=CAPACITY, backbone=bb, exits=False)}
 
 
 class Scripted:
@@ -109,6 +110,49 @@ def test_drafts_verified_exactly(exports, layout, right, exits):
         for x, y in zip(a.keys + a.values, b.keys + b.values):
             x, y = np.asarray(x)[:, :, :a.length], np.asarray(y)[:, :, :b.length]
             assert np.abs(x - y).max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["concat", "buffer", "plain"])
+@pytest.mark.parametrize("right", ["all", "none", "mixed"])
+@pytest.mark.parametrize("exits", ["never", "all-early"])
+def test_sampled_drafts_keep_plain_sampling(exports, layout, right, exits):
+    """Exact mode with sampling draws each token from the full model's distribution at its
+    position, in order, with the generation's one random stream: every emitted token is one
+    draw, as in plain sampling. So for a seed its output is plain sampling's (exits off), token
+    for token, whatever the drafts and exits are; a draft equal to plain sampling's token is
+    accepted. Checked in both KV layouts and on a single-graph export (no exits)."""
+    rt = Runtime.load(exports[layout])
+    if layout == "plain" and exits != "never":
+        pytest.skip("no exits in a single-graph export")
+    opts = dict(temperature=0.9, top_k=20, repetition_penalty=1.1, stop_at_eos=False)
+    for seed in (0, 1):
+        plain = rt.generate(PROMPT, 20, thresholds="never", seed=seed, **opts)
+        sequence = list(plain.prompt_tokens) + list(plain.tokens)
+        rng = np.random.default_rng(seed)
+        rule = {"all": 99, "none": 0, "mixed": lambda k: int(rng.integers(0, k + 1))}[right]
+        drafter = Scripted(sequence, rule, rt.manifest.model.vocab_size)
+        thresholds = "never" if exits == "never" else [0.0] * len(rt.manifest.exits)
+        res = rt.generate(PROMPT, 20, thresholds=thresholds, seed=seed, exact=True, drafts=[drafter], **opts)
+        assert res.tokens == plain.tokens
+        d = res.drafts()["sources"]["scripted"]
+        assert drafter.proposed > 0 and d["drafted"] == drafter.proposed
+        if right == "all" and exits == "never":
+            assert d["accepted"] == d["drafted"] and res.drafts()["tokens_per_step"] > 2
+        if right == "none":
+            assert d["accepted"] == 0
+        if exits != "never" and right == "none":  # drafting stops paying; random heads exiting everywhere are rejected
+            assert res.work()["rollbacks"] > 0
+        # the kept cache is the full model's for exactly those tokens
+        kept = rt.kept.cache
+        ref = rt.new_cache()
+        rt.step(np.array(sequence[:-1]), ref, [float("inf")] * len(rt.manifest.exits))
+        rt.flush(kept)
+        assert kept.position == ref.position
+        for a, b in zip(kept.segments, ref.segments):
+            assert a.length == b.length
+            for x, y in zip(a.keys + a.values, b.keys + b.values):
+                x, y = np.asarray(x)[:, :, :a.length], np.asarray(y)[:, :, :b.length]
+                assert np.abs(x - y).max() < 1e-4
 
 
 @pytest.mark.parametrize("layout", ["concat", "buffer"])
