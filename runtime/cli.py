@@ -174,9 +174,10 @@ def _generation_args() -> argparse.ArgumentParser:
     g = p.add_argument_group("exits")
     g.add_argument("--target", type=float, help="use the thresholds of another target from the calibration table")
     g.add_argument("--full", action="store_true", help="never exit early (the full model)")
-    g.add_argument("--exact", action="store_true", help="verify early tokens with the full model's head (defer, "
-                   "greedy): the output is the full model's; tokens appear once verified. Drafted tokens are "
-                   "verified several per call (multi-token decoding)")
+    g.add_argument("--exact", action="store_true", help="verify early tokens with the full model's head (defer): "
+                   "the output is the full model's (greedy: its tokens; with --temperature: its sampling "
+                   "distribution, and for a --seed plain sampling's tokens); tokens appear once verified. Drafted "
+                   "tokens are verified several per call (multi-token decoding)")
     g.add_argument("--drafts", nargs="+", default=None, metavar="SOURCE",
                    help="with --exact: draft sources to use (default: every one the export holds; 'lookup' = "
                         "n-gram matches in the prompt and the text so far; 'none' = one token per call)")

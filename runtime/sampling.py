@@ -9,6 +9,10 @@ way: a vocabulary-sized row, -inf outside the tokens the graph returned.
 
 The order of the steps follows transformers' `generate`: repetition penalty, temperature,
 top-k, top-p, min-p; then one draw from the renormalized distribution.
+
+Exact mode samples with the same Sampler: it draws from the full model's distribution at each
+drafted position, in order, and keeps a draft while the draw equals it (runtime/generation.py),
+so every emitted token is one `pick`, as in plain sampling.
 """
 
 from __future__ import annotations
