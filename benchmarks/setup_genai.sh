@@ -17,20 +17,9 @@
 #   GENAI_OUT=runs/bench/smollm2/genai-int4 bash benchmarks/setup_genai.sh
 #   GENAI_BUILD=0 bash benchmarks/setup_genai.sh    # the venv only
 set -euo pipefail
-
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(dirname "$here")"
-venv="${VENV:-$here/.venv-genai}"
-python="${PYTHON:-python3}"
+. "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh" .venv-genai   # $venv made, pip upgraded
 out="${GENAI_OUT:-$root/runs/bench/smollm2-135m/genai-int4}"
-
-if [ ! -x "$venv/bin/python" ]; then
-    "$python" -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install -q --upgrade pip
-# torch first: where pip's find-links hold the CPU wheel (torch 2.13.0+cpu, as here) pip takes it;
-# elsewhere PyPI's default (CUDA) build of the same version comes, which is much larger.
-"$venv/bin/python" -m pip install -q "torch==2.13.0"
+install_cpu_torch
 "$venv/bin/python" -m pip install -q \
     "onnxruntime-genai==0.18.0" "onnxruntime==1.32.0" "transformers==5.24.0" "tokenizers>=0.22,<0.24" \
     "onnx==1.23.2" "onnx-ir>=1.0" "gguf==0.19.0" "accelerate>=1.0" "sentencepiece>=0.2" "safetensors>=0.4" \
@@ -47,6 +36,6 @@ import onnxruntime_genai.models.builder  # noqa: F401
 print("onnxruntime-genai venv ready")
 EOF
 if [ "${GENAI_BUILD:-1}" != "0" ]; then
-    cd "$root"
-    HF_HUB_OFFLINE=1 "$venv/bin/python" benchmarks/genai_worker.py --build "$out" --model smollm2-135m
+    cd "$root"   # the worker runs as a module of the checkout (this venv has no project install)
+    HF_HUB_OFFLINE=1 "$venv/bin/python" -m benchmarks.genai_worker --build "$out" --model smollm2-135m
 fi

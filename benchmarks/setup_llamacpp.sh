@@ -8,15 +8,7 @@
 #
 #   bash benchmarks/setup_llamacpp.sh            # create or update
 set -euo pipefail
-
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${VENV:-$here/.venv-llamacpp}"
-python="${PYTHON:-python3}"
-
-if [ ! -x "$venv/bin/python" ]; then
-    "$python" -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install -q --upgrade pip
+. "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh" .venv-llamacpp   # $venv made, pip upgraded
 # native CPU build (AVX2/AVX-512 as the host has): the same flags a user's `pip install` gets
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
     "$venv/bin/python" -m pip install -q "llama-cpp-python==0.3.36" "numpy>=1.26,<3" "psutil>=5.9"

@@ -8,18 +8,8 @@
 #   bash benchmarks/setup_optimum.sh            # create or update
 #   PYTHON=python3.11 bash benchmarks/setup_optimum.sh
 set -euo pipefail
-
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${VENV:-$here/.venv-optimum}"
-python="${PYTHON:-python3}"
-
-if [ ! -x "$venv/bin/python" ]; then
-    "$python" -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install -q --upgrade pip
-# torch first: where pip's find-links hold the CPU wheel (torch 2.13.0+cpu, as here) pip takes it;
-# elsewhere PyPI's default (CUDA) build of the same version comes, which is much larger.
-"$venv/bin/python" -m pip install -q "torch==2.13.0"
+. "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh" .venv-optimum   # $venv made, pip upgraded
+install_cpu_torch
 "$venv/bin/python" -m pip install -q \
     "transformers==4.57.6" "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" \
     "tokenizers==0.22.2" "huggingface_hub==0.36.2" "onnxruntime==1.32.0" \
