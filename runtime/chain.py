@@ -18,8 +18,8 @@ The last segment also reports the full model's token at every position it ran
 (runtime/generation.py). Exact mode with sampling needs the full model's distribution at each
 of those positions, but a graph's head (its top-k or full logits) sees only the last position
 it ran: with a `check` the last segment runs the positions to check one per call instead
-(`Chain.step`), and stops as soon as the check rejects one. `fill` gives skipped layers only their keys/values
-(runtime/kv_cache.py). Every tensor is found by its role in the manifest.
+(`Chain.step`), and stops as soon as the check rejects one. `fill` gives skipped layers only
+their keys/values (runtime/kv_cache.py). Every tensor is found by its role in the manifest.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class GenerationRun:
     sampler: Sampler
     thresholds: list[float]
     cached: int = 0  # prompt tokens the kept cache already held
-    exact: bool = False  # verify early tokens with the last segment (defer, greedy)
+    exact: bool = False  # verify early tokens with the last segment (defer; greedy or sampled)
     eos: frozenset = frozenset()  # exact mode verifies these before stopping
     stop: str | None = None
     drafters: list = field(default_factory=list)  # exact mode: draft sources, tried in order
