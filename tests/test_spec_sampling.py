@@ -58,15 +58,16 @@ def stories(tmp_path_factory):
 
 
 def _arm(rt, ids, seeds, exact: bool, thresholds="never", **params):
-    """Tokens (len(seeds), TOKENS) and the drafted / accepted counts summed over the runs."""
-    out, drafted, accepted = [], 0, 0
+    """Tokens (len(seeds), TOKENS); drafted, accepted and exits' tokens rejected (rollbacks), summed."""
+    out, drafted, accepted, rollbacks = [], 0, 0, 0
     for seed in seeds:
         r = rt.generate(ids, TOKENS, seed=int(seed), stop_at_eos=False, exact=exact,
                         thresholds=thresholds if exact else "never", **params)
         out.append(r.tokens)
+        rollbacks += r.work()["rollbacks"]
         for v in r.drafts()["sources"].values():
             drafted, accepted = drafted + v["drafted"], accepted + v["accepted"]
-    return np.array(out), drafted, accepted
+    return np.array(out), drafted, accepted, rollbacks
 
 
 def _p_values(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -98,17 +99,19 @@ def test_exact_sampling_has_plain_sampling_distribution(stories, config, monkeyp
     params = dict(CONFIGS[config])
     thresholds = params.pop("thresholds")
     level = ALPHA / (len(CONFIGS) * TOKENS)  # Bonferroni: every position of every configuration
-    plain, _, _ = _arm(rt, ids, range(N, 2 * N), exact=False, **params)
-    exact, drafted, accepted = _arm(rt, ids, range(N), exact=True, thresholds=thresholds, **params)
+    plain, *_ = _arm(rt, ids, range(N, 2 * N), exact=False, **params)
+    exact, drafted, accepted, rollbacks = _arm(rt, ids, range(N), exact=True, thresholds=thresholds, **params)
     # the drafts were real: proposed on most runs, accepted often, rejected sometimes
     assert drafted >= N and 0.3 * drafted <= accepted < drafted, (drafted, accepted)
+    if thresholds != "never":  # exits' tokens were drafts too (random heads: mostly rejected)
+        assert rollbacks > N, rollbacks
     p = _p_values(exact, plain)
     assert min(p) > level, f"exact-mode sampling differs from plain sampling: p-values per position {p}"
     # negative controls: the same check catches wrong acceptance rules
     monkeypatch.setattr(generation, "accept", lambda drawn, made: True)
-    always, _, _ = _arm(rt, ids, range(2 * N, 3 * N), exact=True, thresholds=thresholds, **params)
+    always, *_ = _arm(rt, ids, range(2 * N, 3 * N), exact=True, thresholds=thresholds, **params)
     monkeypatch.setattr(generation, "accept", _coin_accept(np.random.default_rng(0)))
-    coin, _, _ = _arm(rt, ids, range(3 * N, 4 * N), exact=True, thresholds=thresholds, **params)
+    coin, *_ = _arm(rt, ids, range(3 * N, 4 * N), exact=True, thresholds=thresholds, **params)
     for name, wrong in (("always accept", always), ("accept half the rejections", coin)):
         p_wrong = _p_values(wrong, plain)
         assert min(p_wrong) < level, f"the check misses a wrong rule ({name}): p-values {p_wrong}"
