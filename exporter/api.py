@@ -287,9 +287,11 @@ def _rewrite_config(checkpoint: Path, config: CheckpointConfig) -> None:
 def export(checkpoint: str | Path | Checkpoint, *, out: str | Path, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
-           quant_options: dict | None = None, max_pending: int | None = None) -> Path:
+           quant_options: dict | None = None, max_pending: int | None = None, exits: bool = True) -> Path:
     """Split the checkpoint into per-segment graphs (+ TensorRT engines) with a manifest.
 
+    exits=False: the plain model as one graph, no exits (the baseline a chain is measured
+    against; exact decoding then drafts from the prompt alone).
     kv: "concat" (past in, past+new out) or "buffer" (GroupQueryAttention on preallocated
     buffers updated in place; kv_capacity positions, default the model's context); None
     picks the default for the backend.
@@ -303,4 +305,4 @@ def export(checkpoint: str | Path | Checkpoint, *, out: str | Path, precision: s
 
     return _export(checkpoint, out, precision=precision, backend=backend, with_logits=with_logits,
                    workspace_gb=workspace_gb, kv=kv, kv_capacity=kv_capacity, backbone=backbone, data=data,
-                   quant_options=quant_options, max_pending=max_pending)
+                   quant_options=quant_options, max_pending=max_pending, exits=exits)

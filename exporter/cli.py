@@ -68,7 +68,7 @@ def cmd_export(a: argparse.Namespace) -> None:
              if v is not None}
     out = api.export(a.checkpoint, out=a.out, precision=a.precision, backend=a.backend,
                      with_logits=a.with_logits, workspace_gb=a.workspace_gb, kv=a.kv, kv_capacity=a.kv_capacity,
-                     data=a.data, quant_options=quant or None)
+                     data=a.data, quant_options=quant or None, exits=not a.no_exits)
     print(f"exported to {out}")
     from runtime.manifest import Manifest
 
@@ -162,4 +162,7 @@ def add_host_commands(sub) -> None:
                         "past in, past+new out (any family, TensorRT). Default: buffer where supported")
     e.add_argument("--kv-capacity", type=int, default=None,
                    help="positions each KV buffer holds (--kv buffer; default: the model's context length)")
+    e.add_argument("--no-exits", action="store_true",
+                   help="export the plain model as one graph, without exits (the baseline a chain is measured "
+                        "against; exact decoding then drafts from the prompt only)")
     e.set_defaults(func=cmd_export)

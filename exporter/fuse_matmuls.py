@@ -64,3 +64,32 @@ def fuse_shared_input_matmuls(model, exclude_prefixes: tuple[str, ...] = ()) -> 
     g.node.extend(out)
     g.initializer.extend(new_inits)
     return len(done)
+
+
+def pack_qkv_into_attention(model) -> int:
+    """Hand each GroupQueryAttention its q|k|v product whole, in place: where a Split's three
+    outputs are exactly the op's query, key and value inputs (in that order) and nothing else
+    reads them, the op takes the Split's input as packed QKV (its documented form, key and
+    value left empty) and the Split goes. The arithmetic is unchanged; one node and one copy
+    of the projections per layer go away. Returns the number of attention nodes rewired."""
+    g = model.graph
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            readers[i] = readers.get(i, 0) + 1
+    splits = {n.output[0]: n for n in g.node if n.op_type == "Split" and len(n.output) == 3}
+    drop = set()
+    for node in g.node:
+        if node.op_type != "GroupQueryAttention" or len(node.input) < 3:
+            continue
+        split = splits.get(node.input[0])
+        if (split is None or list(split.output) != list(node.input[:3])
+                or any(readers.get(o, 0) != 1 for o in split.output)):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        drop.add(id(split))
+    if drop:
+        kept = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(kept)
+    return len(drop)

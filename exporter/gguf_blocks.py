@@ -13,7 +13,8 @@ float weights and encodes them without loss:
   is not an integer, so the 4-bit part carries `d * (q - 8)` (the kernel's default zero point
   8: no zero-point input, its fastest path) and the rest comes back as a small float product:
   `y = x @ (d*(q-8)) + blocksum(x) @ (m + 8d)`, where blocksum(x) sums each block of 32 inputs
-  (Reshape + ReduceSum, shared by every weight that reads the same input) and
+  (one AveragePool, times 32 folded into the offsets; shared by every weight that reads the
+  same input) and
   m + 8d is (K/32, N). Exact up to float rounding, at ~3 small extra ops per layer input.
   Centring matters beyond speed: at accuracy level 4 the kernel rounds x to int8 per block,
   and that rounding error is weighted by the 4-bit part's values. With `d*q` (all >= 0, mean
@@ -79,12 +80,17 @@ def _ranks(model) -> dict[str, int]:
             if v.type.tensor_type.HasField("shape")}
 
 
-def _blocksum_nodes(x: str, out: str, k: int, rank: int | None, opset: int, new_inits: list, consts: dict) -> list:
-    """Nodes computing blocksum(x): the sum of each block of 32 inputs, (..., K) -> (..., K/32).
+def blocksum_nodes(x: str, out: str, k: int, rank: int | None, opset: int, new_inits: list,
+                   consts: dict) -> tuple[list, float]:
+    """Nodes computing blocksum(x) / scale, the sum of each block of 32 inputs divided by
+    `scale`, (..., K) -> (..., K/32); returns (nodes, scale), and the caller multiplies the
+    offsets by `scale` (a power of two: exact in float).
 
-    Reshape to (..., K/32, 32) + ReduceSum when x's rank is known: two cheap ops that read no
-    weights (SmolLM2's int4 chain ran 1.04x [1.02, 1.06] the speed of the 0/1-MatMul encoding,
-    paired: benchmarks/results/smollm2-135m/blocksum-ab). Otherwise one MatMul with a 0/1
+    Rank 3 (batch, sequence, K), what decoder layers have: one AveragePool over windows of 32
+    (`scale` 32), one node where Reshape + ReduceSum are two (each small node costs ~8 us per
+    call on these CPUs). Other known ranks: Reshape to (..., K/32, 32) + ReduceSum (SmolLM2's
+    int4 chain ran 1.04x [1.02, 1.06] the speed of the 0/1-MatMul encoding, paired:
+    benchmarks/results/smollm2-135m/blocksum-ab). Unknown rank: one MatMul with a 0/1
     (K, K/32) matrix, which works at any rank."""
     from onnx import helper, numpy_helper
 
@@ -94,16 +100,20 @@ def _blocksum_nodes(x: str, out: str, k: int, rank: int | None, opset: int, new_
             new_inits.append(numpy_helper.from_array(value, consts[key]))
         return consts[key]
 
+    if rank == 3:
+        return [helper.make_node("AveragePool", [x], [out], name=out, kernel_shape=[BLOCK], strides=[BLOCK])], \
+            float(BLOCK)
     if rank is not None and rank >= 2:
         shape = const(f"blocks_{rank}_{k}", np.array([0] * (rank - 1) + [k // BLOCK, BLOCK], np.int64))
         reshape = helper.make_node("Reshape", [x, shape], [out + "_blocks"], name=out + "_reshape")
         if opset < 13:  # axes became an input in opset 13
-            return [reshape, helper.make_node("ReduceSum", [out + "_blocks"], [out], name=out, axes=[-1], keepdims=0)]
+            return [reshape, helper.make_node("ReduceSum", [out + "_blocks"], [out], name=out, axes=[-1],
+                                              keepdims=0)], 1.0
         axis = const("last_axis", np.array([-1], np.int64))
-        return [reshape, helper.make_node("ReduceSum", [out + "_blocks", axis], [out], name=out, keepdims=0)]
+        return [reshape, helper.make_node("ReduceSum", [out + "_blocks", axis], [out], name=out, keepdims=0)], 1.0
     one = np.zeros((k, k // BLOCK), np.float32)
     one[np.arange(k), np.arange(k) // BLOCK] = 1.0
-    return [helper.make_node("MatMul", [x, const(f"ones_{k}", one)], [out], name=out)]
+    return [helper.make_node("MatMul", [x, const(f"ones_{k}", one)], [out], name=out)], 1.0
 
 
 def _centred_offsets(d: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -156,10 +166,12 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
             out_nodes.append(helper.make_node("MatMulNBits", ins, [part], name=name, domain="com.microsoft",
                                               K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=accuracy_level))
             if x not in sums:
-                sums[x] = name + "_blocksum"
-                out_nodes.extend(_blocksum_nodes(x, sums[x], k, ranks.get(x), opset, new_inits, consts))
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(_centred_offsets(d, m).T), name + "_offsets"))
-            out_nodes.append(helper.make_node("MatMul", [sums[x], name + "_offsets"], [name + "_offset"],
+                nodes, scale = blocksum_nodes(x, name + "_blocksum", k, ranks.get(x), opset, new_inits, consts)
+                sums[x] = (name + "_blocksum", scale)
+                out_nodes.extend(nodes)
+            offsets = _centred_offsets(d, m).T * np.float32(sums[x][1])  # x a power of two: exact
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(offsets), name + "_offsets"))
+            out_nodes.append(helper.make_node("MatMul", [sums[x][0], name + "_offsets"], [name + "_offset"],
                                               name=name + "_offset"))
             out_nodes.append(helper.make_node("Add", [part, name + "_offset"], [y], name=name + "_add"))
             counts["q4_1"] += 1

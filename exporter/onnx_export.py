@@ -211,8 +211,10 @@ def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_c
 def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
-           quant_options: dict | None = None, max_pending: int | None = None) -> Path:
-    """`data`: the training text for the quantized model's calibration scores, if it moved (default:
+           quant_options: dict | None = None, max_pending: int | None = None, exits: bool = True) -> Path:
+    """`exits=False`: the plain model as one graph (no exit heads, gates or thresholds): the
+    baseline a chain is measured against, and a full path for exact decoding with prompt-lookup
+    drafts alone. `data`: the training text for the quantized model's calibration scores, if it moved (default:
     the recorded paths; either way the windows must match the hash training recorded);
     `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level);
     max_pending: the runtime's bound on deferred positions; decode calls then take at most
@@ -246,25 +248,31 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
     bb = _backbone_in(backbone, dtype) if backbone is not None else load_backbone(config.source)
     kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
     quant_cal = None
-    if scheme is not None:  # before tracing: the thresholds must come from the quantized model's own outputs
+    if not exits:  # one segment, nothing to calibrate
+        checkpoint = checkpoint.with_config(dataclasses.replace(config, exits=[], thresholds=[], policy=None))
+        config = checkpoint.config
+    elif scheme is not None:  # before tracing: the thresholds must come from the quantized model's own outputs
         from .quant_calibrate import calibrate_quantized, replace_thresholds
 
         checkpoint.scores("calibration")  # refuses a checkpoint without scores
         quant_cal = calibrate_quantized(bb, checkpoint, scheme, TARGETS, data)
         checkpoint = checkpoint.with_config(replace_thresholds(config, quant_cal))
         config = checkpoint.config
-    heads = checkpoint.heads(bb)  # built on bb: adapter heads share its norm and LM head
+    heads = checkpoint.heads(bb) if config.exits else None  # built on bb: adapter heads share its norm and LM head
     bb.model.to(dtype)
-    heads.to(dtype)
+    if heads is not None:
+        heads.to(dtype)
     shape = bb.shape
     thresholds = config.thresholds
-    if quant_cal is None:
+    if not exits:
+        table_delta, by_target = None, {}
+    elif quant_cal is None:
         table_delta, by_target = _threshold_table(checkpoint)
     else:  # the quantized model's own table, with the same delta
         table_delta, by_target = quant_cal.delta, quant_cal.by_target
     with replacing_folder(out, _refuse_non_export) as tmp:
         specs, head_specs, quantized = [], [], []
-        gated = config.confidence == "gate"
+        gated = config.confidence == "gate" and bool(config.exits)
         # gates stay float32 in every precision: a few thousand weights, and their score is
         # then the calibrated one (the graph casts the fp16 hidden state up before the gate)
         gates = checkpoint.gates(bb) if gated else None
@@ -316,7 +324,8 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             model=ModelInfo(**dataclasses.asdict(shape), base_model=config.source.model_id, family=bb.family.name),
             tokenizer=tok, segments=tuple(specs),
             calibration=CalibrationInfo(config.confidence, config.policy.to_dict() if config.policy else {},
-                                        tuple(thresholds), by_target, config.calibration.get("heldout", {}),
+                                        tuple(thresholds), by_target,
+                                        config.calibration.get("heldout", {}) if config.exits else {},
                                         by_target_delta=table_delta),
             precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context},
                                        **({"capacity": {"min": 1, "opt": kv_info.capacity, "max": kv_info.capacity}}

@@ -116,13 +116,14 @@ def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str], dict]:
     {"q4_1": n, "q8_0": n} weights whose GGUF blocks were kept exactly)."""
     import onnx
 
-    from .fuse_matmuls import fuse_shared_input_matmuls
+    from .fuse_matmuls import fuse_shared_input_matmuls, pack_qkv_into_attention
     from .gguf_blocks import PREFIX, encode_exact_blocks
 
     MatMulNBitsQuantizer = _quantizer_class()
     model = onnx.load(str(path))
     _constant_weights_to_initializers(model)
     fuse_shared_input_matmuls(model, EXCLUDE_PREFIXES)  # q|k|v and gate|up: fewer, larger kernels
+    pack_qkv_into_attention(model)  # GroupQueryAttention reads q|k|v packed: no Split
     exact = {"q4_1": 0, "q8_0": 0}
     if scheme.exact_blocks:
         exact = encode_exact_blocks(model, EXCLUDE_PREFIXES, scheme.accuracy_level)

@@ -124,12 +124,14 @@ class Segment(nn.Module):
         return hidden, cache.presents()
 
     def _layers_buffer(self, hidden, seqlens_k, total, *buffers):
-        presents = []
+        presents, pending = [], None
         for n, i in enumerate(range(self.first, self.end)):
-            hidden, kv = self.family.run_layer_buffer(i, hidden, (buffers[2 * n], buffers[2 * n + 1]), seqlens_k,
-                                                      total, (self.rope_cos, self.rope_sin))
+            hidden, kv, pending = self.family.run_layer_buffer(i, hidden, (buffers[2 * n], buffers[2 * n + 1]),
+                                                               seqlens_k, total, (self.rope_cos, self.rope_sin),
+                                                               pending)
             presents.append(kv)
-        return hidden, presents
+        # the last layer's MLP output: added here, since the next norm is in another graph (or a head)
+        return (hidden if pending is None else hidden + pending), presents
 
 
 def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:

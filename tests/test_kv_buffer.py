@@ -194,3 +194,42 @@ def test_kept_cache_reuse_and_inspect(llama_exports):
     assert again.tokens == fresh.tokens
     text = render(describe(buffer))
     assert f"buffers of {CAPACITY} positions" in text
+
+
+def test_buffer_graphs_fuse_residuals_and_pack_qkv(tmp_path, llama_exports):
+    """The buffer layout writes each residual add + RMSNorm as one SkipSimplifiedLayerNormalization
+    and, once q|k|v are one product (int4), hands it to GroupQueryAttention packed: the int4 buffer
+    export then gives the int4 concat export's tokens and logits (same weights, other graphs)."""
+    import onnx
+
+    from exporter.fuse_matmuls import pack_qkv_into_attention
+
+    _, buffer, bb, ckpt = llama_exports
+    m = Manifest.load(buffer)
+    for seg in m.segments:
+        ops = [n.op_type for n in onnx.load(str(buffer / seg.file)).graph.node]
+        n = seg.layers[1] - seg.layers[0]
+        assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n - 1  # the first input norm has no add before it
+    # accuracy level 0: the kernel multiplies float inputs (level 4 rounds them to int8 per block,
+    # which turns last-bit float differences between two graph layouts into visible ones)
+    opts = {"accuracy_level": 0}
+    q_buf = api.export(ckpt, out=tmp_path / "b4", precision="int4", with_logits=True, kv="buffer",
+                       kv_capacity=CAPACITY, backbone=bb, quant_options=opts)
+    q_cat = api.export(ckpt, out=tmp_path / "c4", precision="int4", with_logits=True, kv="concat", backbone=bb,
+                       quant_options=opts)
+    for seg in Manifest.load(q_buf).segments:
+        model = onnx.load(str(q_buf / seg.file))
+        gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert gqa and all(list(n.input[1:3]) == ["", ""] for n in gqa)  # packed QKV
+        assert pack_qkv_into_attention(model) == 0  # nothing left to pack
+    rb, rc = Runtime.load(q_buf), Runtime.load(q_cat)
+    cb, cc = rb.new_cache(), rc.new_cache()
+    x = np.array(rb.encode("It is a truth").tolist())
+    worst = 0.0
+    for _ in range(10):
+        tb, _, _, lb = rb.step(x, cb, rb.resolve_thresholds("never"), want_logits=True)
+        tc, _, _, lc = rc.step(x, cc, rc.resolve_thresholds("never"), want_logits=True)
+        worst = max(worst, float(np.abs(lb - lc).max()))
+        assert tb == tc
+        x = np.array([tb])
+    assert worst <= 1e-4, worst

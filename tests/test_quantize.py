@@ -215,7 +215,8 @@ def test_gguf_blocks_are_kept_exactly(tmp_path, level):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     made, left, exact = quantize_graph(path, Scheme(4, 32, True, level, exact_blocks=True))
     assert (made, left, exact) == (3, [], {"q4_1": 1, "q8_0": 1})
-    assert "ReduceSum" in [nd.op_type for nd in onnx.load(str(path)).graph.node]  # rank known: no 0/1 MatMul
+    ops = [nd.op_type for nd in onnx.load(str(path)).graph.node]
+    assert "AveragePool" in ops and "ReduceSum" not in ops  # rank 3 known: one pool, no 0/1 MatMul
     ya, yb, yc = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {f"x{i}": x for i in names})
     for y, w in ((ya, w41), (yb, w80)):
         lin = torch.nn.Linear(k, n, bias=False)
@@ -238,22 +239,24 @@ def test_gguf_blocks_are_kept_exactly(tmp_path, level):
 
 @pytest.mark.parametrize("rank", [2, 3, None])
 def test_block_sums_at_known_and_unknown_rank(rank):
-    """Reshape + ReduceSum where the input's rank is known, a 0/1 MatMul where not: same sums."""
+    """AveragePool at rank 3 (block means: the caller scales the offsets by 32), Reshape +
+    ReduceSum at other known ranks, a 0/1 MatMul where the rank is unknown: the same sums."""
     from onnx import TensorProto, helper
     import onnxruntime as ort
 
-    from exporter.gguf_blocks import _blocksum_nodes
+    from exporter.gguf_blocks import blocksum_nodes
 
     k, inits, consts = 96, [], {}
-    nodes = _blocksum_nodes("x", "s", k, rank, 17, inits, consts)
-    assert [nd.op_type for nd in nodes] == (["MatMul"] if rank is None else ["Reshape", "ReduceSum"])
+    nodes, scale = blocksum_nodes("x", "s", k, rank, 17, inits, consts)
+    expected = {None: ["MatMul"], 2: ["Reshape", "ReduceSum"], 3: ["AveragePool"]}[rank]
+    assert [nd.op_type for nd in nodes] == expected and scale == (32.0 if rank == 3 else 1.0)
     dims = [None] * ((rank or 3) - 1) + [k]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
                           [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)], inits)
     x = np.random.default_rng(0).normal(size=(2, 3, k)[3 - (rank or 3):]).astype(np.float32)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     (s,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    np.testing.assert_allclose(s, x.reshape(*x.shape[:-1], k // 32, 32).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s * scale, x.reshape(*x.shape[:-1], k // 32, 32).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_products_of_one_input_are_fused_exactly():

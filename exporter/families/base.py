@@ -166,9 +166,12 @@ class Family:
         half = cos.shape[-1] // 2
         return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
 
-    def run_layer_buffer(self, index: int, hidden, past: tuple, seqlens_k, total, rope: tuple):
+    def run_layer_buffer(self, index: int, hidden, past: tuple, seqlens_k, total, rope: tuple, pending=None):
         """Decoder layer `index` with its attention on the KV buffers `past` (see gqa.py):
-        returns (hidden, (present_key, present_value)). Families that support it override this."""
+        returns (hidden, (present_key, present_value), pending), where `pending` is a residual
+        term not yet added to `hidden` (None if none): the next layer takes it and fuses the add
+        with its input norm (skip_norm.py); the segment adds what is left after its last layer.
+        Families that support it override this."""
         self.check_kv_buffer()
         raise NotImplementedError
 

@@ -50,19 +50,26 @@ class LlamaFamily(Family):
         if rope.get("rope_type", "default") == "dynamic":
             raise UnsupportedArchitecture("--kv buffer needs fixed RoPE tables; dynamic RoPE scaling is not supported")
 
-    def run_layer_buffer(self, index, hidden, past, seqlens_k, total, rope):
+    def run_layer_buffer(self, index, hidden, past, seqlens_k, total, rope, pending=None):
         """The decoder layer written out so attention is one GroupQueryAttention node.
 
         Same computation as the transformers layer (pre-norm, q/k/v projections, Qwen3's per-head
         q/k norms where the layer has them, attention, o_proj, residual, post-norm MLP, residual);
         RoPE is applied inside the op from the cos/sin tables `rope`, after the q/k norms as in
-        transformers. Returns the hidden states and the (present_key, present_value) buffers.
+        transformers. Each residual add is fused with the norm after it
+        (SkipSimplifiedLayerNormalization, exporter/skip_norm.py): the MLP's output is handed
+        back as `pending`, for the next layer's input norm to add (or the segment, after its
+        last layer). Returns (hidden, (present_key, present_value), pending).
         """
         from ..gqa import gqa
+        from ..skip_norm import skip_rms_norm
 
         layer = self.layers[index]
         attn = layer.self_attn
-        h = layer.input_layernorm(hidden)
+        if pending is None:
+            h = layer.input_layernorm(hidden)
+        else:
+            h, hidden = skip_rms_norm(pending, hidden, layer.input_layernorm)
         q, k = attn.q_proj(h), attn.k_proj(h)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's vector
             d = self.shape().head_dim
@@ -71,6 +78,5 @@ class LlamaFamily(Family):
         out, pk, pv = gqa(q, k, attn.v_proj(h), past[0], past[1], seqlens_k, total,
                           *rope, num_heads=self.config.num_attention_heads, kv_heads=self.shape().num_kv_heads,
                           scale=attn.scaling)
-        hidden = hidden + attn.o_proj(out)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden, (pk, pv)
+        h, hidden = skip_rms_norm(attn.o_proj(out), hidden, layer.post_attention_layernorm)
+        return hidden, (pk, pv), layer.mlp(h)
