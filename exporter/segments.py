@@ -101,14 +101,21 @@ class Segment(nn.Module):
                 logits_all = self.family.logits(hidden)  # (B, S, V)
                 tokens_all = logits_all.argmax(-1)  # (B, S): checks the tokens deferred positions emitted early
                 logits = logits_all[:, -1, :]
+                # every position's top-k: exact sampling draws from the full model at each drafted position
+                values_all, indices_all = topk_outputs(logits_all, self.vocab)  # (B, S, k)
+                topk = [values_all[:, -1], indices_all[:, -1]]
             else:
                 logits = self.heads.logits(self.index, last)
+                topk = topk_outputs(logits, self.vocab)
             # the last segment has no gate: its confidence is never compared with a threshold
             token, conf = confidence(logits, "top1" if self.confidence_kind == "gate" else self.confidence_kind)
-            outs = [token, conf.float(), *topk_outputs(logits, self.vocab)]
+            outs = [token, conf.float(), *topk]
             if self.with_logits:
                 outs.append(logits.float())
-        outs.append(tokens_all if self.is_last else hidden)
+        if self.is_last:
+            outs += [tokens_all, values_all, indices_all] + ([logits_all.float()] if self.with_logits else [])
+        else:
+            outs.append(hidden)
         for k, v in presents:
             outs += [k, v]
         return tuple(outs)
@@ -158,8 +165,13 @@ def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpe
                    TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", D))]
     else:
         outputs = head_outputs(shape.vocab_size, seg.with_logits)
-    if seg.is_last:
-        outputs.append(TensorSpec("tokens_all", "tokens_all", "int64", ("batch", "sequence")))
+    if seg.is_last:  # the full model at every position the call ran: exact mode's checks
+        k = min(TOPK, shape.vocab_size)
+        outputs += [TensorSpec("tokens_all", "tokens_all", "int64", ("batch", "sequence")),
+                    TensorSpec("topk_values_all", "topk_values_all", "float32", ("batch", "sequence", k)),
+                    TensorSpec("topk_indices_all", "topk_indices_all", "int64", ("batch", "sequence", k))]
+        if seg.with_logits:
+            outputs.append(TensorSpec("logits_all", "logits_all", "float32", ("batch", "sequence", shape.vocab_size)))
     else:
         outputs.append(TensorSpec("hidden_out", "hidden_out", dtype, ("batch", "sequence", D)))
     for layer in range(seg.first, seg.end):

@@ -184,7 +184,8 @@ def open_backend(folder: Path, seg: SegmentSpec, providers: list[str] | str | No
         # the present KV stays in GPU memory and comes back as the next past: no host round trip;
         # the top-k logits stay there too unless a sampler reads them
         present = {t.name for t in seg.outputs if t.role in ("present_key", "present_value", "topk_values",
-                                                              "topk_indices")}
+                                                              "topk_indices", "topk_values_all", "topk_indices_all",
+                                                              "logits_all")}
         return TensorRTBackend(folder, seg, device_outputs=present)
     if isinstance(providers, str):
         providers = [providers]

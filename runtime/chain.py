@@ -16,9 +16,10 @@ step flushes them deep, and no decode call carries more than max_pending + 1 pos
 The last segment also reports the full model's token at every position it ran
 (`StepStats.full_tokens`), which exact mode checks early tokens against
 (runtime/generation.py). Exact mode with sampling needs the full model's distribution at each
-of those positions, but a graph's head (its top-k or full logits) sees only the last position
-it ran: with a `check` the last segment runs the positions to check one per call instead
-(`Chain.step`), and stops as soon as the check rejects one. `fill` gives skipped layers only
+of those positions: the last segment gives every position's top-k (`topk_values_all`, and
+`logits_all` in exports with full logits), checked in order after one call; an export made
+before those outputs runs the positions to check one per call instead (`Chain.step`'s
+`check`), and stops as soon as the check rejects one. `fill` gives skipped layers only
 their keys/values (runtime/kv_cache.py). Every tensor is found by its role in the manifest.
 """
 
@@ -199,6 +200,13 @@ class Chain:
         if check is None:
             return self._run_segment(j, x, cache, end, stats), None
         seg, n, start = self.manifest.segments[j], x.shape[1], end - x.shape[1]
+        rows = self._rows_all(seg)
+        if rows is not None:  # the graph gives every position's distribution: one call
+            out = self._run_segment(j, x, cache, end, stats)
+            for k in range(max(0, check_from - start), n):
+                if not check(start + k, rows(out, k)):
+                    return out, start + k
+            return out, None
         done = 0
         while done < n:
             size = max(1, check_from - start - done + 1) if done == 0 else 1  # up to check_from at once
@@ -286,6 +294,20 @@ class Chain:
         """Layer-positions the deferred states still need (each waits in one segment)."""
         total = self.manifest.model.num_layers
         return sum(n * (total - sg.layers[0]) for n, sg in zip(cache.pending_counts(), self.manifest.segments))
+
+    def _rows_all(self, seg: SegmentSpec):
+        """(out, k) -> the full model's logits row at the call's k-th position, from the last
+        segment's per-position outputs of the same kind as `_logits` reads (full logits if the
+        export has them, else the top-k): None for exports without them (made before)."""
+        names, vocab = seg.names, self.manifest.model.vocab_size
+        if "logits" in names:
+            if "logits_all" not in names:
+                return None
+            return lambda out, k: np.asarray(out[names["logits_all"]])[0, k]
+        if "topk_values_all" not in names:
+            return None
+        return lambda out, k: dense_logits(np.asarray(out[names["topk_values_all"]])[0, k][None],
+                                           np.asarray(out[names["topk_indices_all"]])[0, k][None], vocab)[0]
 
     def _logits(self, graph: SegmentSpec | GraphSpec, out: dict, want: bool) -> np.ndarray | None:
         """The head's logits (B, vocab): the full row if the graph has it, else (when asked)

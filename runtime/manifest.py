@@ -9,7 +9,9 @@ Tensor names are not hard-coded in the runtime: each segment lists its inputs an
 by *role* (``input_ids``, ``hidden``, ``attention_mask``, ``position_ids``, ``past_key``,
 ``past_value``, ``hidden_out``, ``present_key``, ``present_value``, ``token``,
 ``confidence``, ``topk_values``, ``topk_indices``, ``logits``; the last segment also
-``tokens_all``: the full model's token at every position it ran, for exact mode), and per-layer
+``tokens_all``: the full model's token at every position it ran, for exact mode, and
+``topk_values_all``/``topk_indices_all``/``logits_all``: its distribution there, for exact
+sampling), and per-layer
 roles carry the global layer index. The head's top-k size is the second dimension of
 ``topk_values``. Exports with the KV buffer layout (schema 2, `kv_cache.layout == "buffer"`) add
 ``seqlens_k`` and ``total_sequence_length``, and their past/present pairs name one preallocated

@@ -219,7 +219,8 @@ class Runtime(Chain):
         stopping: every EOS id of the model (unless stop_at_eos=False), `stop` strings (the text
         is cut before them), `max_time` seconds, a `cancel` threading.Event (closing the iterator
         stops too); `reuse_cache=True` pre-fills only what the previous call's cache lacks.
-        `exact=True` (greedy, defer): the full model's output; drafted tokens are verified several
+        `exact=True` (defer): the full model's output (greedy: its tokens; sampling: its
+        distribution, by the speculative-sampling rule); drafted tokens are verified several
         per call (`drafts`: None = every source, "none", a name or a list, see runtime/drafting.py;
         `draft_tokens`: most per call, default 6). `online_check=True` (relaxed mode, defer):
         exited tokens are checked as their deferred layers run, and an exit whose running

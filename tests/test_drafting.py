@@ -115,12 +115,19 @@ def test_drafts_verified_exactly(exports, layout, right, exits):
 @pytest.mark.parametrize("layout", ["concat", "buffer", "plain"])
 @pytest.mark.parametrize("right", ["all", "none", "mixed"])
 @pytest.mark.parametrize("exits", ["never", "all-early"])
-def test_sampled_drafts_keep_plain_sampling(exports, layout, right, exits):
+@pytest.mark.parametrize("rows", ["per-position outputs", "older export"])
+def test_sampled_drafts_keep_plain_sampling(exports, layout, right, exits, rows, monkeypatch):
     """Exact mode with sampling draws each token from the full model's distribution at its
     position, in order, with the generation's one random stream: every emitted token is one
     draw, as in plain sampling. So for a seed its output is plain sampling's (exits off), token
     for token, whatever the drafts and exits are; a draft equal to plain sampling's token is
-    accepted. Checked in both KV layouts and on a single-graph export (no exits)."""
+    accepted. Checked in both KV layouts and on a single-graph export (no exits); with the last
+    segment's per-position top-k (one call checks every drafted position) and as an export made
+    before them runs (one call per checked position)."""
+    from runtime.chain import Chain
+
+    if rows == "older export":
+        monkeypatch.setattr(Chain, "_rows_all", lambda self, seg: None)
     rt = Runtime.load(exports[layout])
     if layout == "plain" and exits != "never":
         pytest.skip("no exits in a single-graph export")
@@ -138,6 +145,12 @@ def test_sampled_drafts_keep_plain_sampling(exports, layout, right, exits):
         assert drafter.proposed > 0 and d["drafted"] == drafter.proposed
         if right == "all" and exits == "never":
             assert d["accepted"] == d["drafted"] and res.drafts()["tokens_per_step"] > 2
+            steps, calls = res.drafts()["steps"], sum(r.calls for r in res.records)
+            segments = len(rt.manifest.segments)
+            if rows == "per-position outputs":  # one call per segment per step, a final flush at most
+                assert calls <= (steps + 1) * segments
+            else:  # the last segment once per drafted position
+                assert calls > (steps + 1) * segments
         if right == "none":
             assert d["accepted"] == 0
         if exits != "never" and right == "none":  # drafting stops paying; random heads exiting everywhere are rejected
