@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from runtime import roles as R
 from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, GraphSpec, KVCacheInfo, Manifest,
                               ModelInfo, SegmentSpec, TokenizerInfo, target_key, to_json_thresholds)
 from runtime.policy import Policy
@@ -47,19 +48,19 @@ def _dummy_inputs(inputs, dtype: torch.dtype, vocab: int):
     g = torch.Generator().manual_seed(0)
     out = []
     for spec in inputs:
-        if spec.role == "input_ids":
+        if spec.role == R.INPUT_IDS:
             out.append(torch.randint(0, vocab, (b, s), generator=g))
-        elif spec.role == "hidden":
+        elif spec.role == R.HIDDEN:
             out.append(torch.randn(b, s, spec.shape[2], generator=g).to(dtype))
-        elif spec.role == "exit_hidden":
+        elif spec.role == R.EXIT_HIDDEN:
             out.append(torch.randn(b, spec.shape[1], generator=g).to(dtype))
-        elif spec.role == "attention_mask":
+        elif spec.role == R.ATTENTION_MASK:
             out.append(torch.ones(b, p + s, dtype=torch.int64))
-        elif spec.role == "position_ids":
+        elif spec.role == R.POSITION_IDS:
             out.append(torch.arange(p, p + s).unsqueeze(0).repeat(b, 1))
-        elif spec.role == "seqlens_k":  # KV buffer: positions [p, p + s) are written, p + s are valid after
+        elif spec.role == R.SEQLENS_K:  # KV buffer: positions [p, p + s) are written, p + s are valid after
             out.append(torch.full((b,), p + s - 1, dtype=torch.int32))
-        elif spec.role == "total_sequence_length":
+        elif spec.role == R.TOTAL_SEQUENCE_LENGTH:
             out.append(torch.tensor(p + s, dtype=torch.int32))
         elif spec.shape[2] == "capacity":  # KV buffer, with room to spare
             out.append(torch.randn(b, spec.shape[1], p + s + TRACE["spare"], spec.shape[3], generator=g).to(dtype))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime import roles as R
 from runtime.manifest import KV_LAYOUTS, TensorSpec
 
 from .backbone import Backbone
@@ -150,43 +151,43 @@ def io_specs(seg: Segment, dtype: str) -> tuple[list[TensorSpec], list[TensorSpe
     else:
         kv = ("batch", shape.num_kv_heads, "past", shape.head_dim)
         kv_out = ("batch", shape.num_kv_heads, "total", shape.head_dim)
-    inputs = [TensorSpec("input_ids", "input_ids", "int64", ("batch", "sequence")) if seg.is_first
-              else TensorSpec("hidden", "hidden", dtype, ("batch", "sequence", D)),
-              TensorSpec("attention_mask", "attention_mask", "int64", ("batch", "total")),
-              TensorSpec("position_ids", "position_ids", "int64", ("batch", "sequence"))]
+    inputs = [TensorSpec(R.INPUT_IDS, R.INPUT_IDS, "int64", ("batch", "sequence")) if seg.is_first
+              else TensorSpec(R.HIDDEN, R.HIDDEN, dtype, ("batch", "sequence", D)),
+              TensorSpec(R.ATTENTION_MASK, R.ATTENTION_MASK, "int64", ("batch", "total")),
+              TensorSpec(R.POSITION_IDS, R.POSITION_IDS, "int64", ("batch", "sequence"))]
     if seg.kv == "buffer":
-        inputs += [TensorSpec("seqlens_k", "seqlens_k", "int32", ("batch",)),
-                   TensorSpec("total_sequence_length", "total_sequence_length", "int32", ())]
+        inputs += [TensorSpec(R.SEQLENS_K, R.SEQLENS_K, "int32", ("batch",)),
+                   TensorSpec(R.TOTAL_SEQUENCE_LENGTH, R.TOTAL_SEQUENCE_LENGTH, "int32", ())]
     for layer in range(seg.first, seg.end):
-        inputs += [TensorSpec("past_key", f"past_key.{layer}", dtype, kv, layer),
-                   TensorSpec("past_value", f"past_value.{layer}", dtype, kv, layer)]
+        inputs += [TensorSpec(R.PAST_KEY, R.layer_name(R.PAST_KEY, layer), dtype, kv, layer),
+                   TensorSpec(R.PAST_VALUE, R.layer_name(R.PAST_VALUE, layer), dtype, kv, layer)]
     if seg.gated:
-        outputs = [TensorSpec("confidence", "confidence", "float32", ("batch",)),
-                   TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", D))]
+        outputs = [TensorSpec(R.CONFIDENCE, R.CONFIDENCE, "float32", ("batch",)),
+                   TensorSpec(R.EXIT_HIDDEN, R.EXIT_HIDDEN, dtype, ("batch", D))]
     else:
         outputs = head_outputs(shape.vocab_size, seg.with_logits)
     if seg.is_last:  # the full model at every position the call ran: exact mode's checks
         k = min(TOPK, shape.vocab_size)
-        outputs += [TensorSpec("tokens_all", "tokens_all", "int64", ("batch", "sequence")),
-                    TensorSpec("topk_values_all", "topk_values_all", "float32", ("batch", "sequence", k)),
-                    TensorSpec("topk_indices_all", "topk_indices_all", "int64", ("batch", "sequence", k))]
+        outputs += [TensorSpec(R.TOKENS_ALL, R.TOKENS_ALL, "int64", ("batch", "sequence")),
+                    TensorSpec(R.TOPK_VALUES_ALL, R.TOPK_VALUES_ALL, "float32", ("batch", "sequence", k)),
+                    TensorSpec(R.TOPK_INDICES_ALL, R.TOPK_INDICES_ALL, "int64", ("batch", "sequence", k))]
         if seg.with_logits:
-            outputs.append(TensorSpec("logits_all", "logits_all", "float32", ("batch", "sequence", shape.vocab_size)))
+            outputs.append(TensorSpec(R.LOGITS_ALL, R.LOGITS_ALL, "float32", ("batch", "sequence", shape.vocab_size)))
     else:
-        outputs.append(TensorSpec("hidden_out", "hidden_out", dtype, ("batch", "sequence", D)))
+        outputs.append(TensorSpec(R.HIDDEN_OUT, R.HIDDEN_OUT, dtype, ("batch", "sequence", D)))
     for layer in range(seg.first, seg.end):
-        outputs += [TensorSpec("present_key", f"present_key.{layer}", dtype, kv_out, layer),
-                    TensorSpec("present_value", f"present_value.{layer}", dtype, kv_out, layer)]
+        outputs += [TensorSpec(R.PRESENT_KEY, R.layer_name(R.PRESENT_KEY, layer), dtype, kv_out, layer),
+                    TensorSpec(R.PRESENT_VALUE, R.layer_name(R.PRESENT_VALUE, layer), dtype, kv_out, layer)]
     return inputs, outputs
 
 
 def head_outputs(vocab: int, with_logits: bool) -> list[TensorSpec]:
-    outs = [TensorSpec("token", "token", "int64", ("batch",)),
-            TensorSpec("confidence", "confidence", "float32", ("batch",)),
-            TensorSpec("topk_values", "topk_values", "float32", ("batch", min(TOPK, vocab))),
-            TensorSpec("topk_indices", "topk_indices", "int64", ("batch", min(TOPK, vocab)))]
+    outs = [TensorSpec(R.TOKEN, R.TOKEN, "int64", ("batch",)),
+            TensorSpec(R.CONFIDENCE, R.CONFIDENCE, "float32", ("batch",)),
+            TensorSpec(R.TOPK_VALUES, R.TOPK_VALUES, "float32", ("batch", min(TOPK, vocab))),
+            TensorSpec(R.TOPK_INDICES, R.TOPK_INDICES, "int64", ("batch", min(TOPK, vocab)))]
     if with_logits:
-        outs.append(TensorSpec("logits", "logits", "float32", ("batch", vocab)))
+        outs.append(TensorSpec(R.LOGITS, R.LOGITS, "float32", ("batch", vocab)))
     return outs
 
 
@@ -212,7 +213,7 @@ class HeadGraph(nn.Module):
         return (*outs, logits.float()) if self.with_logits else outs
 
     def io_specs(self, dtype: str, hidden_size: int, vocab: int):
-        return ([TensorSpec("exit_hidden", "exit_hidden", dtype, ("batch", hidden_size))],
+        return ([TensorSpec(R.EXIT_HIDDEN, R.EXIT_HIDDEN, dtype, ("batch", hidden_size))],
                 head_outputs(vocab, self.with_logits))
 
 
@@ -237,10 +238,10 @@ class KVFill(nn.Module):
     def io_specs(self, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
         shape = self.family.shape()
         kv = ("batch", shape.num_kv_heads, "sequence", shape.head_dim)
-        inputs = [TensorSpec("hidden", "hidden", dtype, ("batch", "sequence", shape.hidden_size)),
-                  TensorSpec("position_ids", "position_ids", "int64", ("batch", "sequence"))]
+        inputs = [TensorSpec(R.HIDDEN, R.HIDDEN, dtype, ("batch", "sequence", shape.hidden_size)),
+                  TensorSpec(R.POSITION_IDS, R.POSITION_IDS, "int64", ("batch", "sequence"))]
         outputs = []
         for layer in range(self.first, self.end):
-            outputs += [TensorSpec("fill_key", f"fill_key.{layer}", dtype, kv, layer),
-                        TensorSpec("fill_value", f"fill_value.{layer}", dtype, kv, layer)]
+            outputs += [TensorSpec(R.FILL_KEY, R.layer_name(R.FILL_KEY, layer), dtype, kv, layer),
+                        TensorSpec(R.FILL_VALUE, R.layer_name(R.FILL_VALUE, layer), dtype, kv, layer)]
         return inputs, outputs

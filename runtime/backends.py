@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from . import roles as R
 from .manifest import ManifestError, SegmentSpec
 
 
@@ -183,9 +184,9 @@ def open_backend(folder: Path, seg: SegmentSpec, providers: list[str] | str | No
 
         # the present KV stays in GPU memory and comes back as the next past: no host round trip;
         # the top-k logits stay there too unless a sampler reads them
-        present = {t.name for t in seg.outputs if t.role in ("present_key", "present_value", "topk_values",
-                                                              "topk_indices", "topk_values_all", "topk_indices_all",
-                                                              "logits_all")}
+        present = {t.name for t in seg.outputs if t.role in (R.PRESENT_KEY, R.PRESENT_VALUE, R.TOPK_VALUES,
+                                                              R.TOPK_INDICES, R.TOPK_VALUES_ALL, R.TOPK_INDICES_ALL,
+                                                              R.LOGITS_ALL)}
         return TensorRTBackend(folder, seg, device_outputs=present)
     if isinstance(providers, str):
         providers = [providers]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import roles as R
 from .backends import Backend
 from .kv_buffer import KVBufferCache
 from .kv_cache import POLICIES, KVCache
@@ -131,13 +132,13 @@ class Chain:
             out = cache.run(j, seg, backend, x, end)
         else:
             out = backend.run(self._feeds(seg, x, cache, j, end))
-            cache.store(j, [out[s.name] for s in seg.per_layer(seg.outputs, "present_key")],
-                        [out[s.name] for s in seg.per_layer(seg.outputs, "present_value")])
+            cache.store(j, [out[s.name] for s in seg.per_layer(seg.outputs, R.PRESENT_KEY)],
+                        [out[s.name] for s in seg.per_layer(seg.outputs, R.PRESENT_VALUE)])
         cache.take_pending(j)
         n = x.shape[1]
         stats.layer_positions += n * self.num_layers[j]
         stats.calls += 1
-        tokens_all = seg.names.get("tokens_all")
+        tokens_all = seg.names.get(R.TOKENS_ALL)
         if tokens_all in out:  # last segment: the full model's next token at every position it ran
             stats.full_tokens.update((end - n + i, int(t)) for i, t in enumerate(np.asarray(out[tokens_all])[0]))
         return out
@@ -147,21 +148,21 @@ class Chain:
         Every deeper layer gets the keys/values of that state (projections only), in one call."""
         spec = self.manifest.segments[j + 1].kv_fill
         pos = np.arange(start, start + hidden.shape[1], dtype=np.int64)[None, :]
-        out = self.fill_backends[j + 1].run(spec.feeds({"hidden": hidden, "position_ids": pos}))
+        out = self.fill_backends[j + 1].run(spec.feeds({R.HIDDEN: hidden, R.POSITION_IDS: pos}))
         by_layer = {(t.role, t.layer): out[t.name] for t in spec.outputs}
         for k in range(j + 1, len(self.manifest.segments)):
             layers = range(*self.manifest.segments[k].layers)
-            cache.append(k, [by_layer["fill_key", l] for l in layers], [by_layer["fill_value", l] for l in layers])
+            cache.append(k, [by_layer[R.FILL_KEY, l] for l in layers], [by_layer[R.FILL_VALUE, l] for l in layers])
             stats.fill_positions += hidden.shape[1] * self.num_layers[k]
         stats.calls += 1
 
     def _feeds(self, seg: SegmentSpec, x: np.ndarray, cache: KVCache, j: int, end: int) -> dict:
         st = cache.segments[j]
-        feeds = seg.feeds({seg.entry_role: x, "attention_mask": np.ones((1, end), dtype=np.int64),
-                           "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :]})
-        for spec, arr in zip(seg.per_layer(seg.inputs, "past_key"), st.keys):
+        feeds = seg.feeds({seg.entry_role: x, R.ATTENTION_MASK: np.ones((1, end), dtype=np.int64),
+                           R.POSITION_IDS: np.arange(st.length, end, dtype=np.int64)[None, :]})
+        for spec, arr in zip(seg.per_layer(seg.inputs, R.PAST_KEY), st.keys):
             feeds[spec.name] = arr
-        for spec, arr in zip(seg.per_layer(seg.inputs, "past_value"), st.values):
+        for spec, arr in zip(seg.per_layer(seg.inputs, R.PAST_VALUE), st.values):
             feeds[spec.name] = arr
         return feeds
 
@@ -239,11 +240,11 @@ class Chain:
                 cache.position = end
                 if rejected is not None:
                     cache.truncate(rejected + 1)
-                conf = float(out[seg.name("confidence")][0])
-                return int(out[seg.name("token")][0]), j, conf, self._logits(seg, out, want_logits)
+                conf = float(out[seg.name(R.CONFIDENCE)][0])
+                return int(out[seg.name(R.TOKEN)][0]), j, conf, self._logits(seg, out, want_logits)
             out = self._run_segment(j, x, cache, end, stats)
-            conf = float(out[seg.name("confidence")][0])
-            hidden = out[seg.name("hidden_out")]
+            conf = float(out[seg.name(R.CONFIDENCE)][0])
+            hidden = out[seg.name(R.HIDDEN_OUT)]
             if conf >= thresholds[j]:
                 if self.kv_policy == "defer":
                     cache.defer(j + 1, hidden, start)
@@ -253,10 +254,10 @@ class Chain:
                 graph = seg
                 if seg.exit.head is not None:  # gate said exit: now, and only now, run the head
                     graph = self.manifest.heads[seg.exit.head]
-                    exit_hidden = out[seg.name("exit_hidden")]
-                    out = self.head_backends[seg.exit.head].run(graph.feeds({"exit_hidden": exit_hidden}))
+                    exit_hidden = out[seg.name(R.EXIT_HIDDEN)]
+                    out = self.head_backends[seg.exit.head].run(graph.feeds({R.EXIT_HIDDEN: exit_hidden}))
                     stats.calls += 1
-                return int(out[graph.name("token")][0]), j, conf, self._logits(graph, out, want_logits)
+                return int(out[graph.name(R.TOKEN)][0]), j, conf, self._logits(graph, out, want_logits)
         raise RuntimeError("the last segment has an exit; the manifest is inconsistent")
 
     def flush(self, cache: KVCache, stats: StepStats | None = None, check: Check | None = None,
@@ -288,7 +289,7 @@ class Chain:
                     cache.truncate(rejected + 1)
                 return
             out = self._run_segment(j, x, cache, end, stats)
-            hidden, start = out.get(self.manifest.segments[j].names.get("hidden_out")), begin
+            hidden, start = out.get(self.manifest.segments[j].names.get(R.HIDDEN_OUT)), begin
 
     def owed(self, cache: KVCache) -> int:
         """Layer-positions the deferred states still need (each waits in one segment)."""
@@ -300,24 +301,24 @@ class Chain:
         segment's per-position outputs of the same kind as `_logits` reads (full logits if the
         export has them, else the top-k): None for exports without them (made before)."""
         names, vocab = seg.names, self.manifest.model.vocab_size
-        if "logits" in names:
-            if "logits_all" not in names:
+        if R.LOGITS in names:
+            if R.LOGITS_ALL not in names:
                 return None
-            return lambda out, k: np.asarray(out[names["logits_all"]])[0, k]
-        if "topk_values_all" not in names:
+            return lambda out, k: np.asarray(out[names[R.LOGITS_ALL]])[0, k]
+        if R.TOPK_VALUES_ALL not in names:
             return None
-        return lambda out, k: dense_logits(np.asarray(out[names["topk_values_all"]])[0, k][None],
-                                           np.asarray(out[names["topk_indices_all"]])[0, k][None], vocab)[0]
+        return lambda out, k: dense_logits(np.asarray(out[names[R.TOPK_VALUES_ALL]])[0, k][None],
+                                           np.asarray(out[names[R.TOPK_INDICES_ALL]])[0, k][None], vocab)[0]
 
     def _logits(self, graph: SegmentSpec | GraphSpec, out: dict, want: bool) -> np.ndarray | None:
         """The head's logits (B, vocab): the full row if the graph has it, else (when asked)
         its top-k spread over the vocabulary with -inf elsewhere."""
         names = graph.names
-        if "logits" in names or not want:
-            return out.get(names["logits"]) if "logits" in names else None
-        if "topk_values" not in names:
+        if R.LOGITS in names or not want:
+            return out.get(names[R.LOGITS]) if R.LOGITS in names else None
+        if R.TOPK_VALUES not in names:
             raise ManifestError("sampling needs logits, and this export has neither top-k nor full logits "
                                 "(it predates them): re-export, or use greedy decoding (temperature 0)")
-        values = np.asarray(out[names["topk_values"]])  # from the GPU if there
-        indices = np.asarray(out[names["topk_indices"]])
+        values = np.asarray(out[names[R.TOPK_VALUES]])  # from the GPU if there
+        indices = np.asarray(out[names[R.TOPK_INDICES]])
         return dense_logits(values, indices, self.manifest.model.vocab_size)

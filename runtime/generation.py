@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import roles as R
 from .chain import StepStats
 from .detokenize import IncrementalDecoder
 from .drafting import DraftLengths, make_drafters
@@ -139,7 +140,7 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
     if exact:
         if rt.kv_policy != "defer":
             raise ValueError("exact mode needs the 'defer' KV policy (the fill policy's caches are approximate)")
-        if rt.manifest.segments[-1].output("tokens_all") is None:
+        if rt.manifest.segments[-1].output(R.TOKENS_ALL) is None:
             raise ManifestError("exact mode needs the last segment's per-position tokens (output 'tokens_all'), "
                                 "which this export lacks: re-export it")
     run = GenerationRun(ids.tolist(), stopping, Sampler(params), rt.resolve_thresholds(thresholds), exact=exact,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import roles as R
 from .chat import ChatTemplate
 from .manifest import Manifest, SegmentSpec
 
@@ -23,9 +24,9 @@ def _threshold(t) -> str:
 
 
 def _sampling(graph) -> str:
-    if graph.output("logits") is not None:
+    if graph.output(R.LOGITS) is not None:
         return "full logits"
-    topk = graph.output("topk_values")
+    topk = graph.output(R.TOPK_VALUES)
     return f"top-{topk.shape[1]} logits" if topk is not None else "greedy only (no logits exported)"
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import roles as R
 from .kv_cache import POLICIES, KVCache, SegmentState
 from .manifest import SegmentSpec
 
@@ -58,13 +59,13 @@ class KVBufferCache(KVCache):
         binding = self.bindings.get(j)
         if binding is None:
             pairs = []
-            for role, arrays in (("key", st.keys), ("value", st.values)):
-                ins, outs = seg.per_layer(seg.inputs, f"past_{role}"), seg.per_layer(seg.outputs, f"present_{role}")
+            for past, present, arrays in ((R.PAST_KEY, R.PRESENT_KEY, st.keys), (R.PAST_VALUE, R.PRESENT_VALUE, st.values)):
+                ins, outs = seg.per_layer(seg.inputs, past), seg.per_layer(seg.outputs, present)
                 pairs += [(i.name, o.name, a) for i, o, a in zip(ins, outs, arrays)]
             binding = self.bindings[j] = backend.bind_inplace(pairs)
-        feeds = seg.feeds({seg.entry_role: x, "position_ids": np.arange(st.length, end, dtype=np.int64)[None, :],
-                           "seqlens_k": np.array([end - 1], dtype=np.int32),
-                           "total_sequence_length": np.array(end, dtype=np.int32)})
+        feeds = seg.feeds({seg.entry_role: x, R.POSITION_IDS: np.arange(st.length, end, dtype=np.int64)[None, :],
+                           R.SEQLENS_K: np.array([end - 1], dtype=np.int32),
+                           R.TOTAL_SEQUENCE_LENGTH: np.array(end, dtype=np.int32)})
         out = backend.run_bound(binding, feeds)
         st.length = end
         return out

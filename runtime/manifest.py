@@ -20,7 +20,8 @@ buffer. A segment after an exit may carry a K/V fill graph (``kv_fill``: roles `
 covers every layer from that segment's first to the model's last, the layers a token leaving
 just before that segment skips.
 
-The runtime finds every tensor it feeds or reads through these lists (`names`: role -> name,
+The role strings are defined once, in runtime/roles.py. The runtime finds every tensor it feeds or
+reads through these lists (`names`: role -> name,
 `feeds`: inputs by role -> by name, `per_layer`), so an exporter may name tensors as it likes;
 the lists are the role map, written by the exporter since schema 1. Reading a manifest also
 checks its structure: contiguous layer ranges covering the model, an exit at the end of every
@@ -46,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from . import validate
+from . import roles as R, validate
 
 FORMAT = "lama-manifest"
 SCHEMA_VERSION = 3
@@ -162,7 +163,7 @@ class SegmentSpec(_Tensors):
     def entry_role(self) -> str:
         """The role of the input the chain feeds: token ids (first segment) or the previous
         segment's states."""
-        return "input_ids" if "input_ids" in self.names else "hidden"
+        return R.INPUT_IDS if R.INPUT_IDS in self.names else R.HIDDEN
 
 
 @dataclass(frozen=True)
