@@ -95,7 +95,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
     kind = score_kind(recipe.confidence)
     scores: dict[str, ExitScores] = scored("calibration")
     if min_share > 0:  # pruning reads the calibration scores only: held-out is scored once, below
-        from .gate_fitting import fit_gates
+        from .gate_fitting import refit_gates
         from .placement import keep_heads, prune_exits
 
         pruned = prune_exits(scores[scores_file("calibration", kind)], target, min_share, recipe.margin)
@@ -104,7 +104,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
             keep_heads(heads, keep)
             exits = [exits[i] for i in keep]
             if gates is not None:  # a gate's 'move' feature reads the previous exit, which pruning changes
-                gates = fit_gates(bb, heads, feats.with_exits(keep), cfg, device)[0]
+                gates = refit_gates(bb, heads, cfg, device, feats=feats.with_exits(keep))
             scores = scored("calibration")
     scores.update(scored("heldout"))
     del feats, split_feats

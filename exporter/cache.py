@@ -159,14 +159,21 @@ def _key(backbone: Backbone, windows: Windows, exits: list[int], topk: int, dtyp
             "domains": list(windows.domains)}
 
 
+# the per-token arrays: name -> (top-k columns?, numpy type); the one list of them
+_TOKEN_ARRAYS = {"sequence": (False, np.int32), "position": (False, np.int32), "token": (False, np.int32),
+                 "top_idx": (True, np.int32), "top_logp": (True, np.float16), "tail_logp": (False, np.float32),
+                 "domain": (False, np.int16)}
+
+
+def _hidden_names(E: int, keep_final: bool) -> list[str]:
+    """The hidden-state arrays: one per exit, and the final layer's if kept."""
+    return [f"exit_{k}" for k in range(E)] + (["final"] if keep_final else [])
+
+
 def _arrays(T: int, D: int, K: int, E: int, dtype: str, keep_final: bool) -> dict[str, tuple[tuple, object]]:
     """{array name: (shape, numpy type as stored)}; hidden states in `dtype` (module doc)."""
-    out = {f"exit_{k}": ((T, D), _stored(dtype)) for k in range(E)}
-    if keep_final:
-        out["final"] = ((T, D), _stored(dtype))
-    out.update(sequence=((T,), np.int32), position=((T,), np.int32), token=((T,), np.int32),
-               top_idx=((T, K), np.int32), top_logp=((T, K), np.float16), tail_logp=((T,), np.float32),
-               domain=((T,), np.int16))
+    out = {name: ((T, D), _stored(dtype)) for name in _hidden_names(E, keep_final)}
+    out.update({name: ((T, K) if topk else (T,), t) for name, (topk, t) in _TOKEN_ARRAYS.items()})
     return out
 
 
@@ -263,7 +270,7 @@ def _fill(backbone: Backbone, windows: Windows, exits: list[int], K: int, folder
     arrs["domain"][:] = np.repeat(np.asarray(windows.domain, dtype=np.int16), S)
     L = backbone.shape.num_layers
     layers = list(exits) + ([L] if keep_final else [])
-    names = [f"exit_{k}" for k in range(E)] + (["final"] if keep_final else [])
+    names = _hidden_names(E, keep_final)
     model_device = next(backbone.model.parameters()).device
     backbone.model.to(device)
     try:
@@ -319,7 +326,6 @@ def load_features(folder: str | Path) -> Features:
         raise FileNotFoundError(f"{folder} is not a finished feature cache ({META} is missing)")
     key = json.loads(meta.read_text())
     E = len(key["exits"])
-    names = [f"exit_{k}" for k in range(E)] + (["final"] if key["final"] else []) + [
-        "sequence", "position", "token", "top_idx", "top_logp", "tail_logp", "domain"]
+    names = _hidden_names(E, key["final"]) + list(_TOKEN_ARRAYS)
     # a version-1 cache names float16 / float32, which its .npy files carry themselves: it loads as before
     return _load(folder, names, E, key["domains"], key.get("dtype", "float32"))

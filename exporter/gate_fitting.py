@@ -26,3 +26,24 @@ def fit_gates(bb, heads, feats, cfg: TrainConfig, device):
                       min(cfg.gate_shortlist, bb.shape.vocab_size))
     train_gates(gates, bb, heads, gate_feats, agree, steps=cfg.gate_steps, seed=cfg.seed, device=device)
     return gates, agree
+
+
+def refit_gates(bb, heads, cfg: TrainConfig, device, *, feats=None, windows=None):
+    """Gates for the exits `heads` kept after pruning, trained as `lama train` trains them (the
+    heads stay as they are): the one gate step both pruning paths run. From `feats`, the training
+    features when they are still at hand (`lama train`, exits pruned by the recipe), else from
+    `windows`, the training windows: only a random draw of whole windows worth `gate_tokens`
+    runs through the model, on `device` (`lama calibrate --exit-min-share`, a saved checkpoint)."""
+    import dataclasses
+
+    import numpy as np
+
+    if feats is None:
+        from .cache import cache_features
+
+        n = max(1, cfg.gate_tokens // windows.ids.shape[1])
+        pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(windows.ids))[:n])
+        sub = dataclasses.replace(windows, ids=windows.ids[pick], domain=windows.domain[pick])
+        feats = cache_features(bb, sub, list(heads.exits), topk=cfg.topk, keep_final=False, device=device,
+                               desc="caching gate training windows")
+    return fit_gates(bb, heads, feats, cfg, device)[0]

@@ -19,18 +19,17 @@ from tqdm.auto import tqdm
 
 from runtime import roles as R
 from runtime.manifest import (KV_LAYOUTS, CalibrationInfo, DataFile, ExitSpec, GraphSpec, KVCacheInfo, Manifest,
-                              ModelInfo, SegmentSpec, TokenizerInfo, target_key, to_json_thresholds)
-from runtime.policy import Policy
+                              ModelInfo, SegmentSpec, TokenizerInfo)
 from runtime.verify import sha256
 
 from .checkpoint import Checkpoint
 from .folders import replacing_folder
+from .onnx_files import needs_external_data, save_graph
 from .segments import HeadGraph, KVFill, Segment, io_specs, segment_bounds
 
 EXPORTER_VERSION = "0.1.0"
 OPSET = 17
 TARGETS = (0.8, 0.9, 0.95, 0.99)  # thresholds shipped for run-time switching
-EXTERNAL_DATA_BYTES = 1 << 30  # segments above this keep weights in a side file (protobuf's 2 GB limit)
 TRACE = {"batch": 2, "sequence": 5, "past": 3, "spare": 4}
 DIMS = {"batch": {"min": 1, "opt": 1, "max": 8}, "sequence": {"min": 1, "opt": 1, "max": None},
         "past": {"min": 0, "opt": 256, "max": None}}
@@ -89,8 +88,8 @@ def export_graph(module: torch.nn.Module, inputs: list, outputs: list, path: Pat
                           dynamic_axes=_dynamic_axes(inputs + outputs), opset_version=OPSET, dynamo=False,
                           custom_opsets={"com.microsoft": 1} if getattr(module, "kv", "") == "buffer" else None)
     model = onnx.load(str(path))
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    if needs_external_data(model):  # torch wrote it whole: write it again with its weights beside it
+        save_graph(model, path)
     onnx.checker.check_model(str(path))
     # TorchScript export drops inputs the graph does not use: record only what the graph takes
     graph_inputs = {i.name for i in model.graph.input}
@@ -120,21 +119,17 @@ def _file_facts(path: Path) -> dict:
 
 
 def _threshold_table(checkpoint: Checkpoint) -> tuple[float | None, dict[str, list]]:
-    """(delta, {target: thresholds}) for TARGETS, from the checkpoint's calibration scores.
-
-    A guarantee-mode calibration (`lama calibrate --delta`) carries its delta into every
-    row, so switching target on the device keeps the guarantee; a missing scores file is an
-    error, never an empty table a device would only discover when it asks for a target.
+    """(delta, {target: thresholds}) for TARGETS, from the checkpoint's calibration scores
+    (`quant_calibrate.threshold_table`). A missing scores file is an error, never an empty
+    table a device would only discover when it asks for a target.
     """
-    from .quant_calibrate import policy_thresholds
+    from .quant_calibrate import threshold_table
 
-    policy = checkpoint.config.policy or Policy("target", target=0.95)  # uncalibrated: no delta, margin 0
     try:
         calib = checkpoint.scores("calibration")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot build the per-target threshold table the export ships: {e}") from None
-    return policy.table_delta, {target_key(t): to_json_thresholds(policy_thresholds(calib, policy.at_target(t)))
-                                for t in TARGETS}
+    return threshold_table(calib, checkpoint.config.policy, TARGETS)
 
 
 def _backbone_in(backbone, dtype: torch.dtype):
@@ -285,7 +280,8 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
                 h_in, h_out = hg.io_specs(dname, shape.hidden_size, shape.vocab_size)
                 h_in = export_graph(hg, h_in, h_out, path, precision, shape.vocab_size)
                 quantized.append(_quantize(path, scheme))
-                head_specs.append(GraphSpec(path.name, inputs=tuple(h_in), outputs=tuple(h_out), **_file_facts(path)))
+                head_specs.append(GraphSpec(file=path.name, inputs=tuple(h_in), outputs=tuple(h_out),
+                                            **_file_facts(path)))
         bounds = segment_bounds(config.exits, shape.num_layers)
         for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
             seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates, kv=kv_info.layout,
@@ -304,9 +300,9 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
                 fpath = tmp / f"kv_fill_{i:02d}.onnx"
                 f_in, f_out = kf.io_specs(dname)
                 f_in = export_graph(kf, f_in, f_out, fpath, precision, shape.vocab_size)
-                fill = GraphSpec(fpath.name, inputs=tuple(f_in), outputs=tuple(f_out), **_file_facts(fpath))
-            specs.append(SegmentSpec(i, tuple(layers), path.name, inputs=tuple(inputs), outputs=tuple(outputs),
-                                     exit=ex, kv_fill=fill, **_file_facts(path)))
+                fill = GraphSpec(file=fpath.name, inputs=tuple(f_in), outputs=tuple(f_out), **_file_facts(fpath))
+            specs.append(SegmentSpec(index=i, layers=tuple(layers), file=path.name, inputs=tuple(inputs),
+                                     outputs=tuple(outputs), exit=ex, kv_fill=fill, **_file_facts(path)))
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
         quant_info = None
         if scheme is not None:

@@ -58,17 +58,23 @@ def keep_gates(gates, keep: list[int]) -> None:
         setattr(gates, name, getattr(gates, name)[keep].clone())
 
 
-def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float = 0.0, backbone=None):
+def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float = 0.0, backbone=None,
+                     device: str = "cpu"):
     """Drop a trained checkpoint's exits that send out < `min_share` of the calibration tokens
     at `target` (+ margin), in place: heads and gates keep only the exits that stay, and the
     gates are trained again (on `gate_tokens` of the training windows, one frozen pass over
     them) and the calibration and held-out scores computed again on the same windows, because a
     gate's `move` feature reads the previous exit's state, which pruning changes. The caller
-    recalibrates. Returns (the reopened Checkpoint, kept layers)."""
-    from .train import score_split
+    recalibrates. `device`: where the model runs for the new gates and scores. Returns (the
+    reopened Checkpoint, kept layers)."""
+    import dataclasses
+
     from .backbone import load_backbone
     from .cache import cache_features
     from .checkpoint import GATES, Checkpoint, save_checkpoint
+    from .gate_fitting import refit_gates
+    from .recipes import TrainConfig
+    from .train import score_split
 
     ck = Checkpoint.open(checkpoint)
     config = ck.config
@@ -85,37 +91,20 @@ def prune_checkpoint(checkpoint, min_share: float, target: float, margin: float 
     config.exits = [config.exits[i] for i in keep]
     splits = ck.splits(bb.tokenizer)  # the windows `lama train` drew
     cfg = config.train["config"]
-    if gates is not None and splits["train"].num_tokens:
-        gates = _retrain_gates(bb, heads, config, cfg, splits["train"])
+    if gates is not None and splits["train"].num_tokens:  # as `lama train` trained them, for the kept exits
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        tc = dataclasses.replace(TrainConfig(**{k: v for k, v in cfg.items() if k in fields}), gates=True,
+                                 gate_width=config.gate_width, gate_features=list(config.gate_features),
+                                 gate_shortlist=config.gate_shortlist)
+        gates = refit_gates(bb, heads, tc, device, windows=splits["train"])
     scores = {}
     for split, name in (("calib", "calibration"), ("heldout", "heldout")):
         f = cache_features(bb, splits[split], config.exits, topk=cfg.get("topk", 64), keep_final=False,
-                           desc=f"scoring {split} again")
-        scores.update(score_split(bb, heads, gates, f, name, config.head_confidence, "cpu"))
+                           device=device, desc=f"scoring {split} again")
+        scores.update(score_split(bb, heads, gates, f, name, config.head_confidence, device))
     config.thresholds = [config.thresholds[i] for i in keep] if config.thresholds else config.thresholds
     config.train = {**(config.train or {}), "exit_min_share": min_share,
                     "pruned_exits": sorted(set((config.train or {}).get("pruned_exits", [])) | set(dropped)),
                     "gates_retrained_after_pruning": gates is not None and bool(splits["train"].num_tokens)}
     save_checkpoint(ck.path, config, heads, scores, gates, keep_others=True)  # reports/ and the like stay
     return Checkpoint.open(ck.path), list(config.exits)
-
-
-def _retrain_gates(bb, heads, config, cfg: dict, train):
-    """Gates for the kept exits, trained as `lama train` trains them, on a random draw of whole
-    training windows worth `gate_tokens` (the heads stay as they are)."""
-    import dataclasses
-
-    from .cache import cache_features
-    from .gate_fitting import fit_gates
-    from .recipes import TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tc = dataclasses.replace(TrainConfig(**{k: v for k, v in cfg.items() if k in fields}), gates=True,
-                             gate_width=config.gate_width, gate_features=list(config.gate_features),
-                             gate_shortlist=config.gate_shortlist)
-    n = max(1, tc.gate_tokens // train.ids.shape[1])
-    pick = np.sort(np.random.default_rng(tc.seed).permutation(len(train.ids))[:n])
-    sub = dataclasses.replace(train, ids=train.ids[pick], domain=train.domain[pick])
-    feats = cache_features(bb, sub, list(heads.exits), topk=tc.topk, keep_final=False,
-                           desc="caching gate training windows")
-    return fit_gates(bb, heads, feats, tc, "cpu")[0]

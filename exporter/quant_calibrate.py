@@ -65,6 +65,20 @@ def policy_thresholds(calib: ExitScores, policy: Policy) -> list[float]:
     return calibrate_thresholds(calib, policy.target, delta=policy.delta, margin=policy.margin)
 
 
+UNCALIBRATED = Policy("target", target=0.95)  # a checkpoint without a policy: 0.95, margin 0, no delta
+
+
+def threshold_table(calib: ExitScores, policy: Policy | None, targets) -> tuple[float | None, dict[str, list]]:
+    """(delta, {target key: thresholds (None = never)}) for `targets`: the per-target table an
+    export ships, every row `policy_thresholds(calib, policy.at_target(t))`. A guarantee-mode
+    policy carries its delta into every row, so switching target on the device keeps the
+    guarantee. The one builder of the table, for fp32/fp16 exports (the checkpoint's scores)
+    and int8/int4 ones (the quantized model's)."""
+    policy = policy or UNCALIBRATED
+    return policy.table_delta, {target_key(t): to_json_thresholds(policy_thresholds(calib, policy.at_target(t)))
+                                for t in targets}
+
+
 @torch.no_grad()
 def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     out = []
@@ -107,10 +121,10 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
             tf = {"teacher_forced_agreement_vs_fp32": float((q_top == f_top).float().mean()),
                   "teacher_forced_tokens": int(q_top.numel())}
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
-    policy = config.policy or Policy("target", target=0.95)  # uncalibrated: 0.95, margin 0, no delta
+    policy = config.policy or UNCALIBRATED
     thresholds = policy_thresholds(calib, policy)
-    target, delta = policy.target, policy.table_delta
-    by_target = {target_key(t): to_json_thresholds(policy_thresholds(calib, policy.at_target(t))) for t in targets}
+    target = policy.target
+    delta, by_target = threshold_table(calib, policy, targets)
     reports = {"calibration": report(calib, thresholds, "calibration", target, delta).to_dict(),
                "heldout": report(held, thresholds, "heldout", target, delta).to_dict()}
     windows = splits["heldout"].ids

@@ -27,6 +27,8 @@ import numpy as np
 
 from runtime.manifest import QuantizationInfo
 
+from .onnx_files import save_graph
+
 EXCLUDE_PREFIXES = ("/gates/",)  # node-name prefixes left in float: the exit gates (Segment.gates)
 SCHEMES = {
     # precision -> (bits, block size, symmetric, accuracy level, exact GGUF blocks); chosen by
@@ -34,7 +36,6 @@ SCHEMES = {
     "int4": (4, 32, True, 4, True),
     "int8": (8, 32, True, 4, False),
 }
-EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,7 @@ def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str], dict]:
         raise RuntimeError(f"{path.name}: onnxruntime's quantizer left weight MatMuls in float: {unexpected[:5]}")
     for f in path.parent.glob(path.name + ".data"):
         f.unlink()
-    big = out.ByteSize() > EXTERNAL_DATA_BYTES
-    onnx.save_model(out, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
+    save_graph(out, path)
     onnx.checker.check_model(str(path))
     return made, [n for n in left if not n.startswith(PREFIX)], exact
 

@@ -60,6 +60,8 @@ CONFIDENCES = ("top1", "margin", "gate")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _OLD_EXIT_KEYS = ("threshold",)  # copies schema < 3 wrote in each exit; ignored on read (as is kv_layout)
 MANIFEST_FILE = "manifest.json"
+_SEGMENT_KEYS_FIRST = ("index", "layers", "file", "sha256", "size", "inputs", "outputs", "exit")  # then engine,
+# data_files, kv_fill, in field order
 
 
 class ManifestError(ValueError):
@@ -132,31 +134,28 @@ class _Tensors:
         return {names[role]: value for role, value in by_role.items() if role in names}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GraphSpec(_Tensors):
-    """A graph that is not a segment: an exit head run on demand (gate mode), a K/V fill graph."""
+    """A graph file and its tensors by role: what every graph in the manifest has (segments
+    add their place in the chain, `SegmentSpec`). On its own: a graph that is not a segment,
+    an exit head run on demand (gate mode) or a K/V fill graph."""
 
     file: str
     sha256: str
     size: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    engine: dict | None = None  # TensorRT engine, as in SegmentSpec
-    data_files: tuple[DataFile, ...] = ()  # external weights, as in SegmentSpec
-
-
-@dataclass(frozen=True)
-class SegmentSpec(_Tensors):
-    index: int
-    layers: tuple[int, int]  # [first, end) decoder layers
-    file: str
-    sha256: str
-    size: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    exit: ExitSpec | None  # None for the last segment (the model's own head)
     engine: dict | None = None  # TensorRT engine: file, sha256, size, tensorrt_version, compute_capability
     data_files: tuple[DataFile, ...] = ()  # the graph's external weights (size/sha256 of each)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentSpec(GraphSpec):
+    """A segment: decoder layers [first, end) of the chain and the exit at their end."""
+
+    index: int
+    layers: tuple[int, int]  # [first, end) decoder layers
+    exit: ExitSpec | None  # None for the last segment (the model's own head)
     kv_fill: GraphSpec | None = None  # keys/values of layers [first, num_layers) from an exited hidden state
 
     @property
@@ -268,7 +267,11 @@ class Manifest:
 
     # -- IO ----------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        d = asdict(self)
+        # a segment's keys in the order every exporter has written them (the GraphSpec base would
+        # put its fields first): the same export gives the same bytes
+        d["segments"] = [{**{k: seg[k] for k in _SEGMENT_KEYS_FIRST}, **seg} for seg in d["segments"]]
+        return json.dumps(d, indent=2)
 
     def save(self, folder: str | Path) -> Path:
         """Write manifest.json, after the checks a reader makes: a manifest the runtime would

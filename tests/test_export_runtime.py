@@ -261,9 +261,9 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 def external_export(tmp_path_factory, monkeypatch_module):
     """A llama export whose segments keep their weights in `.onnx.data` side files, as a
     model over EXTERNAL_DATA_BYTES would (the threshold lowered so the tiny model does)."""
-    import exporter.onnx_export as ox
+    import exporter.onnx_files as files
 
-    monkeypatch_module.setattr(ox, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch_module.setattr(files, "EXTERNAL_DATA_BYTES", 0)
     d = tmp_path_factory.mktemp("external")
     ckpt, bb = make_checkpoint(d, "llama")
     return api.export(ckpt, out=d / "onnx", backbone=bb)
