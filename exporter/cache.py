@@ -145,11 +145,6 @@ class Features:
         """The same tokens with only the exits at indices `keep` (pruned exits)."""
         return dataclasses.replace(self, exits=[self.exits[i] for i in keep])
 
-    def remove(self) -> None:
-        """Delete the on-disk cache (after training, unless the caller keeps it)."""
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
 
 def _key(backbone: Backbone, windows: Windows, exits: list[int], topk: int, dtype: str, keep_final: bool) -> dict:
     return {"version": CACHE_VERSION, "model": backbone.source.model_id, "layers": backbone.shape.num_layers,

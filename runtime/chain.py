@@ -109,8 +109,7 @@ class Chain:
         m = self.manifest.model
         layers = [s.layers[1] - s.layers[0] for s in self.manifest.segments]
         if self.manifest.kv_cache.layout == "buffer":
-            return KVBufferCache.allocate(layers, m.num_kv_heads, m.head_dim, self.max_context, self.dtype,
-                                          self.kv_policy)
+            return KVBufferCache.allocate(layers, m.num_kv_heads, m.head_dim, self.max_context, self.dtype)
         return KVCache.empty(layers, m.num_kv_heads, m.head_dim, self.dtype)
 
     def recycle_cache(self, old: KVCache | None) -> KVCache:

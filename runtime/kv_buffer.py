@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import roles as R
-from .kv_cache import POLICIES, KVCache, SegmentState
+from .kv_cache import KVCache, SegmentState
 from .manifest import SegmentSpec
 
 
@@ -36,13 +36,12 @@ class KVBufferCache(KVCache):
 
     @classmethod
     def allocate(cls, layers_per_segment: list[int], num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: np.dtype, policy: str = "defer") -> "KVBufferCache":
+                 dtype: np.dtype) -> "KVBufferCache":
         """Zeroed buffers: the operating system maps their pages when they are first written,
-        so a large capacity costs memory only as the context grows."""
+        so a large capacity costs memory only as the context grows. The KV policy is the chain's
+        (`Chain`): the cache holds arrays and positions the same way for both."""
         if capacity < 1:
             raise ValueError(f"KV buffer capacity must be positive, got {capacity}")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown KV policy {policy!r}; choose one of {POLICIES}")
         buf = lambda: np.zeros((1, num_kv_heads, capacity, head_dim), dtype=dtype)  # noqa: E731
         segments = [SegmentState([buf() for _ in range(n)], [buf() for _ in range(n)]) for n in layers_per_segment]
         return cls(segments, capacity=capacity)
