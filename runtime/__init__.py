@@ -19,13 +19,20 @@ No torch, no transformers. A complete session::
     reply = rt.chat(chat)                                     # the KV cache is kept for the next turn
 
 On a device the same is on the command line: `lama generate`, `lama chat`, `lama inspect`.
+What the runtime refuses raises a `LamaError`: `ManifestError` (the export), `BackendError`
+(this device: providers, graphs that do not load), `ChatTemplateError`, `ContextTooLong`
+(runtime/errors.py).
 """
 
-from .manifest import Manifest, ManifestError, SCHEMA_VERSION
+from .errors import BackendError, LamaError, ManifestError
+from .manifest import Manifest, SCHEMA_VERSION
 from .chat import ChatTemplate, ChatTemplateError
+from .kv_buffer import ContextTooLong
 from .results import GenerationResult, Stream, TokenRecord
 from .runtime import Runtime
 from .sampling import SamplingParams
 
-__all__ = ["Runtime", "Manifest", "ManifestError", "GenerationResult", "Stream", "TokenRecord", "SCHEMA_VERSION",
-           "ChatTemplate", "ChatTemplateError", "SamplingParams"]
+__all__ = ["Runtime", "Manifest", "GenerationResult", "Stream", "TokenRecord", "SCHEMA_VERSION",
+           "ChatTemplate", "SamplingParams",
+           # errors (runtime/errors.py): LamaError is the base of the others
+           "LamaError", "ManifestError", "BackendError", "ChatTemplateError", "ContextTooLong"]

@@ -15,7 +15,8 @@ from typing import Protocol
 import numpy as np
 
 from . import roles as R
-from .manifest import ManifestError, SegmentSpec
+from .errors import BackendError
+from .manifest import SegmentSpec
 
 
 class Backend(Protocol):
@@ -85,7 +86,7 @@ class OnnxRuntimeBackend:
         if unknown:
             hint = (" (GPU providers need the onnxruntime-gpu package in place of onnxruntime)"
                     if set(unknown) & self.GPU_PROVIDERS else "")
-            raise ManifestError(f"onnxruntime providers {unknown} are not available here "
+            raise BackendError(f"onnxruntime providers {unknown} are not available here "
                                 f"(available: {ort.get_available_providers()}){hint}")
         try:
             try:
@@ -99,7 +100,7 @@ class OnnxRuntimeBackend:
                 self.session = ort.InferenceSession(str(path), sess_options=_session_options(ort, pool, threads),
                                                     providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise ManifestError(f"{path.name}: onnxruntime cannot load this graph ({type(e).__name__}: "
+            raise BackendError(f"{path.name}: onnxruntime cannot load this graph ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:300]})") from None
         self.thread_pool = pool
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -113,7 +114,7 @@ class OnnxRuntimeBackend:
         and then quietly runs on the CPU (../shared/KNOWN.md): refuse that instead of being slow."""
         lost = [p for p in requested if p in cls.GPU_PROVIDERS and p not in active]
         if lost:
-            raise ManifestError(
+            raise BackendError(
                 f"{where}: onnxruntime was asked for {lost} but fell back to {active}: the provider could not be "
                 f"initialized, usually because the CUDA / cuDNN (or TensorRT) libraries that onnxruntime-gpu was "
                 f"built against are missing or mismatched (onnxruntime logs the reason when the session is "
@@ -141,7 +142,7 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         if self.providers[0] != "CPUExecutionProvider":
-            raise ManifestError(f"the KV buffer layout runs on onnxruntime's CPU provider only (this session "
+            raise BackendError(f"the KV buffer layout runs on onnxruntime's CPU provider only (this session "
                                 f"uses {self.providers[0]}); export with --kv concat for other providers")
         io = self.session.io_binding()
         bound = {o for _, o, _ in pairs}

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import LamaError
+
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers' save_pretrained puts it
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # same aliases as transformers
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(LamaError, ValueError):
     """The export has no usable chat template, or the template refused the conversation."""
 
 

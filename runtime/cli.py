@@ -14,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import LamaError
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
@@ -236,11 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse and run one command; errors a user can fix print one line and return 2."""
+    """Parse and run one command; errors a user can fix print one line and return 2: the
+    runtime's own (LamaError: the export, this device's backends, a chat template, a full KV
+    buffer; runtime/errors.py) and the host commands' bad arguments, missing or existing files
+    and failed runs."""
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:  # one-line errors, no traceback
+    except (LamaError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:  # one line, no traceback
         print(f"lama {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `lama generate ... | head`

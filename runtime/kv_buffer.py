@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import roles as R
+from .errors import LamaError
 from .kv_cache import KVCache, SegmentState
 from .manifest import SegmentSpec
 
 
-class ContextTooLong(ValueError):
+class ContextTooLong(LamaError, ValueError):
     """The context would not fit the KV buffers."""
 
 

@@ -48,6 +48,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import roles as R, validate
+from .errors import ManifestError
 
 FORMAT = "lama-manifest"
 SCHEMA_VERSION = 3
@@ -62,10 +63,6 @@ _OLD_EXIT_KEYS = ("threshold",)  # copies schema < 3 wrote in each exit; ignored
 MANIFEST_FILE = "manifest.json"
 _SEGMENT_KEYS_FIRST = ("index", "layers", "file", "sha256", "size", "inputs", "outputs", "exit")  # then engine,
 # data_files, kv_fill, in field order
-
-
-class ManifestError(ValueError):
-    """The export folder or its manifest is not something this runtime can run."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .backends import THREAD_POOLS, Backend, open_backend
 from .chain import Chain
 from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .kv_cache import POLICIES
+from .errors import BackendError
 from .manifest import Manifest, ManifestError, from_json_thresholds
 from .prefix_cache import KeptSequence
 from .results import GenerationResult, Stream
@@ -135,7 +136,7 @@ class Runtime(Chain):
         verify_files(folder, manifest, checksums=verify)
         wanted = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
         if manifest.kv_cache.layout == "buffer" and wanted != ["CPUExecutionProvider"]:
-            raise ManifestError(f"this export uses the KV buffer layout (onnxruntime's GroupQueryAttention on "
+            raise BackendError(f"this export uses the KV buffer layout (onnxruntime's GroupQueryAttention on "
                                 f"buffers bound in host memory), which runs on the CPU provider only here, not "
                                 f"on {wanted}; export with --kv concat for GPUs and TensorRT")
         backends = [open_backend(folder, s, providers, threads, thread_pool) for s in manifest.segments]

@@ -9,7 +9,7 @@ from conftest import make_checkpoint
 
 from exporter import api
 from exporter.families import UnsupportedArchitecture
-from runtime import ManifestError, Runtime
+from runtime import BackendError, ManifestError, Runtime
 from runtime.kv_buffer import ContextTooLong, KVBufferCache
 from runtime.manifest import Manifest
 
@@ -128,7 +128,7 @@ def test_truncate_is_a_rollback(llama_exports):
 def test_buffer_needs_cpu_provider(llama_exports):
     _, buffer, _, _ = llama_exports
     for providers in ("tensorrt", ["CUDAExecutionProvider"]):
-        with pytest.raises(ManifestError, match="CPU provider only"):
+        with pytest.raises(BackendError, match="CPU provider only"):
             Runtime.load(buffer, providers=providers)
 
 

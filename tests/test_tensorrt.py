@@ -24,7 +24,7 @@ import pytest
 from conftest import make_checkpoint, torch_early_exit
 
 from exporter import api
-from runtime import ManifestError, Runtime
+from runtime import BackendError, ManifestError, Runtime
 from runtime import tensorrt as tb
 from runtime.tensorrt import versions as trt_versions
 from runtime.backends import OnnxRuntimeBackend
@@ -360,9 +360,9 @@ def test_cli_export_tensorrt_without_gpu_fails_cleanly(onnx_export, tmp_path, mo
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_runtime_tensorrt_without_gpu_is_a_manifest_error(engines, monkeypatch):
+def test_runtime_tensorrt_without_gpu_is_a_backend_error(engines, monkeypatch):
     monkeypatch.setattr(trt_versions, "import_cudart", lambda: FakeCudart(devices=0))
-    with pytest.raises(ManifestError, match="running TensorRT engines needs an NVIDIA GPU.*leave providers unset"):
+    with pytest.raises(BackendError, match="running TensorRT engines needs an NVIDIA GPU.*leave providers unset"):
         Runtime.load(engines, providers="tensorrt")
 
 
@@ -400,23 +400,23 @@ def test_gate_mode_head_graphs_get_engines(gated_export, fake_gpu, tmp_path):
 def test_engine_compatibility_check():
     engine = {"tensorrt_version": "10.9.0.34", "compute_capability": "8.7"}
     tb.check_engine_compatible(engine, "10.9.0.34", "8.7")
-    with pytest.raises(ManifestError, match=r"built with TensorRT 10.9.0.34, this device has TensorRT 10.13.0.*"
-                                            r"not portable.*python -m runtime.tensorrt runs/x"):
+    with pytest.raises(BackendError, match=r"built with TensorRT 10.9.0.34, this device has TensorRT 10.13.0.*"
+                                           r"not portable.*python -m runtime.tensorrt runs/x"):
         tb.check_engine_compatible(engine, "10.13.0", "8.7", folder="runs/x")
-    with pytest.raises(ManifestError, match=r"built for compute capability 8.7, this GPU is 9.0.*not portable"):
+    with pytest.raises(BackendError, match=r"built for compute capability 8.7, this GPU is 9.0.*not portable"):
         tb.check_engine_compatible(engine, "10.9.0.34", "9.0")
-    with pytest.raises(ManifestError, match=r"TensorRT None.*compute capability None"):
+    with pytest.raises(BackendError, match=r"TensorRT None.*compute capability None"):
         tb.check_engine_compatible({}, "10.9.0.34", "9.0")
 
 
 def test_engine_from_other_device_is_refused(engines, fake_gpu):
     trt, cudart = fake_gpu
     cudart.cc = (9, 0)
-    with pytest.raises(ManifestError, match="built for compute capability 8.9, this GPU is 9.0.*not portable"):
+    with pytest.raises(BackendError, match="built for compute capability 8.9, this GPU is 9.0.*not portable"):
         Runtime.load(engines, providers="tensorrt")
     cudart.cc = (8, 9)
     trt.__version__ = "10.13.0.35"
-    with pytest.raises(ManifestError, match="built with TensorRT 10.9.0.34, this device has TensorRT 10.13.0.35"):
+    with pytest.raises(BackendError, match="built with TensorRT 10.9.0.34, this device has TensorRT 10.13.0.35"):
         Runtime.load(engines, providers="tensorrt")
     # the advertised fix works: rebuild on this device, then it loads
     assert tb.main([str(engines), "--max-sequence", "64"]) == 0
@@ -719,7 +719,7 @@ def test_onnxruntime_gpu_provider_not_installed(onnx_export):
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")
-    with pytest.raises(ManifestError, match=r"\['CUDAExecutionProvider'\] are not available.*onnxruntime-gpu"):
+    with pytest.raises(BackendError, match=r"\['CUDAExecutionProvider'\] are not available.*onnxruntime-gpu"):
         Runtime.load(onnx_export[0], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
@@ -733,8 +733,8 @@ def test_onnxruntime_silent_cpu_fallback_is_refused(onnx_export, monkeypatch):
         pytest.skip("onnxruntime-gpu is installed here")
     real = ort.get_available_providers
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
-    with pytest.raises(ManifestError, match=r"asked for \['CUDAExecutionProvider'\] but fell back to "
-                                            r"\['CPUExecutionProvider'\].*CUDA / cuDNN"):
+    with pytest.raises(BackendError, match=r"asked for \['CUDAExecutionProvider'\] but fell back to "
+                                           r"\['CPUExecutionProvider'\].*CUDA / cuDNN"):
         Runtime.load(onnx_export[0], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
@@ -742,7 +742,7 @@ def test_check_providers():
     check = OnnxRuntimeBackend.check_providers
     check(["CPUExecutionProvider"], ["CPUExecutionProvider"])
     check(["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    with pytest.raises(ManifestError, match="TensorrtExecutionProvider"):
+    with pytest.raises(BackendError, match="TensorrtExecutionProvider"):
         check(["TensorrtExecutionProvider", "CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BackendError
 from ..manifest import GraphSpec, ManifestError, SegmentSpec
 from ..verify import sha256
 from . import versions
@@ -44,7 +45,7 @@ class TensorRTBackend:
         try:
             trt, self.cuda = versions.load_tensorrt()
         except RuntimeError as e:
-            raise ManifestError(f"running TensorRT engines needs an NVIDIA GPU, the tensorrt package and cuda-python "
+            raise BackendError(f"running TensorRT engines needs an NVIDIA GPU, the tensorrt package and cuda-python "
                                 f"({e}); the same export runs on onnxruntime: leave providers unset") from None
         check_engine_compatible(seg.engine, trt.__version__, self.cuda.compute_capability(), where, folder)
         path = folder / seg.engine["file"]
@@ -57,7 +58,7 @@ class TensorRTBackend:
         self.runtime = trt.Runtime(versions.logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise ManifestError(f"{where}: TensorRT could not deserialize {path.name} (see its log); engines are not "
+            raise BackendError(f"{where}: TensorRT could not deserialize {path.name} (see its log); engines are not "
                                 f"portable, rebuild with `{REBUILD.format(folder=folder)}`")
         self.context = self.engine.create_execution_context()
         self.inputs, self.outputs = {}, {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..manifest import ManifestError
+from ..errors import BackendError
 from .cuda import Cuda
 
 REBUILD = "python -m runtime.tensorrt {folder}"
@@ -58,7 +58,7 @@ def logger(trt):
 
 def check_engine_compatible(engine: dict, tensorrt_version: str, compute_capability: str,
                             where: str = "engine", folder: str | Path = "EXPORT_DIR") -> None:
-    """Raise ManifestError unless `engine` (a SegmentSpec.engine) was built by this TensorRT
+    """Raise BackendError unless `engine` (a SegmentSpec.engine) was built by this TensorRT
     version for this GPU architecture: deserializing a foreign engine fails or misbehaves."""
     built_v, built_cc = str(engine.get("tensorrt_version")), str(engine.get("compute_capability"))
     problems = []
@@ -67,7 +67,7 @@ def check_engine_compatible(engine: dict, tensorrt_version: str, compute_capabil
     if built_cc != str(compute_capability):
         problems.append(f"built for compute capability {built_cc}, this GPU is {compute_capability}")
     if problems:
-        raise ManifestError(
+        raise BackendError(
             f"{where}: {'; '.join(problems)}. TensorRT engines are not portable across TensorRT versions or GPU "
             f"architectures: rebuild them on this device from the ONNX graphs in the same folder with "
             f"`{REBUILD.format(folder=folder)}`, or run the ONNX graphs with onnxruntime (leave providers unset)")
