@@ -54,6 +54,9 @@ def main(argv=None) -> int:
                    "(lama export --no-exits): what the chain's segmenting costs")
     p.add_argument("--exact-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="time the exact + drafts rows (default: on)")
+    p.add_argument("--thread-pools", nargs="+", default=["session"], choices=["session", "shared"],
+                   help="the LAMA rows once per onnxruntime thread pool kind (Runtime.load's thread_pool; "
+                        "'shared': one spinning pool for every session of the chain)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     if not a.llamacpp_python.exists():
@@ -74,16 +77,18 @@ def main(argv=None) -> int:
     specs = {"llama.cpp": (a.llamacpp_python, dict(base, backend="llamacpp", gguf_path=str(gguf))),
              "llama.cpp + prompt lookup": (a.llamacpp_python, dict(base, backend="llamacpp", gguf_path=str(gguf),
                                                                    prompt_lookup=a.prompt_lookup)),
-             "LAMA full path": (me, dict(base, backend="lama", export_dir=str(a.export), thresholds="never")),
-             **{f"LAMA exact + drafts{'' if c is None else f' (draft_cost {c:g})'}":
-                (me, dict(base, backend="lama", export_dir=str(a.export), thresholds="never", exact=True,
-                          **({} if c is None else {"draft_cost": c})))
-                for c in (a.draft_costs or [None] if a.exact_rows else [])}}
-    if a.plain is not None:
-        specs["LAMA plain graph"] = (me, dict(base, backend="lama", export_dir=str(a.plain), thresholds="never"))
-        if a.exact_rows:
-            specs["LAMA plain graph, exact + drafts"] = (me, dict(base, backend="lama", export_dir=str(a.plain),
-                                                                  thresholds="never", exact=True))
+             }
+    for pool in a.thread_pools:
+        tag = "" if pool == "session" else f" [{pool} pool]"
+        lama = dict(base, backend="lama", thresholds="never", thread_pool=pool)
+        specs[f"LAMA full path{tag}"] = (me, dict(lama, export_dir=str(a.export)))
+        for c in (a.draft_costs or [None]) if a.exact_rows else []:
+            specs[f"LAMA exact + drafts{'' if c is None else f' (draft_cost {c:g})'}{tag}"] = (
+                me, dict(lama, export_dir=str(a.export), exact=True, **({} if c is None else {"draft_cost": c})))
+        if a.plain is not None:
+            specs[f"LAMA plain graph{tag}"] = (me, dict(lama, export_dir=str(a.plain)))
+            if a.exact_rows:
+                specs[f"LAMA plain graph, exact + drafts{tag}"] = (me, dict(lama, export_dir=str(a.plain), exact=True))
     if a.genai_dir is not None:
         if not a.genai_python.exists():
             p.error(f"{a.genai_python} not found: run bash benchmarks/setup_genai.sh")

@@ -9,6 +9,7 @@ without the `lama` package would. Imports are deferred to each command so `--hel
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import json
 import sys
@@ -160,10 +161,11 @@ def _runtime_args() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path, help="an export folder (manifest.json, segment graphs, tokenizer)")
     p.add_argument("--providers", nargs="+", help="onnxruntime providers, or 'tensorrt' for native engines")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: onnxruntime's, one per core)")
-    p.add_argument("--thread-pool", choices=["shared", "session"], default="session",
-                   help="session: one pool per segment whose threads sleep between calls (default); shared: one "
-                        "spinning pool for all segments (CPU; 1.05-1.09x on SmolLM2's int4 chain on idle cores, "
-                        "slower on busy ones)")
+    p.add_argument("--thread-pool", choices=["shared", "session"], default=os.environ.get("LAMA_THREAD_POOL", "shared"),
+                   help="shared (default, or $LAMA_THREAD_POOL): one spinning onnxruntime pool for all segments (CPU; "
+                        "~1.4x on SmolLM2's int4 chain on idle cores); session: one pool per segment whose threads "
+                        "sleep between calls (cores shared with other work, or a process with other onnxruntime "
+                        "sessions: the pool kind is process-wide)")
     p.add_argument("--kv-policy", choices=["defer", "fill"], default="defer",
                    help="defer: skipped layers run later, caches exact; fill: skipped layers get only K/V "
                         "projections of the exited state (saves their work, approximate)")

@@ -116,11 +116,15 @@ class Runtime(Chain):
         kv_policy: "defer" (exact caches, work postponed) or "fill" (skipped layers get only
         their keys/values, computed from the exited state). max_pending: bound on deferred
         positions, all segments together (default: the export's, else DEFAULT_MAX_PENDING).
-        thread_pool: "session" (a pool per session whose threads sleep between calls) or "shared"
-        (CPU: one spinning onnxruntime pool for every session of the process, sized once by
-        `threads`: 1.05-1.09x for SmolLM2's int4 chain on idle cores, slower on busy ones; and
-        onnxruntime then refuses any session in this process that asks for a pool of its own,
-        so it is for processes that run only the chain)."""
+        thread_pool: "session" (default: a pool per session whose threads sleep between calls)
+        or "shared" (CPU: one spinning onnxruntime pool for every session of the process, sized
+        once by `threads`; SmolLM2's int4 chain decodes ~1.4x faster with it on idle cores,
+        benchmarks/results/smollm2-135m/full-path-vs-genai/; `lama generate`/`chat` use it).
+        Not the default because onnxruntime's pool kind is process-wide: once a shared pool
+        exists, onnxruntime refuses any later session in the process that asks for a pool of its
+        own (other libraries' sessions too). A process whose sessions already have their own
+        pools gets "session" here, with no error. On cores shared with other work spinning
+        threads waste them: "session" there."""
         _check_path(folder, "folder")
         _check_providers(providers)
         validate.one_of(kv_policy, "kv_policy", POLICIES)

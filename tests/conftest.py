@@ -16,6 +16,10 @@ DATA = SHARED / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_CACHE", str(HF_CACHE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the device CLI's default thread pool is onnxruntime's process-wide shared one, which then
+# refuses every later session that asks for its own pool: tests run the CLI in this process,
+# beside exporters and sessions of their own
+os.environ.setdefault("LAMA_THREAD_POOL", "session")
 
 
 WINDOW = 5  # sliding window of the tiny sliding-window configs: the conformance prompts are longer

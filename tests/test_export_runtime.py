@@ -340,3 +340,15 @@ def test_stream_and_cli_print_complete_characters(exported, monkeypatch, capsys)
     monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: rt))
     assert cli.main(["generate", str(exported["llama"][0]), "Once", "--max-new-tokens", str(len(ids))]) == 0
     assert capsys.readouterr().out == MULTIBYTE + "\n"
+
+
+def test_the_cli_uses_the_shared_thread_pool_by_default(monkeypatch):
+    """`lama generate`/`chat` run only the chain in their process: onnxruntime's shared spinning
+    pool by default; $LAMA_THREAD_POOL (or --thread-pool) picks per-session pools."""
+    from runtime.cli import build_parser
+
+    monkeypatch.delenv("LAMA_THREAD_POOL", raising=False)
+    assert build_parser().parse_args(["generate", "x", "hi"]).thread_pool == "shared"
+    monkeypatch.setenv("LAMA_THREAD_POOL", "session")
+    assert build_parser().parse_args(["generate", "x", "hi"]).thread_pool == "session"
+    assert build_parser().parse_args(["generate", "x", "hi", "--thread-pool", "shared"]).thread_pool == "shared"
