@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows, failed = time_rows(specs, a.rounds, Path(tmp), timeout=900)
     ref = rows.get("llama.cpp")
-    others = [k for k in ("onnxruntime-genai", "LAMA plain graph") if k in rows]  # more references, if timed
+    others = [k for k in ("onnxruntime-genai", "LAMA plain graph", "LAMA plain graph [shared pool]")
+              if k in rows]  # more references, if timed
     out = {}
 
     def per_round(tps, reference):  # this row's speed over the reference's, round by round
