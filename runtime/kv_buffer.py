@@ -59,7 +59,7 @@ class KVBufferCache(KVCache):
         binding = self.bindings.get(j)
         if binding is None:
             pairs = []
-            for past, present, arrays in ((R.PAST_KEY, R.PRESENT_KEY, st.keys), (R.PAST_VALUE, R.PRESENT_VALUE, st.values)):
+            for past, present, arrays in zip(R.PAST, R.PRESENT, (st.keys, st.values)):  # keys, then values
                 ins, outs = seg.per_layer(seg.inputs, past), seg.per_layer(seg.outputs, present)
                 pairs += [(i.name, o.name, a) for i, o, a in zip(ins, outs, arrays)]
             binding = self.bindings[j] = backend.bind_inplace(pairs)

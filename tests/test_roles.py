@@ -59,7 +59,8 @@ def test_role_strings_are_spelled_only_in_the_roles_module():
             rel = path.relative_to(ROOT).as_posix()
             if rel == "runtime/roles.py":
                 continue
-            found += [f"{rel}:{line}: {value!r}" for line, value in role_literals(path) if (rel, value) not in NOT_ROLES]
+            found += [f"{rel}:{line}: {value!r}" for line, value in role_literals(path)
+                      if (rel, value) not in NOT_ROLES]
     assert not found, ("tensor role strings outside runtime/roles.py (use the constant, e.g. roles.HIDDEN_OUT):\n"
                        + "\n".join(found))
 
