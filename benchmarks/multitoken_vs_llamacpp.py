@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     for k, r in rows.items():
         tps = [x["tokens_per_second"] for x in r["passes"]]
         ratios = per_round(tps, ref) if ref else []
-        full = rows.get("LAMA full path")
+        full = next((rows[k] for k in rows if k.startswith("LAMA full path")), None)  # the first pool's
         same = (sum(t == u for t, u in zip(r["passes"][-1]["tokens"], full["passes"][-1]["tokens"]))
                 if full else None)
         vs = {o: {"ratio": float(np.median(q)), "ci95": ratio_interval(q)}

@@ -96,6 +96,20 @@ SECTIONS = [
      "The int4 export of multitoken-int4/README.md; llama.cpp (llama-cpp-python 0.3.36, setup_llamacpp.sh) on the "
      "Q4_1 GGUF it was made from, plain and with LlamaPromptLookupDecoding(num_pred_tokens=6)."),
     ("KV buffers recycled between generations (SmolLM2-135M)", "smollm2-135m/kv_recycle/kv_recycle.md", None),
+    ("Fused onnxruntime ops in the int4 graphs, side by side (SmolLM2-135M)", "smollm2-135m/fused-ops-ab/compare.md",
+     "SkipSimplifiedLayerNormalization, q|k|v packed into GroupQueryAttention, AveragePool block sums (B) against "
+     "the export before them (A). Commands: [full-path-vs-genai/README.md](results/smollm2-135m/full-path-vs-genai/README.md)."),
+    ("The full path against onnxruntime-genai and llama.cpp, two thread pools, same run (SmolLM2-135M int4)",
+     "smollm2-135m/full-path-vs-genai/vs_llamacpp.md",
+     "Commands and reading: [full-path-vs-genai/README.md](results/smollm2-135m/full-path-vs-genai/README.md)."),
+    ("Re-quantized int4 blocks against onnxruntime-genai, same run (SmolLM2-135M)",
+     "smollm2-135m/requant-vs-genai/vs_llamacpp.md",
+     "`lama export ... --no-exact-blocks`: the blocks re-quantized as onnxruntime-genai's builder does "
+     "(teacher-forced agreement with fp32 0.625 against 0.957 for the exact export, on the checkpoint's held-out windows)."),
+    ("One decode step op by op: our graphs and onnxruntime-genai's (SmolLM2-135M int4)",
+     "smollm2-135m/graph-profile/graph_profile.md", None),
+    ("Q4_1 without the float offset product: integer zero points (SmolLM2-135M)",
+     "smollm2-135m/q4_1-zero-points/q4_1_zero_points.md", None),
 ]
 
 
