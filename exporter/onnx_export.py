@@ -306,12 +306,10 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
         quant_info = None
         if scheme is not None:
-            from .quant_calibrate import uncalibrated_record
-
             quantized = [q for q in quantized if q is not None]
             quant_info = scheme.info([q[0] for q in quantized], sum(q[1] for q in quantized),
                                      [f"{q[0]}:{m}" for q in quantized for m in q[2]],
-                                     quant_cal.record if quant_cal else uncalibrated_record(config),
+                                     quant_cal.record if quant_cal else NO_EXITS_RECORD,
                                      {k: sum(q[3][k] for q in quantized) for k in ("q4_1", "q8_0")})
             if quant_cal is not None:  # the quantized scores travel with the export, for later study
                 (tmp / "scores").mkdir()
@@ -338,6 +336,10 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             manifest = build_engines(tmp, manifest, workspace_gb=workspace_gb)
         manifest.save(tmp)
     return out
+
+
+# the quantization record of an export without exits (exits=False): nothing to recalibrate
+NO_EXITS_RECORD = {"scores": "none: an export without exits has no thresholds to calibrate", "thresholds": []}
 
 
 def _refuse_non_export(out: Path) -> None:

@@ -150,12 +150,6 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
     return QuantCalibration(thresholds, by_target, delta, reports, record, scores)
 
 
-def uncalibrated_record(config: CheckpointConfig) -> dict:
-    """A checkpoint without stored scores keeps its thresholds; say so in the manifest."""
-    return {"scores": "none: the checkpoint stores no calibration scores, its thresholds were kept as given",
-            "thresholds": list(config.thresholds)}
-
-
 def replace_thresholds(config: CheckpointConfig, qc: QuantCalibration) -> CheckpointConfig:
     """A copy of `config` whose thresholds and reports are the quantized ones."""
     return dataclasses.replace(config, thresholds=to_json_thresholds(qc.thresholds),

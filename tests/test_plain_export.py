@@ -51,3 +51,14 @@ def test_plain_graph_matches_pytorch_and_decodes_exactly(plain):
     assert exact.tokens == greedy.tokens
     lookup = exact.drafts()["sources"]["lookup"]
     assert lookup["drafted"] > 0
+
+
+def test_int4_plain_export_records_why_nothing_was_calibrated(tmp_path):
+    ckpt, bb = make_checkpoint(tmp_path, "llama_hd16")
+    folder = api.export(ckpt, out=tmp_path / "q", precision="int4", kv="buffer", kv_capacity=64, backbone=bb,
+                        exits=False)
+    m = Manifest.load(folder)
+    assert m.quantization.calibration["scores"].startswith("none: an export without exits")
+    assert len(m.segments) == 1 and m.calibration.thresholds == ()
+    rt = Runtime.load(folder)
+    assert len(rt.generate("It is a truth", max_new_tokens=4).tokens) == 4
