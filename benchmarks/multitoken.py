@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.data import heldout_prompts
+
 from benchmarks.report import command_line, write_report
 from benchmarks.timing import paired_rounds, ratio_interval
 
@@ -38,19 +40,6 @@ ARMS = {"full path": dict(thresholds="never"),
         "exact + drafts, exits off": dict(thresholds="never", exact=True),
         "exact + drafts + exits": dict(exact=True)}
 
-
-def heldout_prompts(export: Path, data: list[Path], per_domain: int, length: int) -> dict[str, list[list[int]]]:
-    """{domain: prompts}: `per_domain` windows of `length` tokens from each domain's held-out text."""
-    from transformers import PreTrainedTokenizerFast
-
-    from exporter.data import make_splits, read_docs
-
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(export / "tokenizer.json"))
-    docs = read_docs(data)
-    domains = sorted({d.domain for d in docs})
-    splits = make_splits(docs, tok, length, {"train": 0, "calib": 0, "heldout": per_domain * length * len(domains)})
-    w = splits["heldout"]
-    return {name: w.ids[w.domain == i][:per_domain].tolist() for i, name in enumerate(w.domains)}
 
 
 def draft_positions(records, source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import rows as _rows  # noqa: F401  (registers the onnxruntime-genai worker)
-from benchmarks.multitoken import heldout_prompts
 from benchmarks.report import command_line, write_report
 from benchmarks.timing import ratio_interval, time_rows
+from exporter.data import heldout_prompts
 
 HERE = Path(__file__).resolve().parent
 

@@ -169,3 +169,16 @@ def read_texts(paths: list[str | Path]) -> list[str]:
 def read_docs(paths: list[str | Path]) -> list[Doc]:
     """Texts with their domain labels (see the module docstring)."""
     return [Doc(f.read_text(encoding="utf-8", errors="replace"), dom) for f, dom in _labelled_files(paths)]
+
+
+def heldout_prompts(export: str | Path, data: list[str | Path], per_domain: int, length: int) -> dict[str, list[list[int]]]:
+    """{domain: prompts}: `per_domain` windows of `length` tokens from each domain's held-out text,
+    tokenized with an export's own tokenizer.json (what the benchmarks and studies prompt with)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(export) / "tokenizer.json"))
+    docs = read_docs(data)
+    domains = sorted({d.domain for d in docs})
+    splits = make_splits(docs, tok, length, {"train": 0, "calib": 0, "heldout": per_domain * length * len(domains)})
+    w = splits["heldout"]
+    return {name: w.ids[w.domain == i][:per_domain].tolist() for i, name in enumerate(w.domains)}

@@ -201,6 +201,23 @@ def accept(drawn: int, made: int) -> bool:
     return drawn == made
 
 
+def _replace_from(i: int, token: int, made: list[_Token], history: list[int], p: int, cache: KVCache,
+                  carry: StepStats, last: int, n_layers: int) -> tuple[np.ndarray, int]:
+    """The full model disagreed with made[i]: drop it and what followed (their work goes to
+    `carry`; the cache rolls back to position p + i), keep the full model's `token` in its place.
+    Returns the next step's input and how many tokens are verified now. A wrong early exit is a
+    rollback; a rejected draft is the expected price of drafting."""
+    for r in made[i:]:
+        carry.add(r.work)
+    rollbacks = (made[i].source == "model") + sum(r.rollbacks for r in made[i:])
+    del made[i:]
+    del history[p + i:]
+    cache.truncate(p + i)
+    made.append(_Token(token, last, n_layers, float("nan"), rollbacks=rollbacks))
+    history.append(token)
+    return np.array([token], dtype=np.int64), i + 1
+
+
 def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[int],
             run: GenerationRun) -> Iterator[_Token]:
     """Tokens in order, each once final: every token unless run.exact, where an early token
@@ -257,16 +274,7 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
         if sampled:
             if draws.rejected is not None:  # made[i] lost to the full model's draw: the chain dropped what followed
                 i, t = draws.rejected
-                for r in made[i:]:
-                    carry.add(r.work)
-                rollbacks = (made[i].source == "model") + sum(r.rollbacks for r in made[i:])
-                del made[i:]
-                del history[p + i:]
-                cache.truncate(p + i)
-                made.append(_Token(t, last, n_layers, float("nan"), rollbacks=rollbacks))
-                history.append(t)
-                x = np.array([t], dtype=np.int64)
-                verified = i + 1
+                x, verified = _replace_from(i, t, made, history, p, cache, carry, last, n_layers)
             else:
                 verified = max(verified, draws.verified, len(made) if draws.new is not None else 0)
         elif exact:
@@ -276,17 +284,7 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
                     continue
                 full = stats.full_tokens[pos]
                 if made[i].token != full:  # roll back to that position, continue from the model's token
-                    for r in made[i:]:
-                        carry.add(r.work)
-                    # a wrong early exit is a rollback; a rejected draft is the expected price of drafting
-                    rollbacks = (made[i].source == "model") + sum(r.rollbacks for r in made[i:])
-                    del made[i:]
-                    del history[p + i:]
-                    cache.truncate(p + i)
-                    made.append(_Token(full, last, n_layers, float("nan"), rollbacks=rollbacks))
-                    history.append(full)
-                    x = np.array([full], dtype=np.int64)
-                    verified = i + 1
+                    x, verified = _replace_from(i, full, made, history, p, cache, carry, last, n_layers)
                     break
                 verified = max(verified, i + 1)
         else:
