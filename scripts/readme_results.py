@@ -108,6 +108,9 @@ SECTIONS = [
      "(teacher-forced agreement with fp32 0.625 against 0.957 for the exact export, on the checkpoint's held-out windows)."),
     ("One decode step op by op: our graphs and onnxruntime-genai's (SmolLM2-135M int4)",
      "smollm2-135m/graph-profile/graph_profile.md", None),
+    ("One decode step op by op: the chain's segment graphs and the plain graph (SmolLM2-135M int4)",
+     "smollm2-135m/graph-profile-chain/graph_profile.md",
+     "One 64-step timing per graph: the same plain graph took 5.28 ms in the run above and 6.03 ms here."),
     ("Q4_1 without the float offset product: integer zero points (SmolLM2-135M)",
      "smollm2-135m/q4_1-zero-points/q4_1_zero_points.md", None),
 ]
