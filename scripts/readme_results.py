@@ -113,6 +113,12 @@ SECTIONS = [
      "One 64-step timing per graph: the same plain graph took 5.28 ms in the run above and 6.03 ms here."),
     ("Q4_1 without the float offset product: integer zero points (SmolLM2-135M)",
      "smollm2-135m/q4_1-zero-points/q4_1_zero_points.md", None),
+    ("Gemma 3 270M end to end: the main job's model against llama.cpp and PyTorch (short run)",
+     "gemma3-270m/results.md",
+     "Commands and reading: [gemma3-270m/README.md](results/gemma3-270m/README.md) (the main job's log and load "
+     "readings are in `main-job/`)."),
+    ("How faithful the Gemma 3 270M exports are: llama.cpp's run of the same GGUF and our int8 export",
+     "gemma3-270m/llamacpp_fidelity/llamacpp_fidelity.md", None),
 ]
 
 
