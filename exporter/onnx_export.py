@@ -245,7 +245,8 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
     kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
     quant_cal = None
     if not exits:  # one segment, nothing to calibrate
-        checkpoint = checkpoint.with_config(dataclasses.replace(config, exits=[], thresholds=[], policy=None))
+        checkpoint = checkpoint.with_config(dataclasses.replace(config, exits=[], thresholds=[], policy=None,
+                                                                        calibration={}))
         config = checkpoint.config
     elif scheme is not None:  # before tracing: the thresholds must come from the quantized model's own outputs
         from .quant_calibrate import calibrate_quantized, replace_thresholds
@@ -319,8 +320,7 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             model=ModelInfo(**dataclasses.asdict(shape), base_model=config.source.model_id, family=bb.family.name),
             tokenizer=tok, segments=tuple(specs),
             calibration=CalibrationInfo(config.confidence, config.policy.to_dict() if config.policy else {},
-                                        tuple(thresholds), by_target,
-                                        config.calibration.get("heldout", {}) if config.exits else {},
+                                        tuple(thresholds), by_target, config.calibration.get("heldout", {}),
                                         by_target_delta=table_delta),
             precision=precision, dims={**DIMS, "total": {"min": 1, "opt": 257, "max": shape.max_context},
                                        **({"capacity": {"min": 1, "opt": kv_info.capacity, "max": kv_info.capacity}}
