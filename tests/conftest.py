@@ -240,3 +240,25 @@ def torch_early_exit(bb, heads, prompt: list[int], n: int, thresholds: list[floa
             confs.append(choice[2])
             ids.append(choice[0])
     return tokens, exits, confs
+
+
+def decode_against_pytorch(rt, bb, prompt: str, steps: int):
+    """Greedy decode `steps` tokens one step at a time with every exit off; each step must decide
+    in the last segment and give the PyTorch model's argmax. Returns (the largest logit gap to a
+    full forward pass, the ids, the cache)."""
+    import numpy as np
+    import torch
+
+    cache = rt.new_cache()
+    ids = rt.encode(prompt).tolist()
+    x, worst = np.array(ids), 0.0
+    for _ in range(steps):
+        tok, j, _, logits = rt.step(x, cache, rt.resolve_thresholds("never"), want_logits=True)
+        assert j == len(rt.manifest.segments) - 1
+        with torch.no_grad():
+            ref = bb.model(torch.tensor([ids])).logits[0, -1].numpy()
+        worst = max(worst, float(np.abs(logits[0] - ref).max()))
+        assert tok == int(ref.argmax())
+        ids.append(tok)
+        x = np.array([tok])
+    return worst, ids, cache

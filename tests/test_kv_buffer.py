@@ -4,8 +4,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import make_checkpoint
+from conftest import decode_against_pytorch, make_checkpoint
 
 from exporter import api
 from exporter.families import UnsupportedArchitecture
@@ -65,21 +64,8 @@ def test_buffer_chain_matches_pytorch(llama_exports):
     """Exits off: prefill, then decode steps, every step's logits within 1e-4 of a full forward pass."""
     _, buffer, bb, _ = llama_exports
     rt = Runtime.load(buffer)
-    cache = rt.new_cache()
+    worst, ids, cache = decode_against_pytorch(rt, bb, "It is a truth", 12)
     assert isinstance(cache, KVBufferCache) and cache.capacity == CAPACITY
-    ids = rt.encode("It is a truth").tolist()
-    th = rt.resolve_thresholds("never")
-    x = np.array(ids)
-    worst = 0.0
-    for _ in range(12):
-        tok, j, _, logits = rt.step(x, cache, th, want_logits=True)
-        assert j == len(rt.manifest.segments) - 1
-        with torch.no_grad():
-            ref = bb.model(torch.tensor([ids])).logits[0, -1].numpy()
-        worst = max(worst, float(np.abs(logits[0] - ref).max()))
-        assert tok == int(ref.argmax())
-        ids.append(tok)
-        x = np.array([tok])
     assert worst <= 1e-4
     assert all(st.length == len(ids) - 1 for st in cache.segments)
 

@@ -1,9 +1,7 @@
 """`lama export --no-exits`: the plain model as one graph (the baseline a chain is measured against)."""
 
-import numpy as np
 import pytest
-import torch
-from conftest import make_checkpoint
+from conftest import decode_against_pytorch, make_checkpoint
 
 from exporter import api
 from runtime import Runtime
@@ -33,17 +31,7 @@ def test_plain_graph_matches_pytorch_and_decodes_exactly(plain):
     the same tokens as plain greedy decoding (drafts are proposed: with random weights few pass)."""
     _, bb, folder = plain
     rt = Runtime.load(folder)
-    cache = rt.new_cache()
-    ids = rt.encode("It is a truth").tolist()
-    x, worst = np.array(ids), 0.0
-    for _ in range(8):
-        tok, _, _, logits = rt.step(x, cache, rt.resolve_thresholds("never"), want_logits=True)
-        with torch.no_grad():
-            ref = bb.model(torch.tensor([ids])).logits[0, -1].numpy()
-        worst = max(worst, float(np.abs(logits[0] - ref).max()))
-        assert tok == int(ref.argmax())
-        ids.append(tok)
-        x = np.array([tok])
+    worst, _, _ = decode_against_pytorch(rt, bb, "It is a truth", 8)
     assert worst <= 1e-4
     prompt = "It is a truth universally acknowledged. It is a truth universally acknowledged. It is a truth"
     greedy = rt.generate(prompt, max_new_tokens=16)
