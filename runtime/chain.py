@@ -174,12 +174,13 @@ class Chain:
         returning. `stats` collects the work.
 
         `check` (exact mode with sampling): whenever the last segment runs positions >=
-        `check_from` (in this step or in its flush), it runs them one per call, in order (the
-        positions before the first of them in one call), and calls check(position, logits)
-        with the full model's logits row there (vocabulary-sized: the head's top-k, -inf
-        elsewhere, or its full logits). When check returns False the positions after that one
-        are dropped from every segment (the cache is truncated to position + 1): the caller
-        rejected the token that followed it."""
+        `check_from` (in this step or in its flush), check(position, logits) is called for them
+        in order with the full model's logits row there (vocabulary-sized: the head's top-k,
+        -inf elsewhere, or its full logits): from the graph's per-position outputs after one
+        call, or, for exports without them, one call per position (those before check_from in
+        one call). When check returns False the positions after that one are dropped from every
+        segment (the cache is truncated to position + 1): the caller rejected the token that
+        followed it."""
         stats = StepStats() if stats is None else stats
         mark = cache.mark()
         try:
@@ -194,9 +195,9 @@ class Chain:
 
     def _run_checked(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats, check: Check | None,
                      check_from: int) -> tuple[dict, int | None]:
-        """Run the last segment j on x (positions [end - len, end)); with a check, one call per
-        position from check_from on (see `step`). Returns the last call's outputs and the
-        position the check rejected (None: none), after which nothing was run."""
+        """Run the last segment j on x (positions [end - len, end)) and check positions from
+        check_from on (see `step`). Returns the last call's outputs and the position the check
+        rejected (None: none); the caller truncates the cache after it."""
         if check is None:
             return self._run_segment(j, x, cache, end, stats), None
         seg, n, start = self.manifest.segments[j], x.shape[1], end - x.shape[1]
