@@ -25,9 +25,9 @@ the draft while t equals it; the first t that differs is emitted and ends the ch
 `accept`). Each emitted token is then one draw from p at its position, in order, from the
 generation's one random stream, exactly as in plain sampling: for a seed, exact mode emits
 plain sampling's tokens (up to float rounding of the logits between calls), whatever the drafts.
-The graphs give the head's logits at a call's last position only, so the last segment runs the
-positions to check one per call (runtime/chain.py, `check`); the shallower segments still run
-all drafted positions in one call each.
+The last segment gives every position's top-k (or full) logits, so one call checks all drafted
+positions (runtime/chain.py, `check`); exports made before those outputs check one position
+per call there.
 """
 
 from __future__ import annotations
@@ -226,8 +226,8 @@ def _tokens(rt: "Runtime", x: np.ndarray, cache: KVCache, n: int, history: list[
 
     Exact mode checks a token against the full model's choice at its position: greedy, the
     last segment's `tokens_all` (one call for all positions); sampling, a draw from the full
-    model's distribution there (`_Draws`: the last segment runs the positions to check one per
-    call, and stops at the first rejected token)."""
+    model's distribution there (`_Draws`, called by the chain at each checked position, in
+    order, up to the first rejected token)."""
     sampler, p, exact = run.sampler, cache.position + len(x), run.exact
     sampled = exact and not sampler.greedy
     last, n_layers = len(rt.manifest.segments) - 1, rt.manifest.model.num_layers
