@@ -40,8 +40,11 @@ fi
 EXPORT=(--precision "$LAMA_PRECISION")
 [ -n "$GEMMA_INT8" ] && EXPORT+=(--exact-blocks)
 echo "export precision: $LAMA_PRECISION"
+T0=$SECONDS
 lama train "$MODEL" --out "$RUN/ckpt" "${DATA[@]}"
+echo "main.sh: lama train took $((SECONDS - T0)) s"; T1=$SECONDS
 lama export "$RUN/ckpt" --out "$RUN/onnx" "${EXPORT[@]}"
+echo "main.sh: lama export took $((SECONDS - T1)) s"
 lama inspect "$RUN/onnx"   # what the export holds: segments, exits, thresholds per target, backends here
 lama generate "$RUN/onnx" "$PROMPT" --max-new-tokens 48
 lama generate "$RUN/onnx" "$PROMPT" --max-new-tokens 48 --full   # the same graphs with every exit off, for comparison
@@ -51,3 +54,4 @@ lama generate "$RUN/onnx" "$PROMPT" --max-new-tokens 48 --exact
 if [ -f "$RUN/onnx/chat_template.jinja" ]; then  # an instruction-tuned model: one turn with its own chat template
   echo "What is the capital of France?" | lama chat "$RUN/onnx" --max-new-tokens 48
 fi
+echo "main.sh: train, export, inspect and generate took $((SECONDS - T0)) s"
