@@ -25,7 +25,7 @@ their keys/values (runtime/kv_cache.py). Every tensor is found by its role in th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +48,7 @@ DEFAULT_MAX_PENDING = 8
 DECODE_DIM = "decode_sequence"  # manifest dim: positions one segment call takes in decode (bound + 1)
 # Exact sampling: check(position, logits row of the full model there) -> keep going? (Chain.step)
 Check = Callable[[int, np.ndarray], bool]
+INF = float("inf")  # a threshold that never exits ("never", None in the manifest)
 
 
 @dataclass
@@ -123,9 +124,11 @@ class Chain:
             return old
         return self.new_cache()
 
-    def _run_segment(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats) -> dict:
+    def _run_segment(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats) -> Mapping:
         """Run segment j on x (positions [length_j, end)) and keep its new KV: returned arrays
-        (concat), or written in place (buffer). Its pending states are in its cache then."""
+        (concat), or written in place (buffer). Its pending states are in its cache then.
+        Returns its outputs by name; read them before segment j runs again (buffer layout:
+        backends.BoundOutputs, which copies each output when it is first read)."""
         seg, backend = self.manifest.segments[j], self.backends[j]
         if isinstance(cache, KVBufferCache):
             out = cache.run(j, seg, backend, x, end)
@@ -243,8 +246,10 @@ class Chain:
                 conf = float(out[seg.name(R.CONFIDENCE)][0])
                 return int(out[seg.name(R.TOKEN)][0]), j, conf, self._logits(seg, out, want_logits)
             out = self._run_segment(j, x, cache, end, stats)
-            conf = float(out[seg.name(R.CONFIDENCE)][0])
             hidden = out[seg.name(R.HIDDEN_OUT)]
+            if thresholds[j] == INF:  # never exits here: its confidence is not read
+                continue
+            conf = float(out[seg.name(R.CONFIDENCE)][0])
             if conf >= thresholds[j]:
                 if self.kv_policy == "defer":
                     cache.defer(j + 1, hidden, start)

@@ -16,6 +16,7 @@ every layout) is only a smaller length here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,8 +48,9 @@ class KVBufferCache(KVCache):
         segments = [SegmentState([buf() for _ in range(n)], [buf() for _ in range(n)]) for n in layers_per_segment]
         return cls(segments, capacity=capacity)
 
-    def run(self, j: int, seg: SegmentSpec, backend, x: np.ndarray, end: int) -> dict[str, np.ndarray]:
-        """Run segment j on `x` (its positions [length[j], end)), writing their K/V in place."""
+    def run(self, j: int, seg: SegmentSpec, backend, x: np.ndarray, end: int) -> Mapping[str, np.ndarray]:
+        """Run segment j on `x` (its positions [length[j], end)), writing their K/V in place.
+        Its other outputs are to be read before segment j runs again (backends.BoundOutputs)."""
         st = self.segments[j]
         if end > self.capacity:
             raise ContextTooLong(f"the context reached {end} positions but the KV buffers hold {self.capacity}; "
