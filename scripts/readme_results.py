@@ -91,6 +91,8 @@ SECTIONS = [
      "Commands and reading: [multitoken-int4/README.md](results/smollm2-135m/multitoken-int4/README.md)."),
     ("Exact multi-token decoding, fp32 (SmolLM2-135M)", "smollm2-135m/multitoken-fp32/multitoken.md", None),
     ("Lookahead heads, offline acceptance (SmolLM2-135M)", "smollm2-135m/lookahead/lookahead.md", None),
+    ("An EAGLE-style drafter against prompt lookup, offline (SmolLM2-135M)", "smollm2-135m/eagle/eagle.md",
+     "Reading: [eagle/README.md](results/smollm2-135m/eagle/README.md)."),
     ("Exact multi-token decoding vs llama.cpp, same run (SmolLM2-135M)",
      "smollm2-135m/multitoken-vs-llamacpp/vs_llamacpp.md",
      "The int4 export of multitoken-int4/README.md; llama.cpp (llama-cpp-python 0.3.36, setup_llamacpp.sh) on the "
