@@ -1,6 +1,6 @@
 """What the runtime does between its onnxruntime calls, per decode step (exits off).
 
-    python benchmarks/results/smollm2-135m/chain-overhead/between_calls.py EXPORT [EXPORT ...] [--code DIR]
+    [PYTHONPATH=DIR] python benchmarks/results/smollm2-135m/chain-overhead/between_calls.py EXPORT [EXPORT ...]
 
 For each export: Runtime.load (2 threads, shared pool), a 128-token prefill, then 400 steps of
 `Chain.step` one token at a time (positions 128-200, cut back to 128 by `truncate`), every
@@ -8,7 +8,7 @@ segment's `session.run_with_iobinding` timed from the outside. Prints the median
 call's return to the next call's start, per pair of segments ("0->1": segment 0 returned, the
 runtime prepared segment 1; "2->0": the end of one step and the start of the next, where
 `step()` returns its token and takes the next), and the median time inside each call.
-`--code DIR` imports the runtime from DIR instead (e.g. `git archive COMMIT runtime | tar -x -C DIR`:
+`PYTHONPATH=DIR` imports the runtime from DIR instead (e.g. `git archive COMMIT runtime | tar -x -C DIR`:
 the code before a change).
 """
 
@@ -24,10 +24,8 @@ from pathlib import Path
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("exports", nargs="+")
-    p.add_argument("--code", default=str(Path(__file__).resolve().parents[4]))
     p.add_argument("--steps", type=int, default=400)
     a = p.parse_args(argv)
-    sys.path.insert(0, a.code)
     import numpy as np
 
     from runtime import Runtime

@@ -46,9 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cprofile", type=int, default=0, help="also print the top N functions of a cProfile run")
-    p.add_argument("--code", default=str(Path(__file__).resolve().parents[4]), help="import the runtime from here")
     a = p.parse_args(argv)
-    sys.path.insert(0, a.code)
     from exporter.data import default_data_dir, heldout_prompts
     from runtime import Runtime
 
