@@ -1,6 +1,6 @@
 """Can onnxruntime's MatMulNBits hold a Q4_1 block exactly? The cost of each zero-point kind.
 
-    python -m benchmarks.studies.matmulnbits_zero_points [--k 576] [--n 1536] [--calls 2000] [--out DIR]
+    python -m benchmarks.studies.matmulnbits_zero_points [--k 576] [--n 1536] [--calls 2000] [--seconds 0.5] [--out DIR]
 
 A GGUF Q4_1 block of 32 weights is `w = d*q + m` (q in 0..15). MatMulNBits computes
 `w = scale * (q - zero_point)`, so the block is exact with `zero_point = -m/d`, a float. The
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=576)
     ap.add_argument("--n", type=int, default=1536)
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=0.5, help="about this long per repeat (at most --calls calls)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -71,14 +72,16 @@ def main(argv=None) -> int:
         for acc in (0, 4):
             s = session(k, n, block, packed, scales, zp, acc, a.threads)
             y = s.run(None, {"X": x})[0]
-            for _ in range(50):
+            t = time.perf_counter()
+            for _ in range(20):
                 s.run(None, {"X": x})
+            calls = max(20, min(a.calls, int(a.seconds / ((time.perf_counter() - t) / 20))))  # ~seconds a repeat
             times = []
             for _ in range(a.repeats):
                 t = time.perf_counter()
-                for _ in range(a.calls):
+                for _ in range(calls):
                     s.run(None, {"X": x})
-                times.append((time.perf_counter() - t) / a.calls * 1e6)
+                times.append((time.perf_counter() - t) / calls * 1e6)
             err = float(np.abs(y - exact).max() / np.abs(exact).max()) if name == "float" else None
             rows.append({"zero_points": name, "accuracy_level": acc, "us_per_call_median": round(float(np.median(times)), 1),
                          "us_per_call_range": [round(min(times), 1), round(max(times), 1)],
