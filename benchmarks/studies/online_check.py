@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--target", type=float)
     ap.add_argument("--margin", type=float)
+    ap.add_argument("--fit-target", type=float, help="fit the thresholds at this target instead (e.g. looser than "
+                    "--target: thresholds that fall short, to see the check act)")
     ap.add_argument("--per-domain", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -86,13 +88,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.checkpoint}: its calibration scores carry no domain labels")
     prompts = heldout_prompts(a.export, [default_data_dir()], a.per_domain, a.prompt_tokens)
     res = {"command": command_line("benchmarks.studies.online_check", argv), "export": str(a.export),
-           "target": target, "margin": margin, "scores": kind, "new_tokens": a.new_tokens,
+           "target": target, "fit_target": a.fit_target, "margin": margin, "scores": kind, "new_tokens": a.new_tokens,
            "per_domain": a.per_domain, "min_checked": a.min_checked, "load_average": list(os.getloadavg()),
            "domains": {}}
     for dom, ps in prompts.items():
         if dom not in calib.domains:
             continue
-        th = calibrate_thresholds(calib.subset(~calib.domain_mask(dom)), target, margin=margin)
+        fit = target if a.fit_target is None else a.fit_target
+        th = calibrate_thresholds(calib.subset(~calib.domain_mask(dom)), fit, margin=margin)
         if len(th) != len(rt.manifest.exits):
             raise SystemExit(f"{len(th)} calibrated exits in the checkpoint, {len(rt.manifest.exits)} in the export")
         res["domains"][dom] = {"thresholds": [None if t == float("inf") else t for t in th],
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
         lo, hi = r["interval"]
         return f"{r['agreement']:.3f} [{lo:.3f}, {hi:.3f}] of {r['checked']} ({r['exited']}/{r['tokens']} exited)"
 
-    md = [f"# Online check on domains left out of calibration: target {target} (fitted at +{margin})", "",
+    fitted = f"fitted at {a.fit_target} + {margin}" if a.fit_target is not None else f"fitted at +{margin}"
+    md = [f"# Online check on domains left out of calibration: target {target} (thresholds {fitted})", "",
           f"`{res['command']}`", "",
           f"Greedy relaxed mode (defer), {a.per_domain} held-out prompts x {a.new_tokens} new tokens per domain, "
           f"thresholds fitted without that domain; the check acts after {a.min_checked} checked tokens below "
