@@ -207,14 +207,20 @@ def resolve_kv(kv: str | None, backend: str, family, capacity: int | None, max_c
 def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: str = "fp32", backend: str = "onnx",
            with_logits: bool = False, workspace_gb: float = 2.0, kv: str | None = None,
            kv_capacity: int | None = None, backbone=None, data: list | None = None,
-           quant_options: dict | None = None, max_pending: int | None = None, exits: bool = True) -> Path:
+           quant_options: dict | None = None, max_pending: int | None = None, exits: bool = True,
+           gate_switch: bool | None = None) -> Path:
     """`exits=False`: the plain model as one graph (no exit heads, gates or thresholds): the
     baseline a chain is measured against, and a full path for exact decoding with prompt-lookup
     drafts alone. `data`: the training text for the quantized model's calibration scores, if it moved (default:
     the recorded paths; either way the windows must match the hash training recorded);
     `quant_options`: overrides of the int8/int4 scheme (block_size, symmetric, accuracy_level);
     max_pending: the runtime's bound on deferred positions; decode calls then take at most
-    max_pending + 1 positions (dim `decode_sequence`, for engine profiles)."""
+    max_pending + 1 positions (dim `decode_sequence`, for engine profiles). gate_switch: put each
+    gated segment's gate under an `If` on a `gate_on` input (exporter/gate_switch.py), so that
+    it costs nothing when its exit cannot fire. None: on where the graphs can only run in
+    onnxruntime (KV layout buffer, or int8/int4 weights); off for TensorRT builds and for the
+    concat fp32/fp16 graphs `python -m runtime.tensorrt` may build engines from later (If nodes
+    are not tried with TensorRT here)."""
     from runtime.chain import DECODE_DIM, DEFAULT_MAX_PENDING
 
     from .backbone import load_backbone
@@ -224,6 +230,8 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
     if backend not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}; choose onnx or tensorrt")
     check_kv_options(kv, backend, kv_capacity)
+    if gate_switch and backend == "tensorrt":
+        raise ValueError("gate_switch makes If nodes, not tried with TensorRT engines; leave it off for TensorRT")
     scheme = None
     if precision in QUANTIZED:
         from .quantize import Scheme
@@ -243,6 +251,8 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
     dtype = DTYPES[precision][0]
     bb = _backbone_in(backbone, dtype) if backbone is not None else load_backbone(config.source)
     kv_info = resolve_kv(kv, backend, bb.family, kv_capacity, bb.shape.max_context)
+    if gate_switch is None:  # by default only where no TensorRT engine can be built from the graphs later
+        gate_switch = backend == "onnx" and (kv_info.layout == "buffer" or scheme is not None)
     quant_cal = None
     if not exits:  # one segment, nothing to calibrate
         checkpoint = checkpoint.with_config(dataclasses.replace(config, exits=[], thresholds=[], policy=None,
@@ -291,6 +301,10 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             inputs, outputs = io_specs(seg, dname)
             inputs = export_graph(seg, inputs, outputs, path, precision, shape.vocab_size)
             quantized.append(_quantize(path, scheme))
+            if gate_switch and seg.gated:  # after quantizing: the gate's float MatMuls are final
+                from .gate_switch import switch_segment_file
+
+                inputs, _ = switch_segment_file(path, inputs, outputs)
             ex = None
             if i < len(config.exits):
                 head = (0 if config.head == "adapter" else i) if gated else None

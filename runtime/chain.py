@@ -49,6 +49,9 @@ DECODE_DIM = "decode_sequence"  # manifest dim: positions one segment call takes
 # Exact sampling: check(position, logits row of the full model there) -> keep going? (Chain.step)
 Check = Callable[[int, np.ndarray], bool]
 INF = float("inf")  # a threshold that never exits ("never", None in the manifest)
+# a gated segment's `gate_on` input (exports with the gate switch, exporter/gate_switch.py):
+# its gate runs only where a threshold can be met; off, its confidence is -inf
+GATE_ON = {True: np.array(True), False: np.array(False)}
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Chain:
         if self.max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, got {max_pending}")
         self.num_layers = [sg.layers[1] - sg.layers[0] for sg in manifest.segments]
+        self.switched = [R.GATE_ON in sg.names for sg in manifest.segments]  # segments with a gate switch
 
     @staticmethod
     def default_max_pending(manifest: Manifest) -> int:
@@ -124,16 +128,20 @@ class Chain:
             return old
         return self.new_cache()
 
-    def _run_segment(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats) -> Mapping:
+    def _run_segment(self, j: int, x: np.ndarray, cache: KVCache, end: int, stats: StepStats,
+                     gate: bool = False) -> Mapping:
         """Run segment j on x (positions [length_j, end)) and keep its new KV: returned arrays
         (concat), or written in place (buffer). Its pending states are in its cache then.
-        Returns its outputs by name; read them before segment j runs again (buffer layout:
-        backends.BoundOutputs, which copies each output when it is first read)."""
+        `gate`: its exit may fire (threshold < +inf); a segment with a gate switch runs its gate
+        only then (else its confidence is -inf). Returns its outputs by name; read them before
+        segment j runs again (buffer layout: backends.BoundOutputs, which copies each output
+        when it is first read)."""
         seg, backend = self.manifest.segments[j], self.backends[j]
+        extra = {R.GATE_ON: GATE_ON[gate]} if self.switched[j] else None
         if isinstance(cache, KVBufferCache):
-            out = cache.run(j, seg, backend, x, end)
+            out = cache.run(j, seg, backend, x, end, extra)
         else:
-            out = backend.run(self._feeds(seg, x, cache, j, end))
+            out = backend.run(self._feeds(seg, x, cache, j, end, extra))
             cache.store(j, [out[s.name] for s in seg.per_layer(seg.outputs, R.PRESENT_KEY)],
                         [out[s.name] for s in seg.per_layer(seg.outputs, R.PRESENT_VALUE)])
         cache.take_pending(j)
@@ -158,10 +166,11 @@ class Chain:
             stats.fill_positions += hidden.shape[1] * self.num_layers[k]
         stats.calls += 1
 
-    def _feeds(self, seg: SegmentSpec, x: np.ndarray, cache: KVCache, j: int, end: int) -> dict:
+    def _feeds(self, seg: SegmentSpec, x: np.ndarray, cache: KVCache, j: int, end: int,
+               extra: dict | None = None) -> dict:
         st = cache.segments[j]
         feeds = seg.feeds({seg.entry_role: x, R.ATTENTION_MASK: np.ones((1, end), dtype=np.int64),
-                           R.POSITION_IDS: np.arange(st.length, end, dtype=np.int64)[None, :]})
+                           R.POSITION_IDS: np.arange(st.length, end, dtype=np.int64)[None, :], **(extra or {})})
         for spec, arr in zip(seg.per_layer(seg.inputs, R.PAST_KEY), st.keys):
             feeds[spec.name] = arr
         for spec, arr in zip(seg.per_layer(seg.inputs, R.PAST_VALUE), st.values):
@@ -245,9 +254,9 @@ class Chain:
                     cache.truncate(rejected + 1)
                 conf = float(out[seg.name(R.CONFIDENCE)][0])
                 return int(out[seg.name(R.TOKEN)][0]), j, conf, self._logits(seg, out, want_logits)
-            out = self._run_segment(j, x, cache, end, stats)
+            out = self._run_segment(j, x, cache, end, stats, gate=thresholds[j] < INF)
             hidden = out[seg.name(R.HIDDEN_OUT)]
-            if thresholds[j] == INF:  # never exits here: its confidence is not read
+            if thresholds[j] == INF:  # never exits here: its confidence is not read (nor computed, if switched)
                 continue
             conf = float(out[seg.name(R.CONFIDENCE)][0])
             if conf >= thresholds[j]:

@@ -48,9 +48,11 @@ class KVBufferCache(KVCache):
         segments = [SegmentState([buf() for _ in range(n)], [buf() for _ in range(n)]) for n in layers_per_segment]
         return cls(segments, capacity=capacity)
 
-    def run(self, j: int, seg: SegmentSpec, backend, x: np.ndarray, end: int) -> Mapping[str, np.ndarray]:
-        """Run segment j on `x` (its positions [length[j], end)), writing their K/V in place.
-        Its other outputs are to be read before segment j runs again (backends.BoundOutputs)."""
+    def run(self, j: int, seg: SegmentSpec, backend, x: np.ndarray, end: int,
+            extra: dict | None = None) -> Mapping[str, np.ndarray]:
+        """Run segment j on `x` (its positions [length[j], end)), writing their K/V in place;
+        `extra`: further inputs by role (the chain's `gate_on`). Its other outputs are to be read
+        before segment j runs again (backends.BoundOutputs)."""
         st = self.segments[j]
         if end > self.capacity:
             raise ContextTooLong(f"the context reached {end} positions but the KV buffers hold {self.capacity}; "
@@ -67,7 +69,7 @@ class KVBufferCache(KVCache):
             binding = self.bindings[j] = backend.bind_inplace(pairs)
         feeds = seg.feeds({seg.entry_role: x, R.POSITION_IDS: np.arange(st.length, end, dtype=np.int64)[None, :],
                            R.SEQLENS_K: np.array([end - 1], dtype=np.int32),
-                           R.TOTAL_SEQUENCE_LENGTH: np.array(end, dtype=np.int32)})
+                           R.TOTAL_SEQUENCE_LENGTH: np.array(end, dtype=np.int32), **(extra or {})})
         out = backend.run_bound(binding, feeds)
         st.length = end
         return out

@@ -21,6 +21,7 @@ SEQLENS_K = "seqlens_k"  # buffer layout (schema 2): last valid position per row
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # buffer layout (schema 2)
 PAST_KEY = "past_key"  # per layer
 PAST_VALUE = "past_value"  # per layer
+GATE_ON = "gate_on"  # gated segments (opt.): bool scalar, false = the gate's nodes do not run (confidence -inf)
 
 # -- segment outputs -----------------------------------------------------------------------
 HIDDEN_OUT = "hidden_out"  # every segment but the last
@@ -48,7 +49,7 @@ FILL = (FILL_KEY, FILL_VALUE)  # per-layer fill-graph outputs, key then value
 PER_LAYER = (*PAST, *PRESENT, *FILL)  # roles whose TensorSpec carries a layer index
 
 ALL = frozenset({
-    INPUT_IDS, HIDDEN, ATTENTION_MASK, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, PAST_KEY, PAST_VALUE,
+    INPUT_IDS, HIDDEN, ATTENTION_MASK, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, PAST_KEY, PAST_VALUE, GATE_ON,
     HIDDEN_OUT, PRESENT_KEY, PRESENT_VALUE, TOKEN, CONFIDENCE, TOPK_VALUES, TOPK_INDICES, LOGITS, EXIT_HIDDEN,
     TOKENS_ALL, TOPK_VALUES_ALL, TOPK_INDICES_ALL, LOGITS_ALL, FILL_KEY, FILL_VALUE,
 })  # every role this runtime knows
