@@ -94,6 +94,10 @@ SECTIONS = [
     ("Online check in relaxed mode, each domain left out of calibration (SmolLM2-135M)",
      "smollm2-135m/online-check/online_check.md",
      "Reading and the loose-threshold run: [online-check/README.md](results/smollm2-135m/online-check/README.md)."),
+    ("The chain with exits off vs one graph of the same weights, gates behind a switch (SmolLM2-135M)",
+     "smollm2-135m/gate-switch/vs_llamacpp.md",
+     "Reading, the A/B runs and the runtime's call overhead before it: [gate-switch/README.md]"
+     "(results/smollm2-135m/gate-switch/README.md), [chain-overhead/README.md](results/smollm2-135m/chain-overhead/README.md)."),
     ("MatMulNBits zero points (why the exact int4 blocks keep a float offset product)",
      "smollm2-135m/matmulnbits-zero-points/zero_points.md", None),
     ("An EAGLE-style drafter against prompt lookup, offline (SmolLM2-135M)", "smollm2-135m/eagle/eagle.md",

@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.report import command_line, write_report
 
 DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-          "tensor(float16)": np.float16}
+          "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
 
 
 def feeds_for(session, past: int, head_dim: int = 64) -> dict:
@@ -52,6 +52,8 @@ def feeds_for(session, past: int, head_dim: int = 64) -> dict:
             feeds[name] = np.zeros((1, dims[1], past + 1, dims[3] or head_dim), dtype)
         elif name == "hidden":
             feeds[name] = np.zeros((1, 1, dims[2]), dtype)
+        elif name == "gate_on":  # a gate behind its switch (exporter/gate_switch.py): profile it running
+            feeds[name] = np.array(True)
         else:
             raise SystemExit(f"{name}: no rule to make this input")
     return feeds
