@@ -216,32 +216,15 @@ def eagle_drafts(drafter: Drafter, embed, short_ids: torch.Tensor, ids: np.ndarr
     drafts = torch.empty(n, K, dtype=torch.long)
     drafts[:, 0] = short_ids[logits[0, st].argmax(-1)]
     cur = pred[0, st][:, None]  # (n, 1, D): f^_{t+1}
-    k_true, v_true = k_all.expand(n, -1, -1, -1), v_all.expand(n, -1, -1, -1)
-    k_d = v_d = None
+    past = (k_all.expand(n, -1, -1, -1), v_all.expand(n, -1, -1, -1))  # the true pairs' keys/values
+    true_ok = torch.arange(L - 1)[None, :] <= st[:, None]  # each start t sees the true pairs 0..t
     for s in range(1, K):
         p = (st + s)[:, None]  # the pair (f^_{t+s}, d_s) sits at position t+s
-        inp = drafter.fc(torch.cat([cur, embed(drafts[:, s - 1:s])], -1))
-        true_ok = torch.arange(L - 1)[None, :] <= st[:, None]  # true pairs 0..t
-        own = torch.ones(n, s, dtype=torch.bool)  # draft pairs before and this one
+        own = torch.ones(n, s, dtype=torch.bool)  # its own draft pairs before, and this one
         mask = torch.cat([true_ok, own], 1)[:, None, :]  # (n, 1, L-1+s)
-        hx, k, v = drafter.kv_of(inp, p)
-        k_d = k if k_d is None else torch.cat([k_d, k], 2)
-        v_d = v if v_d is None else torch.cat([v_d, v], 2)
-        out, _ = _attend(drafter, inp, hx, p, torch.cat([k_true, k_d], 2), torch.cat([v_true, v_d], 2), mask)
-        drafts[:, s] = short_ids[(out[:, 0] @ drafter.lm_rows.T).argmax(-1)]
-        cur = out
+        cur, logits, past = drafter(cur, embed(drafts[:, s - 1:s]), p, past, mask)
+        drafts[:, s] = short_ids[logits[:, 0].argmax(-1)]
     return drafts.numpy()
-
-
-def _attend(dr: Drafter, x, hx, pos, k, v, mask):
-    b, s, _ = x.shape
-    q = rope(dr.q(hx).view(b, s, dr.h, dr.d).transpose(1, 2), pos, dr.theta)
-    rep = dr.h // dr.kv
-    att = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                         attn_mask=mask[:, None])
-    x = x + dr.o(att.transpose(1, 2).reshape(b, s, -1))
-    h2 = dr.n2(x)
-    return x + dr.down(F.silu(dr.gate(h2)) * dr.up(h2)), None
 
 
 def chain_accept(drafts: np.ndarray, truth: np.ndarray) -> np.ndarray:
