@@ -41,7 +41,6 @@ ARMS = {"full path": dict(thresholds="never"),
         "exact + drafts + exits": dict(exact=True)}
 
 
-
 def draft_positions(records, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(drafted, accepted) per draft position: a step that drafted d tokens of which the first
     m were accepted counts positions 0..d-1 as drafted and 0..m-1 as accepted."""

@@ -156,7 +156,7 @@ def switch_gate(model, switched: list[TensorSpec], gate_on: TensorSpec, fills: d
     return len(inner)
 
 
-def gate_specs(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> tuple[list[TensorSpec], TensorSpec]:
+def gate_specs(outputs: list[TensorSpec]) -> tuple[list[TensorSpec], TensorSpec]:
     """The outputs a gated segment switches (its score, and the head's input in gate mode) and
     the input spec of the switch."""
     from runtime import roles as R
@@ -174,13 +174,12 @@ def switch_segment_file(path, inputs: list[TensorSpec], outputs: list[TensorSpec
 
     from .onnx_files import save_graph
 
-    switched, gate_on = gate_specs(inputs, outputs)
+    switched, gate_on = gate_specs(outputs)
     model = onnx.load(str(path))
     moved = switch_gate(model, switched, gate_on, {R.CONFIDENCE: -math.inf, R.EXIT_HIDDEN: 0.0})
     if not moved:
         return list(inputs), 0
-    for f in path.parent.glob(path.name + ".data"):
-        f.unlink()
+    (path.parent / (path.name + ".data")).unlink(missing_ok=True)  # save_graph writes the weights anew
     save_graph(model, path)
     onnx.checker.check_model(str(path))
     return [*inputs, gate_on], moved

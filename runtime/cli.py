@@ -9,9 +9,9 @@ without the `lama` package would. Imports are deferred to each command so `--hel
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 

@@ -30,7 +30,6 @@ import numpy as np
 from exporter.data import heldout_prompts
 
 
-
 def run_arm(rt, prompts: list[list[int]], new_tokens: int, temperature: float, seeds: int) -> dict:
     tokens = steps = drafted = accepted = calls = 0
     first_drafted = first_accepted = 0
