@@ -133,8 +133,9 @@ def markdown(res: dict, command: str) -> str:
             continue
         c = q.get("calibration", {})
         exact = q.get("exact_blocks") or {}
-        kept = (f"exact blocks: {exact.get('q4_1', 0)} Q4_1 and {exact.get('q8_0', 0)} Q8_0 weights, only the rest "
-                "re-quantized" if any(exact.values()) else "every weight re-quantized")
+        kinds = ", ".join(f"{v} {k}" for k, v in exact.items() if v)
+        kept = (f"exact GGUF blocks ({kinds} weights), only the rest re-quantized" if kinds
+                else "every weight re-quantized")
         lines.append(f"- {prec}: {q['method']}; {q['bits']}-bit, blocks of {q['block_size']}, "
                      f"{'symmetric' if q['symmetric'] else 'asymmetric'}, accuracy level {q['accuracy_level']}; {kept}; the "
                      f"quantized full model agrees with the fp32 one on "

@@ -22,9 +22,18 @@ float weights and encodes them without loss:
   by about the weights (m ~ -7.5d), which is what llama.cpp's Q4_1 x q8_1 product does
   (it folds m into the rounded activations' block sums).
 
-A block is taken as Q4_1 when its 32 values sit on 16 evenly spaced levels from its minimum
-(what Q4_1's quantizer produces: the minimum and maximum are levels 0 and 15), as Q8_0 when
-they are integer multiples of max|w| / 127; a weight is encoded only if every block passes.
+* Q4_K (Gemma 3's Q4_K_M file: 32-blocks `d*q + m`, q in [0, 15], whose minimum and maximum
+  need not be levels 0 and 15): the Q4_1 encoding, with the level spacing found as the
+  smallest gap between a block's values (or a divisor of it, up to 4).
+* Q5_0 (`d*(q-16)`) and Q6_K (`d*sc*(q-32)` per 16 inputs): integer multiples, |q| <= 127, of
+  one scale per block of 32 (or 16), so an 8-bit MatMulNBits with that block size holds them
+  (onnxruntime has no 5- or 6-bit kernel): exact, at 8 bits' size.
+
+Tests from the cheapest, each on every block of a weight, and a weight is encoded only if all
+its blocks pass one test: Q4_1 (32 values on 16 evenly spaced levels from the block's minimum,
+what Q4_1's quantizer makes), Q8_0 (integer multiples of max|w| / 127), Q4_K (levels found from
+the gaps), then multiples of a per-block scale (blocks of 32, then 16). On Gemma 3 270M's
+Q4_K_M file the tests find every weight (benchmarks/results/gemma3-270m/quant-fidelity).
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import numpy as np
 BLOCK = 32
 PREFIX = "/gguf_exact/"  # names of the nodes this pass adds (the quantizer must leave them alone)
 _TOL = 1e-5  # relative to a block's largest value (fp32 rounding of d*q + m), far below half a level
+_TOL_LEVEL = 1e-3  # in level spacings, for the tests that must find the spacing first
+_PROBE = 256  # blocks tried first by the slowest test
 
 
 def q4_1_blocks(w: np.ndarray):
@@ -66,6 +77,84 @@ def q8_0_blocks(w: np.ndarray):
     if not np.all(err <= _TOL * (127 * d + 1e-30)):  # relative to the block's largest value
         return None
     return d.astype(np.float32), q.astype(np.int16)
+
+
+def q4_k_blocks(w: np.ndarray):
+    """(d, m, q) as q4_1_blocks gives, for blocks on 16 evenly spaced levels that need not use
+    the first and last (Q4_K): the spacing is the smallest gap between a block's distinct values
+    divided by 1..4, the first that puts every value on a level in 0..15. None otherwise."""
+    k, n = w.shape
+    if k % BLOCK:
+        return None
+    b = w.T.reshape(n, k // BLOCK, BLOCK).astype(np.float64)
+    lo = b.min(-1)
+    gaps = np.diff(np.sort(b, -1), axis=-1)
+    big = np.abs(b).max(-1)[..., None] + 1e-30
+    gap = np.where(gaps > 1e-4 * big, gaps, np.inf).min(-1)
+    flat = ~np.isfinite(gap)  # one value repeated: level 0, spacing 0
+    gap = np.where(flat, 1.0, gap)
+    d, found = np.zeros_like(gap), flat.copy()
+    for j in (1, 2, 3, 4):
+        dj = gap / j
+        x = (b - lo[..., None]) / dj[..., None]
+        ok = (np.abs(x - np.rint(x)).max(-1) <= _TOL_LEVEL) & (np.rint(x).max(-1) <= 15) & ~found
+        d = np.where(ok, dj, d)
+        found |= ok
+    if not found.all():
+        return None
+    q = np.rint((b - lo[..., None]) / np.where(d > 0, d, 1.0)[..., None])
+    return d.astype(np.float32), lo.astype(np.float32), q.astype(np.uint8)
+
+
+def int8_blocks(w: np.ndarray, block: int = BLOCK):
+    """(d, q) with w[k, n] = d[n, b] * q[n, b, i] for blocks of `block` inputs, |q| <= 127 (Q5_0,
+    Q6_K, Q8_0 ...), or None. Each block's scale is max|w| / j for the smallest j in 1..127 that
+    makes every value a multiple of it; only blocks not yet resolved are tried at each j."""
+    k, n = w.shape
+    if k % block:
+        return None
+    b = w.T.reshape(n, k // block, block).astype(np.float64).reshape(-1, block)
+    if _multiples(b[:_PROBE]) is None:  # a float weight fails on its first blocks: no 127 passes over it
+        return None
+    d = _multiples(b)
+    if d is None:
+        return None
+    q = np.rint(b / np.where(d > 0, d, 1.0)[:, None])
+    return d.reshape(n, k // block).astype(np.float32), q.reshape(n, k // block, block).astype(np.int16)
+
+
+def _multiples(b: np.ndarray) -> np.ndarray | None:
+    """(blocks,) scales d with every row of `b` an integer multiple of its d, |q| <= 127, or None."""
+    top = np.abs(b).max(-1)
+    d = np.zeros_like(top)
+    todo = np.flatnonzero(top > 0)  # an all-zero block: scale 0
+    for j in range(1, 128):
+        if not todo.size:
+            break
+        dj = top[todo] / j
+        x = b[todo] / dj[:, None]
+        ok = np.abs(x - np.rint(x)).max(-1) <= _TOL_LEVEL
+        d[todo[ok]] = dj[ok]
+        todo = todo[~ok]
+    return None if todo.size else d
+
+
+KINDS = ("q4_1", "q4_k", "q8_0", "int8_32", "int8_16")  # the manifest's exact_blocks counts, in test order
+
+
+def detect(w: np.ndarray):
+    """(kind, encoding) for the first of KINDS whose test every block of the (K, N) weight
+    passes, or None. 4-bit kinds give (d, m, q); 8-bit ones (d, q, block size)."""
+    if (r := q4_1_blocks(w)) is not None:
+        return "q4_1", r
+    if (r := q8_0_blocks(w)) is not None:
+        return "q8_0", (*r, BLOCK)
+    if (r := q4_k_blocks(w)) is not None:
+        return "q4_k", r
+    for block in (BLOCK, 16):
+        if (r := int8_blocks(w, block)) is not None:
+            return f"int8_{block}", (*r, block)
+    return None
 
 
 def _ranks(model) -> dict[str, int]:
@@ -128,8 +217,8 @@ def _pack4(q: np.ndarray) -> np.ndarray:
 
 
 def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_level: int = 4) -> dict:
-    """Rewrite, in place, every MatMul of `model` whose constant weight holds Q4_1 or Q8_0
-    blocks (nodes named with `exclude_prefixes` stay). Returns counts {"q4_1": n, "q8_0": n}."""
+    """Rewrite, in place, every MatMul of `model` whose constant weight holds GGUF blocks of one
+    of KINDS (nodes named with `exclude_prefixes` stay). Returns counts {kind: n} for every kind."""
     from onnx import helper, numpy_helper
 
     from .fuse_matmuls import initializers_and_users
@@ -139,7 +228,7 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
     out_nodes, new_inits, sums, consts = [], [], {}, {}
     ranks = _ranks(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    counts = {"q4_1": 0, "q8_0": 0}
+    counts = dict.fromkeys(KINDS, 0)
 
     def nbits(x, name, packed, scales):  # MatMulNBits inputs; no zero point: the kernel's default
         new_inits.extend([numpy_helper.from_array(packed, name + "_B"),
@@ -158,9 +247,13 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
         k, n = w.shape
         name = PREFIX + (node.name or node.output[0]).strip("/").replace("/", "_")
         x, y = node.input[0], node.output[0]
-        q41 = q4_1_blocks(w)
-        if q41 is not None:
-            d, m, q = q41
+        found = detect(w)
+        if found is None:
+            out_nodes.append(node)
+            continue
+        kind, enc = found
+        if kind in ("q4_1", "q4_k"):
+            d, m, q = enc
             ins = nbits(x, name, _pack4(q), d)  # default zero point 8: d * (q - 8)
             part = name + "_scaled"
             out_nodes.append(helper.make_node("MatMulNBits", ins, [part], name=name, domain="com.microsoft",
@@ -174,17 +267,12 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
             out_nodes.append(helper.make_node("MatMul", [sums[x][0], name + "_offsets"], [name + "_offset"],
                                               name=name + "_offset"))
             out_nodes.append(helper.make_node("Add", [part, name + "_offset"], [y], name=name + "_add"))
-            counts["q4_1"] += 1
         else:
-            q80 = q8_0_blocks(w)
-            if q80 is None:
-                out_nodes.append(node)
-                continue
-            d, q = q80
+            d, q, block = enc
             ins = nbits(x, name, (q + 128).astype(np.uint8), d)  # zero point: 8-bit default 128
             out_nodes.append(helper.make_node("MatMulNBits", ins, [y], name=name, domain="com.microsoft",
-                                              K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=accuracy_level))
-            counts["q8_0"] += 1
+                                              K=k, N=n, bits=8, block_size=block, accuracy_level=accuracy_level))
+        counts[kind] += 1
         users[w_name] -= 1
         if users[w_name] == 0:
             g.initializer.remove(inits.pop(w_name))
@@ -198,25 +286,26 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
 
 def exact_twin(linear, accuracy_level: int = 4) -> str | None:
     """Give a PyTorch nn.Linear the numerics of its exact encoding, if its weight holds GGUF
-    blocks: Q8_0 keeps its weight (at accuracy level 4 the kernel rounds the input to int8 per
-    block); Q4_1 computes round8(x) @ (d*(q-8)) + x @ (m+8d)_expanded. Returns "q4_1", "q8_0"
-    or None."""
+    blocks: the 8-bit kinds keep their weight (at accuracy level 4 the kernel rounds the input to
+    int8 per block of the encoding's size); Q4_1/Q4_K compute round8(x) @ (d*(q-8)) + x @ (m+8d)
+    expanded. Returns the kind (one of KINDS) or None."""
     import torch
     import torch.nn.functional as F
 
-    from .int8_activations import int8_activations, int8_blocks
+    from .int8_activations import int8_activations
+    from .int8_activations import int8_blocks as round_blocks
 
     w = linear.weight.detach().float().numpy().T  # (K, N)
-    q41 = q4_1_blocks(w)
-    kind = "q4_1" if q41 is not None else ("q8_0" if q8_0_blocks(w) is not None else None)
-    if kind is None:
+    found = detect(w)
+    if found is None:
         return None
-    if kind == "q8_0":
+    kind, enc = found
+    if kind not in ("q4_1", "q4_k"):  # 8-bit: the weight as it is; the kernel rounds x per block
         if accuracy_level == 4:
-            linear.register_forward_pre_hook(int8_activations(BLOCK))
+            linear.register_forward_pre_hook(int8_activations(enc[2]))
         return kind
-    round8 = int8_blocks(BLOCK) if accuracy_level == 4 else (lambda x: x)
-    d, m, q = q41
+    round8 = round_blocks(BLOCK) if accuracy_level == 4 else (lambda x: x)
+    d, m, q = enc
     n, nb = d.shape
     centred = q.astype(np.float32) - 8.0
     scaled = torch.from_numpy((d[..., None] * centred).reshape(n, nb * BLOCK))  # (N, K)

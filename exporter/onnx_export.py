@@ -24,6 +24,7 @@ from runtime.verify import sha256
 
 from .checkpoint import Checkpoint
 from .folders import replacing_folder
+from .gguf_blocks import KINDS
 from .onnx_files import needs_external_data, save_graph
 from .segments import HeadGraph, KVFill, Segment, io_specs, segment_bounds
 
@@ -325,7 +326,7 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             quant_info = scheme.info([q[0] for q in quantized], sum(q[1] for q in quantized),
                                      [f"{q[0]}:{m}" for q in quantized for m in q[2]],
                                      quant_cal.record if quant_cal else NO_EXITS_RECORD,
-                                     {k: sum(q[3][k] for q in quantized) for k in ("q4_1", "q8_0")})
+                                     {k: sum(q[3][k] for q in quantized) for k in KINDS})
             if quant_cal is not None:  # the quantized scores travel with the export, for later study
                 (tmp / "scores").mkdir()
                 for name, sc in quant_cal.scores.items():

@@ -27,6 +27,7 @@ from .calibrate import calibrate_thresholds, report
 from .checkpoint import Checkpoint, CheckpointConfig, score_kind, scores_file
 from .quantize import Scheme, fake_quantize
 from .scores import ExitScores
+from .train import cache_features, score_split
 
 GREEDY_PROMPTS = 4
 PROMPT_TOKENS = 32
@@ -79,6 +80,20 @@ def threshold_table(calib: ExitScores, policy: Policy | None, targets) -> tuple[
                                 for t in targets}
 
 
+def fp32_heldout_top1(bb, checkpoint: Checkpoint, windows, exit_layer: int, n: int) -> np.ndarray:
+    """The fp32 model's top-1 at each of the `n` held-out positions: stored by `lama train` with the
+    checkpoint's held-out scores (the windows are the same: `Checkpoint.splits` checks their hash),
+    else, for a checkpoint trained before they were stored, one more fp32 pass over the windows."""
+    try:
+        stored = checkpoint.scores("heldout", "head").full_top1
+    except FileNotFoundError:
+        stored = None
+    if stored is not None and stored.shape == (n,):
+        return stored
+    ref = cache_features(bb, windows, [exit_layer], desc="caching fp32 held-out hidden states")
+    return ref.teacher_top1(ref.active).astype(np.int64)
+
+
 @torch.no_grad()
 def _greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     out = []
@@ -100,8 +115,6 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
                         data: list[str | Path] | None = None) -> QuantCalibration:
     """Scores, thresholds and reports of the fake-quantized model on the checkpoint's own splits."""
     config = checkpoint.config
-    from .train import cache_features, score_split
-
     try:
         splits = checkpoint.splits(bb.tokenizer, data)  # the same domains, the same windows as api.train
     except ValueError as e:
@@ -115,11 +128,10 @@ def calibrate_quantized(bb, checkpoint: Checkpoint, scheme: Scheme, targets: tup
         feats = cache_features(qbb, splits[split], exits, desc=f"caching quantized {split} hidden states")
         scores.update(score_split(qbb, heads, gates, feats, name, config.head_confidence, "cpu"))
         if split == "heldout":  # the quantized full model against the fp32 one, same positions
-            ref = cache_features(bb, splits[split], [exits[0]], desc="caching fp32 held-out hidden states")
-            q_top = torch.from_numpy(feats.top_idx[:, 0].astype(np.int64))  # each model's own top-1
-            f_top = torch.from_numpy(ref.top_idx[:, 0].astype(np.int64))
-            tf = {"teacher_forced_agreement_vs_fp32": float((q_top == f_top).float().mean()),
-                  "teacher_forced_tokens": int(q_top.numel())}
+            q_top = feats.teacher_top1(feats.active).astype(np.int64)  # each model's own top-1
+            f_top = fp32_heldout_top1(bb, checkpoint, splits[split], exits[0], len(q_top))
+            tf = {"teacher_forced_agreement_vs_fp32": float((q_top == f_top).mean()),
+                  "teacher_forced_tokens": int(q_top.size)}
     calib, held = scores[scores_file("calibration", kind)], scores[scores_file("heldout", kind)]
     policy = config.policy or UNCALIBRATED
     thresholds = policy_thresholds(calib, policy)

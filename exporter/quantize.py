@@ -64,7 +64,8 @@ class Scheme:
              calibration: dict | None = None, exact: dict | None = None) -> QuantizationInfo:
         method = "onnxruntime MatMulNBits (weight-only, round-to-nearest)"
         if exact and any(exact.values()):
-            method += "; GGUF blocks kept exactly: Q4_1 as 4-bit d*(q-8) + float block offsets m+8d, Q8_0 as 8-bit"
+            method += ("; GGUF blocks kept exactly: Q4_1/Q4_K as 4-bit d*(q-8) + float block offsets m+8d, "
+                       "Q8_0/Q5_0 as 8-bit (blocks of 32), Q6_K as 8-bit (blocks of 16)")
         return QuantizationInfo(method=method, bits=self.bits, exact_blocks=dict(exact or {}),
                                 block_size=self.block_size, symmetric=self.symmetric,
                                 accuracy_level=self.accuracy_level, graphs=tuple(graphs),
@@ -114,18 +115,18 @@ def _quantizer_class():
 
 def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str], dict]:
     """Quantize `path` in place; returns (MatMulNBits nodes made, constant MatMuls left in float,
-    {"q4_1": n, "q8_0": n} weights whose GGUF blocks were kept exactly)."""
+    {kind: n} weights whose GGUF blocks were kept exactly, for every gguf_blocks.KINDS)."""
     import onnx
 
     from .fuse_matmuls import fuse_shared_input_matmuls, pack_qkv_into_attention
-    from .gguf_blocks import PREFIX, encode_exact_blocks
+    from .gguf_blocks import KINDS, PREFIX, encode_exact_blocks
 
     MatMulNBitsQuantizer = _quantizer_class()
     model = onnx.load(str(path))
     _constant_weights_to_initializers(model)
     fuse_shared_input_matmuls(model, EXCLUDE_PREFIXES)  # q|k|v and gate|up: fewer, larger kernels
     pack_qkv_into_attention(model)  # GroupQueryAttention reads q|k|v packed: no Split
-    exact = {"q4_1": 0, "q8_0": 0}
+    exact = dict.fromkeys(KINDS, 0)
     if scheme.exact_blocks:
         exact = encode_exact_blocks(model, EXCLUDE_PREFIXES, scheme.accuracy_level)
     keep = EXCLUDE_PREFIXES + (PREFIX,)  # the gates, and the exact blocks' own small float products

@@ -55,6 +55,9 @@ class ExitScores:
     check_cost: float = 0.0
     domain: np.ndarray | None = None  # (N,) index into `domains` (per-domain reports), optional
     domains: tuple[str, ...] = ()
+    # (N,) the full model's own top-1 token at each position, optional: an int8/int4 export
+    # compares its quantized model against it instead of running the fp32 model again
+    full_top1: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.confidence = np.asarray(self.confidence, dtype=np.float64)
@@ -70,6 +73,10 @@ class ExitScores:
             self.domain = np.asarray(self.domain, dtype=np.int16)
             if self.domain.shape != self.sequence.shape:
                 raise ValueError(f"domain must have one entry per token, got {self.domain.shape}")
+        if self.full_top1 is not None:
+            self.full_top1 = np.asarray(self.full_top1, dtype=np.int64)
+            if self.full_top1.shape != self.sequence.shape:
+                raise ValueError(f"full_top1 must have one entry per token, got {self.full_top1.shape}")
         if len(self.exit_layers) != self.confidence.shape[1]:
             raise ValueError(f"{len(self.exit_layers)} exit layers for {self.confidence.shape[1]} exits")
         bad = ~np.isfinite(self.confidence)
@@ -111,7 +118,8 @@ class ExitScores:
                             exit_layers=np.asarray(self.exit_layers), num_layers=self.num_layers,
                             check_cost=self.check_cost,
                             **({} if self.domain is None else {"domain": self.domain,
-                                                               "domains": np.asarray(self.domains, dtype=str)}))
+                                                               "domains": np.asarray(self.domains, dtype=str)}),
+                            **({} if self.full_top1 is None else {"full_top1": self.full_top1}))
 
     @classmethod
     def load(cls, path) -> "ExitScores":
@@ -119,12 +127,14 @@ class ExitScores:
             return cls(z["confidence"], z["agree"], z["sequence"], [int(x) for x in z["exit_layers"]],
                        int(z["num_layers"]), float(z["check_cost"]),
                        z["domain"] if "domain" in z else None,
-                       tuple(str(d) for d in z["domains"]) if "domains" in z else ())
+                       tuple(str(d) for d in z["domains"]) if "domains" in z else (),
+                       z["full_top1"] if "full_top1" in z else None)
 
     def subset(self, mask: np.ndarray) -> "ExitScores":
         return ExitScores(self.confidence[mask], self.agree[mask], self.sequence[mask],
                           list(self.exit_layers), self.num_layers, self.check_cost,
-                          None if self.domain is None else self.domain[mask], self.domains)
+                          None if self.domain is None else self.domain[mask], self.domains,
+                          None if self.full_top1 is None else self.full_top1[mask])
 
     def domain_mask(self, name: str) -> np.ndarray:
         """(N,) True for the tokens of domain `name`."""

@@ -216,9 +216,10 @@ def exit_scores(backbone: Backbone, heads: ExitHeads, features: Features, kind: 
     rows = features.active
     conf = np.zeros((len(rows), len(heads.exits)), dtype=np.float32)
     agree = np.zeros((len(rows), len(heads.exits)), dtype=bool)
+    full_top1 = features.teacher_top1(rows).astype(np.int64)
     for s in range(0, len(rows), chunk):
         r = rows[s:s + chunk]
-        full = torch.from_numpy(features.teacher_top1(r).astype(np.int64)).to(dev)
+        full = torch.from_numpy(full_top1[s:s + chunk]).to(dev)
         for k in range(len(heads.exits)):
             tok, score = confidence(heads.logits(k, features.hidden(k, r, dev)), kind)
             conf[s:s + chunk, k] = score.cpu().numpy()
@@ -226,7 +227,8 @@ def exit_scores(backbone: Backbone, heads: ExitHeads, features: Features, kind: 
     backbone.model.to("cpu")
     heads.to("cpu")
     return ExitScores(conf, agree, features.sequence[rows], list(heads.exits), backbone.shape.num_layers,
-                      check_cost(backbone, heads, kind), np.asarray(features.domain[rows]), features.domains)
+                      check_cost(backbone, heads, kind), np.asarray(features.domain[rows]), features.domains,
+                      full_top1)
 
 
 @torch.no_grad()

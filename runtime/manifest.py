@@ -243,7 +243,7 @@ class QuantizationInfo:
     float_matmuls: tuple[str, ...] = ()  # weight MatMuls deliberately left in float (exit gates)
     calibration: dict = field(default_factory=dict)  # what the thresholds were calibrated on, and the
     # quantized model's own agreement with the fp32 one
-    exact_blocks: dict = field(default_factory=dict)  # {"q4_1": n, "q8_0": n}: weights whose GGUF blocks
+    exact_blocks: dict = field(default_factory=dict)  # {"q4_1": n, "q8_0": n, ...}: weights whose GGUF blocks
     # were kept exactly instead of re-quantized (optional, added in schema 2)
 
 

@@ -60,7 +60,7 @@ def test_q8_0_blocks_are_kept_and_the_rest_is_8_bit(gemma_int8):
     assert q.bits == 8 and q.accuracy_level == 4
     assert q8_0_blocks(bb.model.lm_head.weight.detach().numpy().T) is not None
     # the LM head in the last segment and in the exit head graph, packed q|k|v in every layer
-    assert q.exact_blocks == {"q4_1": 0, "q8_0": 2 + bb.shape.num_layers}
+    assert {k: v for k, v in q.exact_blocks.items() if v} == {"q8_0": 2 + bb.shape.num_layers}
     assert not q.float_matmuls
 
 

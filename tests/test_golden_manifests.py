@@ -75,7 +75,7 @@ def test_schema3_one_copy_of_each_fact_checksummed_tokenizer_and_quantization():
     assert "kv_layout" not in raw and all("threshold" not in (s["exit"] or {}) for s in raw["segments"])
     assert all(len(f.sha256) == 64 and f.size > 0 for f in m.tokenizer.files)
     assert m.precision == "int4" and m.quantization.bits == 4 and m.quantization.block_size == 32
-    assert m.quantization.exact_blocks == {"q4_1": 0, "q8_0": 0} and m.quantization.graphs[0] == "segment_00.onnx"
+    assert not any(m.quantization.exact_blocks.values()) and m.quantization.graphs[0] == "segment_00.onnx"
     assert m.calibration.policy["kind"] == "budget" and m.calibration.policy["kv_policy"] == "fill"
     assert m.segments[-1].engine["tensorrt_version"] == "10.13.0"
     assert Manifest.from_dict(json.loads(m.to_json())) == m  # what the exporter writes reads back the same

@@ -150,7 +150,20 @@ def test_quantized_thresholds_come_from_quantized_scores(tmp_path, monkeypatch):
     recipe = Recipe(name="tiny", source=ModelSource(str(model_dir)), exits=[1, 2, 3], train=cfg)
     ckpt = api.train(recipe, out=tmp_path / "ck", data=[text], backbone=bb, target=0.9)
     assert read_config(ckpt).train["data"] == [str(text.resolve())]  # the export redraws the same windows
+    # lama train stores the fp32 model's held-out top-1: what a fresh fp32 pass gives, position by position
+    from exporter.train import cache_features
+
+    stored = read_scores(ckpt, "heldout").full_top1
+    windows = Checkpoint.open(ckpt).splits(bb.tokenizer, [text])["heldout"]
+    fresh = cache_features(bb, windows, [1], desc="fp32")
+    np.testing.assert_array_equal(stored, fresh.teacher_top1(fresh.active))
+    # a checkpoint whose stored top-1 does not fit (e.g. trained before it was stored): one fp32 pass
+    np.testing.assert_array_equal(qc.fp32_heldout_top1(bb, Checkpoint.open(ckpt), windows, 1, stored.size + 1), stored)
+    passes = []  # so the export compares against it without running the fp32 model again
+    real = qc.cache_features
+    monkeypatch.setattr(qc, "cache_features", lambda bb, w, ex, desc="": passes.append(desc) or real(bb, w, ex, desc=desc))
     folder = api.export(ckpt, out=tmp_path / "int4", precision="int4", backbone=bb)
+    assert len(passes) == 2 and not any("fp32" in d for d in passes), passes  # the quantized calib + held-out
     m = Manifest.load(folder)
     rec = m.quantization.calibration
     fp32 = read_scores(ckpt, "calibration")
@@ -183,13 +196,15 @@ def test_bad_quantization_requests(tmp_path):
 
 @pytest.mark.parametrize("level", [0, 4])
 def test_gguf_blocks_are_kept_exactly(tmp_path, level):
-    """Weights holding Q4_1 (d*q + m) or Q8_0 (d*q) blocks become MatMulNBits that multiply by
-    exactly those values (Q4_1's offsets as a float block-sum product); the PyTorch twin gives
-    the same numbers at either accuracy level; a weight without such blocks is re-quantized."""
+    """Weights holding GGUF blocks become MatMulNBits that multiply by exactly those values:
+    Q4_1 (d*q + m) and Q4_K (the same on levels that need not reach 0 and 15) as 4 bits plus a
+    float block-sum product for the offsets; Q8_0 (d*q), Q5_0 (d*(q-16)) and Q6_K (one scale per
+    16 inputs) as 8 bits. The PyTorch twin gives the same numbers at either accuracy level; a
+    weight without such blocks is re-quantized."""
     from onnx import TensorProto, helper, numpy_helper
     import onnxruntime as ort
 
-    from exporter.gguf_blocks import exact_twin, q4_1_blocks, q8_0_blocks
+    from exporter.gguf_blocks import detect, exact_twin, q4_1_blocks, q8_0_blocks
 
     rng = np.random.default_rng(1)
     k, n = 96, 40
@@ -201,24 +216,36 @@ def test_gguf_blocks_are_kept_exactly(tmp_path, level):
     q8 = rng.integers(-127, 128, (n, k // 32, 32))
     q8[..., 0] = 127
     w80 = (d * q8).reshape(n, k).T.astype(np.float32)
+    q4k = rng.integers(2, 13, (n, k // 32, 32))  # Q4_K: levels 2..12 only, so min/max are not 0/15
+    q4k[..., 0], q4k[..., 1] = 2, 3  # two neighbouring levels: the smallest gap is one step
+    w4k = (d * q4k + m).reshape(n, k).T.astype(np.float32)
+    q50 = rng.integers(0, 32, (n, k // 32, 32)) - 16  # Q5_0: d * (q - 16)
+    w50 = (d * q50).reshape(n, k).T.astype(np.float32)
+    q6 = rng.integers(0, 64, (n, k // 16, 16)) - 32  # Q6_K: a scale per 16 inputs
+    d16 = rng.uniform(0.001, 0.01, (n, k // 16, 1)).astype(np.float32)
+    w6k = (d16 * q6).reshape(n, k).T.astype(np.float32)
     other = rng.normal(size=(k, n)).astype(np.float32)
     assert q4_1_blocks(w41) is not None and q8_0_blocks(w80) is not None
     assert q4_1_blocks(other) is None and q8_0_blocks(other) is None
+    assert [detect(w)[0] for w in (w41, w80, w4k, w50, w6k)] == ["q4_1", "q8_0", "q4_k", "int8_32", "int8_16"]
+    assert detect(other) is None
     x = rng.normal(size=(2, 3, k)).astype(np.float32)
-    names = ["a", "b", "c"]
+    weights = (w41, w80, w4k, w50, w6k, other)
+    names = ["a", "b", "d", "e", "f", "c"]
     # separate inputs: products of one input would be fused first (tested apart)
     g = helper.make_graph([helper.make_node("MatMul", [f"x{i}", f"W{i}"], [f"y{i}"], name=f"/mm{i}") for i in names],
                           "g", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [None, None, k]) for i in names],
                           [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [None, None, n]) for i in names],
-                          [numpy_helper.from_array(w, f"W{i}") for i, w in zip(names, (w41, w80, other))])
+                          [numpy_helper.from_array(w, f"W{i}") for i, w in zip(names, weights)])
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     made, left, exact = quantize_graph(path, Scheme(4, 32, True, level, exact_blocks=True))
-    assert (made, left, exact) == (3, [], {"q4_1": 1, "q8_0": 1})
+    assert (made, left, exact) == (6, [], {"q4_1": 1, "q4_k": 1, "q8_0": 1, "int8_32": 1, "int8_16": 1})
     ops = [nd.op_type for nd in onnx.load(str(path)).graph.node]
     assert "AveragePool" in ops and "ReduceSum" not in ops  # rank 3 known: one pool, no 0/1 MatMul
-    ya, yb, yc = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {f"x{i}": x for i in names})
-    for y, w in ((ya, w41), (yb, w80)):
+    ya, yb, yd, ye, yf, yc = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {f"x{i}": x for i in names})
+    for y, w in ((ya, w41), (yb, w80), (yd, w4k), (ye, w50), (yf, w6k)):
         lin = torch.nn.Linear(k, n, bias=False)
         lin.weight.data = torch.from_numpy(np.ascontiguousarray(w.T))
         assert exact_twin(lin, level) is not None

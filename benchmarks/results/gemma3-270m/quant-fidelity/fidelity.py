@@ -2,31 +2,22 @@
 export calibrates on), on the recipe's held-out windows, for several int4/int8 variants."""
 import copy, json, sys, time
 import numpy as np, torch
-import exact_blocks as exact_patch  # beside this file (the run imported it as exact_patch)
 from benchmarks.llamacpp_fidelity import heldout_windows
 from exporter.quantize import Scheme, fake_quantize
-import exporter.gguf_blocks as gb
 
 n_win = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-variants = sys.argv[2:] or ["int4", "int4-exactall", "int8", "int8-exact"]
+variants = sys.argv[2:] or ["int4", "int8", "int8-exact"]  # int4: the exporter's exact encodings of every GGUF kind
 bb, windows, source, drawn = heldout_windows('gemma3-270m')
 windows = windows[np.linspace(0, len(windows) - 1, n_win).round().astype(int)]
 @torch.no_grad()
 def top1(model):
     return np.concatenate([model(torch.from_numpy(windows[i:i + 4])).logits.argmax(-1).numpy() for i in range(0, len(windows), 4)])
 t = time.time(); ref = top1(bb.model); print('fp32', time.time() - t, flush=True)
-orig = (gb.q4_1_blocks, gb.encode_exact_blocks, gb.exact_twin)
 res = {}
 for v in variants:
-    gb.q4_1_blocks, gb.encode_exact_blocks, gb.exact_twin = orig
-    if v.endswith('exactall'):
-        exact_patch.apply()
     prec = v.split('-')[0]
     scheme = Scheme.for_precision(prec, exact_blocks=('exact' in v) if prec == 'int8' else True)
     q = copy.deepcopy(bb.model); q.float()
-    kinds = {}
-    import exporter.gguf_blocks as g2
-    from torch import nn
     t = time.time(); n = fake_quantize([q], scheme); tq = time.time() - t
     t = time.time(); top = top1(q)
     res[v] = {"agreement": float((top == ref).mean()), "tokens": int(ref.size)}
