@@ -118,7 +118,6 @@ def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str], dict]:
     {kind: n} weights whose GGUF blocks were kept exactly, for every gguf_blocks.KINDS)."""
     import onnx
 
-    from .fuse_activations import fuse_silu
     from .fuse_matmuls import fuse_shared_input_matmuls, pack_qkv_into_attention
     from .gguf_blocks import KINDS, PREFIX, encode_exact_blocks
 
@@ -127,7 +126,6 @@ def quantize_graph(path: Path, scheme: Scheme) -> tuple[int, list[str], dict]:
     _constant_weights_to_initializers(model)
     fuse_shared_input_matmuls(model, EXCLUDE_PREFIXES)  # q|k|v and gate|up: fewer, larger kernels
     pack_qkv_into_attention(model)  # GroupQueryAttention reads q|k|v packed: no Split
-    fuse_silu(model)  # Sigmoid + Mul -> QuickGelu: one node fewer per MLP, the same numbers
     exact = dict.fromkeys(KINDS, 0)
     if scheme.exact_blocks:
         exact = encode_exact_blocks(model, EXCLUDE_PREFIXES, scheme.accuracy_level)

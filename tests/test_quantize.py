@@ -128,8 +128,6 @@ def test_quantized_chain_equals_the_whole_quantized_graph(int4_export, tmp_path)
     q = Manifest.load(folder).quantization
     made, _, _ = quantize_graph(path, Scheme(q.bits, q.block_size, q.symmetric, q.accuracy_level))
     assert made == 4 * bb.shape.num_layers + 1  # q|k|v, o, gate|up, down per layer; the LM head
-    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-    assert ops.count("QuickGelu") == bb.shape.num_layers and "Sigmoid" not in ops  # SiLU in one node
     rt = Runtime.load(folder)
     prompt = rt.encode(PROMPT).tolist()
     chain = list(rt.generate(prompt, 24, thresholds="never", stop_at_eos=False).tokens)
