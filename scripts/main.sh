@@ -27,18 +27,14 @@ if [ -n "${LAMA_DATA:-}" ]; then DATA=(--data "$LAMA_DATA"); fi
 # SmolLM2 run, benchmarks/results/smollm2-135m/results.md, the int4 chain decoded at 3.1x
 # optimum/onnxruntime and the fp32 chain at 1.3x; the export also calibrates on the quantized
 # model), fp32 where an NVIDIA GPU is present. LAMA_PRECISION=fp32|fp16|int8|int4 overrides.
-# Gemma 3 270M ships as Q4_K_M (Q5_0, Q4_K, Q6_K and Q8_0 blocks): int4 keeps only its Q8_0 blocks
-# and re-quantizes the rest, which loses most of the model, so on a CPU it exports 8-bit weights
-# with its Q8_0 blocks kept exactly (benchmarks/results/gemma3-270m/quant-fidelity/); its attention
-# has sliding windows, so the export picks the concat KV layout by itself.
-GEMMA_INT8=
+# A GGUF's own blocks stay exact in the int4 graphs (Gemma 3 270M's Q4_K_M: Q4_K in 4 bits, Q5_0,
+# Q6_K and Q8_0 in 8 bits, benchmarks/results/gemma3-270m/quant-fidelity/); Gemma's sliding-window
+# attention makes the export pick the concat KV layout by itself.
 if [ -z "${LAMA_PRECISION:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then LAMA_PRECISION=fp32
-  elif [ "$(basename "$MODEL")" = gemma3-270m ]; then LAMA_PRECISION=int8; GEMMA_INT8=1
   else LAMA_PRECISION=int4; fi
 fi
 EXPORT=(--precision "$LAMA_PRECISION")
-[ -n "$GEMMA_INT8" ] && EXPORT+=(--exact-blocks)
 echo "export precision: $LAMA_PRECISION"
 T0=$SECONDS
 lama train "$MODEL" --out "$RUN/ckpt" "${DATA[@]}"
