@@ -48,6 +48,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
 
     from .backbone import load_backbone
     from .cache import cache_features
+    from .ngram import table_from_features
     from .data import default_data_dir, make_splits, read_docs, window_hashes
     from .train import check_exits, default_exits, resolve_device, score_split
 
@@ -83,6 +84,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
                            keep_final=cfg.targets == "full", device=device, desc="caching train hidden states")
     cache_s = time.perf_counter() - t0
     heads, gates, rep, before, after = fit(bb, exits, feats, cfg, device)
+    ngram = table_from_features(feats)  # exact decoding's draft table: the model's own top-1 after each context
     split_feats = {name: cache_features(bb, splits[split], exits, topk=cfg.topk, folder=cache_root / split,
                                         dtype="float32", keep_final=False, device=device,
                                         desc=f"caching {split} hidden states")
@@ -129,7 +131,7 @@ def train(model: str | Recipe, *, out: str | Path, data: list[str | Path] | None
                "exit_min_share": min_share,
                "agreement_before": np.round(before, 4).tolist(), "agreement_after": np.round(after, 4).tolist()},
     )
-    return save_checkpoint(out, config, heads, scores, gates, overwrite=overwrite)
+    return save_checkpoint(out, config, heads, scores, gates, overwrite=overwrite, ngram=ngram)
 
 
 def fit(bb, exits: list[int], feats, cfg: TrainConfig, device):

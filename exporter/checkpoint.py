@@ -5,6 +5,7 @@ A folder:
                               calibration reports, training report
     heads.safetensors         only the trained head weights (the backbone stays where it came from)
     gates.safetensors         exit gates, if trained
+    ngram.npz                 the n-gram draft table for exact decoding (exporter/ngram.py)
     calibration_scores.npz    per-token exit confidences/agreement on calibration text
     heldout_scores.npz        the same on held-out text, for honest reports
     *_scores_gate.npz         the same with the gates' scores as confidence
@@ -38,6 +39,7 @@ VERSION = 1
 CONFIG = "lama.json"
 HEADS = "heads.safetensors"
 GATES = "gates.safetensors"
+NGRAM = "ngram.npz"  # the n-gram draft table (exporter/ngram.py), if `lama train` made one
 SPLITS = ("calibration", "heldout")
 
 
@@ -93,7 +95,7 @@ class CheckpointConfig:
 def owned(name: str) -> bool:
     """Whether a file name in a checkpoint folder is one this format writes (lama.json, weights,
     score files); anything else (reports/, notes) belongs to whoever put it there."""
-    return (name in (CONFIG, CONFIG + ".tmp", HEADS, GATES)
+    return (name in (CONFIG, CONFIG + ".tmp", HEADS, GATES, NGRAM)
             or any(name.startswith(f"{s}_scores") and name.endswith(".npz") for s in SPLITS))
 
 
@@ -120,8 +122,10 @@ def check_replaceable(out: str | Path, overwrite: bool = False) -> None:
 
 
 def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, scores: dict[str, ExitScores] | None = None,
-                    gates=None, *, overwrite: bool = False, keep_others: bool = False) -> Path:
-    """Write heads (+ gates) and score files ({file name from scores_file(): ExitScores}).
+                    gates=None, *, overwrite: bool = False, keep_others: bool = False,
+                    ngram: dict | None = None) -> Path:
+    """Write heads (+ gates), score files ({file name from scores_file(): ExitScores}) and the
+    n-gram draft table (exporter/ngram.py; a rewrite in place without one keeps the old table).
 
     An existing `out` is replaced only if it is a LAMA checkpoint or empty, unless `overwrite`
     (check_replaceable). keep_others: a rewrite of the checkpoint in place (pruning) carries
@@ -135,10 +139,14 @@ def save_checkpoint(out: str | Path, config: CheckpointConfig, heads, scores: di
             save_file({k: v.detach().contiguous() for k, v in gates.state_dict().items()}, tmp / GATES)
         for name, s in (scores or {}).items():
             s.save(tmp / name)
+        if ngram is not None:
+            from .ngram import save_table
+
+            save_table(ngram, tmp / NGRAM)
         (tmp / CONFIG).write_text(config.to_json())
         if keep_others and out.is_dir():
             for old in out.iterdir():
-                if not owned(old.name) and not (tmp / old.name).exists():
+                if (not owned(old.name) or old.name == NGRAM) and not (tmp / old.name).exists():
                     _copy(old, tmp / old.name)
     return out
 

@@ -155,6 +155,20 @@ def _eos_ids(tokenizer, model, family=None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def _copy_ngram(checkpoint: Path, folder: Path) -> DataFile | None:
+    """The checkpoint's n-gram draft table (exporter/ngram.py), copied into the export; None for
+    a checkpoint trained before `lama train` made one."""
+    import shutil
+
+    from .checkpoint import NGRAM
+
+    src = Path(checkpoint) / NGRAM
+    if not src.is_file():
+        return None
+    shutil.copyfile(src, folder / NGRAM)
+    return DataFile(NGRAM, sha256(folder / NGRAM), (folder / NGRAM).stat().st_size)
+
+
 def _tokenizer_info(tokenizer, folder: Path, model=None, family=None) -> TokenizerInfo:
     from runtime.chat import TEMPLATE_FILE
 
@@ -320,6 +334,7 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
             specs.append(SegmentSpec(index=i, layers=tuple(layers), file=path.name, inputs=tuple(inputs),
                                      outputs=tuple(outputs), exit=ex, kv_fill=fill, **_file_facts(path)))
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
+        ngram = _copy_ngram(checkpoint.path, tmp)
         quant_info = None
         if scheme is not None:
             quantized = [q for q in quantized if q is not None]
@@ -344,7 +359,7 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
                                            DEFAULT_MAX_PENDING if max_pending is None else int(max_pending))}},
             kv_cache=kv_info,
             heads=tuple(head_specs),
-            exporter_version=EXPORTER_VERSION, quantization=quant_info)
+            exporter_version=EXPORTER_VERSION, quantization=quant_info, ngram=ngram)
         if backend == "tensorrt":
             from .tensorrt_build import build_engines
 

@@ -184,8 +184,10 @@ def _generation_args() -> argparse.ArgumentParser:
                    "distribution, and for a --seed plain sampling's tokens); tokens appear once verified. Drafted "
                    "tokens are verified several per call (multi-token decoding)")
     g.add_argument("--drafts", nargs="+", default=None, metavar="SOURCE",
-                   help="with --exact: draft sources to use (default: every one the export holds; 'lookup' = "
-                        "n-gram matches in the prompt and the text so far; 'none' = one token per call)")
+                   help="with --exact: draft sources to use, tried in order (default: every one the export "
+                        "holds; 'lookup' = n-gram matches in the prompt and the text so far; 'ngram' = the table "
+                        "of what the model itself predicts after each short context, made by lama train; "
+                        "'none' = one token per call)")
     g.add_argument("--draft-tokens", type=int, default=6, help="with --exact: most tokens drafted per call")
     g.add_argument("--draft-cost", type=float, default=0.05,
                    help="with --exact: one drafted position's cost as a share of a one-token call on this device "

@@ -113,7 +113,7 @@ def start(rt: "Runtime", prompt, max_new_tokens: int, options: dict) -> Stream:
     if isinstance(draft_cost, bool) or not isinstance(draft_cost, (int, float)) or not 0 <= draft_cost < 10:
         raise ValueError(f"draft_cost (one drafted position's cost, as a share of a one-token call) must be a "
                          f"number in [0, 10), got {draft_cost!r}")
-    drafters = make_drafters(drafts) if exact else []
+    drafters = make_drafters(drafts, getattr(rt, "draft_sources", None)) if exact else []
     online = options.pop("online_check", False)
     if online is not False and online is not None:
         if exact:

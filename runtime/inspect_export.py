@@ -96,6 +96,8 @@ def describe(folder: str | Path) -> dict:
                       "eos_ids": list(m.tokenizer.eos_ids),
                       "chat_template": template.origin if template else None,
                       **({"chat_template_error": template_error} if template_error else {})},
+        "draft_sources": ["lookup"] + (["ngram"] if m.ngram is not None else []),
+        "ngram": {"file": m.ngram.file, "size": m.ngram.size} if m.ngram is not None else None,
         "backends": backends_here(),
     }
 
@@ -163,7 +165,10 @@ def render(info: dict) -> str:
     tok = info["tokenizer"]
     chat = tok["chat_template"] or tok.get("chat_template_error") or "none (lama chat needs --chat-template)"
     out += ["", f"tokenizer: {', '.join(tok['files'])}; bos {tok['bos_id']}, eos {tok['eos_ids']}",
-            f"chat template: {chat}", "", "backends here:"]
+            f"chat template: {chat}",
+            "exact decoding's draft sources: " + ", ".join(info["draft_sources"])
+            + (f" (n-gram table {info['ngram']['file']}, {_mb(info['ngram']['size'])})" if info["ngram"] else ""),
+            "", "backends here:"]
     for name, b in info["backends"].items():
         if b["available"]:
             extra = f" {b['version']}, providers: {', '.join(b['providers'])}" if "providers" in b else ""

@@ -259,6 +259,9 @@ class Manifest:
     kv_cache: KVCacheInfo = field(default_factory=KVCacheInfo)
     exporter_version: str = ""
     quantization: QuantizationInfo | None = None
+    # the n-gram draft table for exact decoding (runtime/drafting.NgramTable; `ngram.npz`), optional:
+    # exports of checkpoints trained before `lama train` made one have none
+    ngram: DataFile | None = None
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
 
@@ -322,7 +325,8 @@ class Manifest:
                 calibration=CalibrationInfo(**{**cal, "thresholds": tuple(cal["thresholds"])}),
                 precision=d["precision"], dims=d["dims"], heads=heads,
                 kv_cache=KVCacheInfo(**d["kv_cache"]) if "kv_cache" in d else KVCacheInfo(),
-                exporter_version=d.get("exporter_version", ""), quantization=quant, format=d["format"],
+                exporter_version=d.get("exporter_version", ""), quantization=quant,
+                ngram=DataFile(**d["ngram"]) if d.get("ngram") else None, format=d["format"],
                 schema_version=v)
         except (KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -367,6 +371,9 @@ class Manifest:
             raise ValueError(f"tokenizer.files must list tokenizer.json (the tokenizer the runtime reads), "
                              f"got {sorted(names)}")
         v.one_of(self.precision, "precision", PRECISIONS)
+        if self.ngram is not None:
+            v.file_name(self.ngram.file, "ngram.file")
+            self._check_file(self.ngram, "ngram")
         graphs = [(f"segments[{k}]", s) for k, s in enumerate(self.segments)]
         graphs += [(f"heads[{k}]", h) for k, h in enumerate(self.heads)]
         graphs += [(f"segments[{k}].kv_fill", s.kv_fill) for k, s in enumerate(self.segments) if s.kv_fill]

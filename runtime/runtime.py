@@ -105,6 +105,15 @@ class Runtime(Chain):
         self.tokenizer = tokenizer
         self.thresholds = manifest.calibration.thresholds
         self.kept: KeptSequence | None = None  # the last sequence's KV cache, for reuse_cache / chat
+        # draft sources the export holds beyond prompt lookup (exact decoding), by name
+        self.draft_sources: dict = {}
+        if manifest.ngram is not None:
+            from .drafting import NgramTable
+
+            try:
+                self.draft_sources["ngram"] = NgramTable.load(folder / manifest.ngram.file)
+            except (OSError, ValueError, KeyError) as e:
+                raise ManifestError(f"{folder}: n-gram draft table {manifest.ngram.file} cannot be read: {e}") from None
         self._chat_template: ChatTemplate | None = None  # read from the export on first use
 
     @classmethod

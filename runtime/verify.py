@@ -31,6 +31,9 @@ def verify_files(folder: Path, manifest: Manifest, checksums: bool = True) -> No
         files += [(what, graph.file, graph.sha256, graph.size)]
         files += [(f"{what}: its weights file {d.file}", d.file, d.sha256, d.size) for d in graph.data_files]
     files += [(f"tokenizer file {f.file}", f.file, f.sha256, f.size) for f in manifest.tokenizer.files]
+    if manifest.ngram is not None:
+        files.append((f"n-gram draft table {manifest.ngram.file}", manifest.ngram.file, manifest.ngram.sha256,
+                      manifest.ngram.size))
     for name, file, digest, size in files:
         path = folder / file
         if not path.is_file():

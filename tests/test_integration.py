@@ -72,5 +72,26 @@ def test_real_model_exact_mode_equals_full_greedy(stories, max_pending):
         for th in (0.9, 0.8, [0.0] * 4, [0.3] * 4, [inf, 0.0, inf, 0.5]):
             res = rt.generate(prompt, 40, thresholds=th, stop_at_eos=False, exact=True)
             assert res.tokens == full.tokens, (prompt, th)
-            if th == [0.0] * 4:
-                assert res.work()["rollbacks"] >= 10
+            if th == [0.0] * 4:  # exits as the only drafts (a step with table/lookup drafts runs them deep)
+                alone = rt.generate(prompt, 40, thresholds=th, stop_at_eos=False, exact=True, drafts="none")
+                assert alone.tokens == full.tokens and alone.work()["rollbacks"] >= 10
+
+
+def test_real_model_ngram_drafts_are_exact_and_accepted(stories):
+    """`lama train` leaves the model's own n-gram table in the checkpoint, the export carries it
+    (checked like every file), and exact decoding drafts from it: the full model's tokens, with
+    drafts accepted (stories260K's own continuations repeat its training stories' phrases)."""
+    from exporter.checkpoint import NGRAM
+
+    ckpt, folder = stories
+    assert (ckpt / NGRAM).is_file() and (folder / NGRAM).is_file()
+    rt = Runtime.load(folder)
+    assert rt.manifest.ngram.file == NGRAM and "ngram" in rt.draft_sources
+    prompt = "Once upon a time, there was a little dog"
+    full = rt.generate(prompt, 40, thresholds="never", stop_at_eos=False)
+    res = rt.generate(prompt, 40, thresholds="never", stop_at_eos=False, exact=True, drafts="ngram")
+    assert res.tokens == full.tokens
+    src = res.drafts()["sources"]["ngram"]
+    assert src["drafted"] > 0 and src["accepted"] > 0
+    both = rt.generate(prompt, 40, stop_at_eos=False, exact=True)  # every source: lookup, then the table
+    assert both.tokens == full.tokens
