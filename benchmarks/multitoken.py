@@ -39,6 +39,16 @@ from benchmarks.timing import paired_rounds, ratio_interval
 ARMS = {"full path": dict(thresholds="never"),
         "exact + drafts, exits off": dict(thresholds="never", exact=True),
         "exact + drafts + exits": dict(exact=True)}
+LOOKUP_ONLY = {"exact + lookup only, exits off": dict(thresholds="never", exact=True, drafts="lookup")}
+
+
+def arms_for(rt) -> dict:
+    """ARMS, plus lookup alone where the export holds other draft sources (their gain, same run)."""
+    return {**ARMS, **(LOOKUP_ONLY if getattr(rt, "draft_sources", None) else {})}
+
+
+def sources_of(rt) -> list[str]:
+    return ["lookup"] + sorted(getattr(rt, "draft_sources", {}))
 
 
 def draft_positions(records, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +100,7 @@ def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_t
 
     out, mismatches, gaps = {}, 0, []
     for domain, ps in tqdm(prompts.items(), desc="acceptance", unit="domain"):
-        drafted, accepted = np.zeros(64, int), np.zeros(64, int)
+        per_source = {src: (np.zeros(64, int), np.zeros(64, int)) for src in sources_of(rt)}
         tokens = steps = 0
         for p in ps:
             full = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False)
@@ -100,14 +110,18 @@ def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_t
                 mismatches += 1
                 i = next(k for k, (x, y) in enumerate(zip(res.tokens, full.tokens)) if x != y)
                 gaps.append(top2_gap(_logits_after(rt, list(p) + list(full.tokens[:i]), len(p))))
-            d, a = draft_positions(res.records, "lookup")
-            drafted, accepted = drafted + d, accepted + a
+            for src, (drafted, accepted) in per_source.items():
+                d, a = draft_positions(res.records, src)
+                drafted += d
+                accepted += a
             tokens += len(res.tokens)
             steps += res.drafts()["steps"]
-        k = int(np.max(np.flatnonzero(drafted), initial=-1)) + 1
         out[domain] = {"prompts": len(ps), "tokens": tokens, "steps": steps, "tokens_per_step": tokens / steps,
-                       "drafted": int(drafted.sum()), "accepted": int(accepted.sum()),
-                       "drafted_at": drafted[:k].tolist(), "accepted_at": accepted[:k].tolist()}
+                       "sources": {}}
+        for src, (drafted, accepted) in per_source.items():
+            k = int(np.max(np.flatnonzero(drafted), initial=-1)) + 1
+            out[domain]["sources"][src] = {"drafted": int(drafted.sum()), "accepted": int(accepted.sum()),
+                                           "drafted_at": drafted[:k].tolist(), "accepted_at": accepted[:k].tolist()}
     firsts = [q[0] for q in prompts.values()]
     return {"domains": out, "outputs": sum(len(v) for v in prompts.values()), "mismatches": int(mismatches),
             "mismatch_top2_gaps": gaps, "batching_noise": batching_noise(rt, firsts)}
@@ -140,7 +154,7 @@ def one_pass(rt, prompts, new_tokens: int, options: dict) -> tuple[float, list]:
 
 
 def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_tokens: int) -> dict:
-    arms = {k: dict(v, **({"draft_tokens": draft_tokens} if v.get("exact") else {})) for k, v in ARMS.items()}
+    arms = {k: dict(v, **({"draft_tokens": draft_tokens} if v.get("exact") else {})) for k, v in arms_for(rt).items()}
     names = list(arms)
     for n in names:  # warm-up, not timed
         one_pass(rt, prompts[:1], new_tokens, arms[n])
@@ -181,13 +195,15 @@ def markdown(res: dict) -> str:
     lines = [f"# Exact multi-token decoding: {s['export']}", "",
              f"Held-out windows of every domain, {s['prompt_tokens']}-token prompts, {s['new_tokens']} greedy tokens, "
              f"at most {s['draft_tokens']} drafted per call, {s['threads']} thread(s). Command: `{res['command']}`", "",
-             "## Acceptance of prompt-lookup drafts (exits off)", "",
+             "## Acceptance of drafts, every source the export holds (exits off)", "",
              _exactness(res["acceptance"]), "",
-             "| domain | prompts | tokens per step | drafted | accepted | acceptance by draft position 1, 2, ... |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| domain | prompts | tokens per step | source | drafted | accepted | acceptance by draft position 1, 2, ... |",
+             "|---|---:|---:|---|---:|---:|---|"]
     for dom, a in res["acceptance"]["domains"].items():
-        per = " ".join(f"{x / y:.2f}" if y else "-" for x, y in zip(a["accepted_at"], a["drafted_at"]))
-        lines.append(f"| {dom} | {a['prompts']} | {a['tokens_per_step']:.2f} | {a['drafted']} | {a['accepted']} | {per} |")
+        for src, b in a["sources"].items():
+            per = " ".join(f"{x / y:.2f}" if y else "-" for x, y in zip(b["accepted_at"], b["drafted_at"]))
+            lines.append(f"| {dom} | {a['prompts']} | {a['tokens_per_step']:.2f} | {src} | {b['drafted']} | "
+                         f"{b['accepted']} | {per} |")
     cc = res.get("call_cost")
     if cc:
         lines += ["", f"## Cost of one whole-chain call over S positions (after {cc['past']} positions; median)", "",

@@ -77,7 +77,8 @@ def cmd_export(a: argparse.Namespace) -> None:
         c = q.calibration
         print(f"{q.bits}-bit weights (blocks of {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}, "
               f"accuracy level {q.accuracy_level}): {q.quantized_matmuls} MatMulNBits in {len(q.graphs)} graphs"
-              + (f"; GGUF blocks kept exactly: {q.exact_blocks}" if any(q.exact_blocks.values()) else ""))
+              + ("; GGUF blocks kept exactly: " + ", ".join(f"{n} {k}" for k, n in q.exact_blocks.items() if n)
+                 if any(q.exact_blocks.values()) else ""))
         if "teacher_forced_agreement_vs_fp32" in c:
             print(f"quantized full model vs fp32: teacher-forced top-1 agreement "
                   f"{c['teacher_forced_agreement_vs_fp32']:.4f} on {c['teacher_forced_tokens']} held-out tokens, "
