@@ -130,6 +130,8 @@ SECTIONS = [
     ("Exact decoding with lookup and the n-gram table, same run (SmolLM2-135M int4)",
      "smollm2-135m/multitoken-ngram/multitoken.md",
      "How the export got its table, and the reading: [multitoken-ngram/README.md](results/smollm2-135m/multitoken-ngram/README.md)."),
+    ("Exact multi-token decoding on Gemma 3 270M int4 (prompt lookup)", "gemma3-270m/multitoken/multitoken.md",
+     "Reading: [gemma3-270m/README.md](results/gemma3-270m/README.md)."),
     ("Is a position computed the same in a multi-position call? (why int4 exact decoding is not bit-exact)",
      "smollm2-135m/shape-invariance/shape_invariance.md", None),
     ("One decode step op by op: our graphs and onnxruntime-genai's (SmolLM2-135M int4)",
