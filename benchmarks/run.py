@@ -137,7 +137,11 @@ def benchmark(args) -> dict:
     export_dir = Path(args.export) if args.export else work / "onnx"
     info = {"machine": machine_info(), "versions": main_versions()}
     train_s = ensure_checkpoint(args.model, ckpt, args.data)
-    export_s = ensure_export(ckpt, export_dir)
+    # an export given with --export keeps its own precision (it was re-exported as fp32 before,
+    # silently replacing an int4 export the user had pointed at); one made here is fp32
+    given = Path(args.export) / "manifest.json" if args.export else None
+    precision = json.loads(given.read_text()).get("precision", "fp32") if given and given.is_file() else "fp32"
+    export_s = ensure_export(ckpt, export_dir, precision)
     checkpoint = Checkpoint.open(ckpt)  # its scores are those the thresholds apply to (head or gate)
     config = checkpoint.config
     cfg = config.train["config"]  # the TrainConfig fields training used
@@ -320,7 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="results folder (default: benchmarks/results/<model>)")
     p.add_argument("--work", help="checkpoint/export/optimum folder (default: runs/bench/<model>)")
     p.add_argument("--ckpt", help="existing checkpoint (default: <work>/ckpt, trained when missing)")
-    p.add_argument("--export", help="per-segment export (default: <work>/onnx, exported when missing or stale)")
+    p.add_argument("--export", help="per-segment export for rows c/d (default: <work>/onnx, exported as fp32 when missing; "
+                   "an existing export keeps its precision, and is exported again only when the heads changed)")
     p.add_argument("--data", nargs="+", help="training text (default: ../shared/data, as `lama train`)")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt (default 32)")
