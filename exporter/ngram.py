@@ -17,7 +17,6 @@ import numpy as np
 
 from runtime.drafting import NGRAM_BASE, ngram_keys
 
-FILE = "ngram.npz"
 ORDERS = (3, 2, 1)
 
 

@@ -111,7 +111,7 @@ class Runtime(Chain):
             from .drafting import NgramTable
 
             try:
-                self.draft_sources["ngram"] = NgramTable.load(folder / manifest.ngram.file)
+                self.draft_sources["ngram"] = NgramTable.load(folder / manifest.ngram.file, manifest.model.vocab_size)
             except (OSError, ValueError, KeyError) as e:
                 raise ManifestError(f"{folder}: n-gram draft table {manifest.ngram.file} cannot be read: {e}") from None
         self._chat_template: ChatTemplate | None = None  # read from the export on first use

@@ -39,6 +39,9 @@ def test_table_file_roundtrip_and_refusals(tmp_path):
     np.savez(tmp_path / "bad.npz", keys_2=np.array([5, 3]), tokens_2=np.array([1, 1]))
     with pytest.raises(ValueError, match="malformed"):
         NgramTable.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "big.npz", keys_1=np.array([1, 2]), tokens_1=np.array([3, 70]))
+    with pytest.raises(ValueError, match="outside"):
+        NgramTable.load(tmp_path / "big.npz", vocab_size=64)
 
 
 def test_export_carries_and_checks_the_table(tmp_path):
