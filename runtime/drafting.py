@@ -89,19 +89,31 @@ class NgramTable:
 
     @classmethod
     def load(cls, path, vocab_size: int | None = None) -> "NgramTable":
+        """The table an export ships (`ngram.npz`); ValueError naming the file if it is malformed."""
         with np.load(path) as z:
-            orders = sorted({int(k.split("_")[1]) for k in z.files if k.startswith("keys_")}, reverse=True)
-            tables = {n: (z[f"keys_{n}"].astype(np.int64), z[f"tokens_{n}"].astype(np.int64)) for n in orders}
+            arrays = {k: z[k] for k in z.files}
+        try:
+            return cls.from_arrays(arrays, vocab_size)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, vocab_size: int | None = None) -> "NgramTable":
+        """From exporter/ngram.build_table's arrays (`keys_N`, `tokens_N` per order N), checked:
+        keys strictly increasing, one token each, every token inside the vocabulary."""
+        orders = sorted({int(k.split("_")[1]) for k in arrays if k.startswith("keys_")}, reverse=True)
+        tables = {n: (np.asarray(arrays[f"keys_{n}"], dtype=np.int64), np.asarray(arrays[f"tokens_{n}"], dtype=np.int64))
+                  for n in orders}
         for n, (keys, toks) in tables.items():
             if keys.ndim != 1 or keys.shape != toks.shape or (len(keys) > 1 and np.any(np.diff(keys) <= 0)):
-                raise ValueError(f"{path}: n-gram table of order {n} is malformed (keys must be 1-D, strictly "
+                raise ValueError(f"n-gram table of order {n} is malformed (keys must be 1-D, strictly "
                                  "increasing, one token each)")
         if not tables:
-            raise ValueError(f"{path}: no n-gram table inside (expected keys_N / tokens_N arrays)")
+            raise ValueError("no n-gram table inside (expected keys_N / tokens_N arrays)")
         bad = [n for n, (_, toks) in tables.items()
                if len(toks) and (toks.min() < 0 or (vocab_size is not None and toks.max() >= vocab_size))]
         if bad:  # a drafted id outside the vocabulary would fail deep inside onnxruntime's Gather
-            raise ValueError(f"{path}: n-gram table of order {bad[0]} drafts token ids outside [0, {vocab_size})")
+            raise ValueError(f"n-gram table of order {bad[0]} drafts token ids outside [0, {vocab_size})")
         return cls(tables)
 
     def propose(self, history: list[int] | np.ndarray, k: int) -> list[int]:

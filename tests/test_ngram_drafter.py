@@ -14,7 +14,7 @@ def test_table_keeps_each_contexts_most_frequent_prediction_within_windows():
     tokens = np.array([1, 2, 3, 4, 1, 2, 1, 2, 3])
     top1 = np.array([5, 7, 9, 6, 5, 7, 5, 8, 9])
     t = build_table(sequence, tokens, top1, orders=(2, 1), min_count=2)
-    table = NgramTable({2: (t["keys_2"], t["tokens_2"].astype(np.int64)), 1: (t["keys_1"], t["tokens_1"].astype(np.int64))})
+    table = NgramTable.from_arrays(t)
     assert table.propose([1, 2], 1) == [7]  # 2 of 3
     assert table.propose([9, 1], 1) == [5]  # order 1: after "1" the model said 5 three times
     assert table.propose([2, 3], 1) == [9]  # "2 3" seen twice (-> 9 both times)
