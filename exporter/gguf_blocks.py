@@ -140,6 +140,7 @@ def _multiples(b: np.ndarray) -> np.ndarray | None:
 
 
 KINDS = ("q4_1", "q4_k", "q8_0", "int8_32", "int8_16")  # the manifest's exact_blocks counts, in test order
+FOUR_BIT = ("q4_1", "q4_k")  # kinds encoded as 4 bits + float offsets; the others are 8-bit multiples
 
 
 def detect(w: np.ndarray):
@@ -252,7 +253,7 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
             out_nodes.append(node)
             continue
         kind, enc = found
-        if kind in ("q4_1", "q4_k"):
+        if kind in FOUR_BIT:
             d, m, q = enc
             ins = nbits(x, name, _pack4(q), d)  # default zero point 8: d * (q - 8)
             part = name + "_scaled"
@@ -300,7 +301,7 @@ def exact_twin(linear, accuracy_level: int = 4) -> str | None:
     if found is None:
         return None
     kind, enc = found
-    if kind not in ("q4_1", "q4_k"):  # 8-bit: the weight as it is; the kernel rounds x per block
+    if kind not in FOUR_BIT:  # 8-bit: the weight as it is; the kernel rounds x per block
         if accuracy_level == 4:
             linear.register_forward_pre_hook(int8_activations(enc[2]))
         return kind

@@ -232,6 +232,34 @@ def chain_accept(drafts: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.cumprod(drafts == truth, axis=1).astype(bool)
 
 
+def verify_points(ids: np.ndarray, plen: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, truth) in a greedy continuation of a `plen`-token prompt: every t where x_{t+1}
+    was generated and the K tokens after it are known, and those K tokens (what drafts must equal)."""
+    starts = np.arange(plen - 1, len(ids) - K - 1)
+    return starts, np.stack([ids[t + 2:t + 2 + K] for t in starts])
+
+
+def drafts_at(propose, ids: np.ndarray, starts: np.ndarray, K: int) -> np.ndarray:
+    """(len(starts), K): what `propose(history, K)` drafts after each start, -1 past its end."""
+    out = np.full((len(starts), K), -1)
+    for r, t in enumerate(starts):
+        d = propose(ids[: t + 2], K)
+        out[r, : len(d)] = d
+    return out
+
+
+def acceptance_rows(per_domain: dict, mean: dict, sources, K: int, label: str = "drafter") -> list[str]:
+    """The markdown table of acceptance per draft position, per domain and source, with the
+    tokens per call drafting 1..K positions would give before cost."""
+    rows = [f"| domain | {label} | " + " | ".join(f"pos {s + 1}" for s in range(K)) + " | tokens/call, K=1..K |",
+            "|---|---|" + "---:|" * (K + 1)]
+    for dom, v in list(per_domain.items()) + [("mean", mean)]:
+        for k in sources:
+            tpc = " / ".join(f"{1 + sum(v[k][:j + 1]):.2f}" for j in range(K))
+            rows.append(f"| {dom} | {k} | " + " | ".join(f"{x:.3f}" for x in v[k]) + f" | {tpc} |")
+    return rows
+
+
 def main(argv=None) -> int:
     from exporter.api import resolve_recipe
     from exporter.backbone import load_backbone
@@ -287,14 +315,9 @@ def main(argv=None) -> int:
     for dom, seqs in conts.items():
         acc = {"eagle": [], "lookup": []}
         for ids, feats, plen in seqs:
-            starts = np.arange(plen - 1, len(ids) - K - 1)  # t: x_{t+1} generated, K more known
-            truth = np.stack([ids[t + 2:t + 2 + K] for t in starts])
+            starts, truth = verify_points(ids, plen, K)
             acc["eagle"].append(chain_accept(eagle_drafts(drafter, embed, short_ids, ids, feats, starts, K), truth))
-            lk = np.full((len(starts), K), -1)
-            for r, t in enumerate(starts):
-                d = lookup.propose(ids[: t + 2], K)
-                lk[r, : len(d)] = d
-            acc["lookup"].append(chain_accept(lk, truth))
+            acc["lookup"].append(chain_accept(drafts_at(lookup.propose, ids, starts, K), truth))
             cover.append(np.isin(ids[plen:], short_ids.numpy()).mean())
         per_domain[dom] = {k: np.concatenate(v).mean(0).round(4).tolist() for k, v in acc.items()}
     macs_draft = 2 * D * D + D * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (D // cfg.num_attention_heads) \
@@ -309,12 +332,7 @@ def main(argv=None) -> int:
         "acceptance_by_position": per_domain,
         "mean": {k: np.mean([v[k] for v in per_domain.values()], 0).round(4).tolist() for k in ("eagle", "lookup")},
     }
-    rows = ["| domain | drafter | " + " | ".join(f"pos {s + 1}" for s in range(K)) + " | tokens/call, K=1..K |",
-            "|---|---|" + "---:|" * (K + 1)]
-    for dom, v in list(per_domain.items()) + [("mean", result["mean"])]:
-        for k in ("eagle", "lookup"):
-            tpc = " / ".join(f"{1 + sum(v[k][:j + 1]):.2f}" for j in range(K))
-            rows.append(f"| {dom} | {k} | " + " | ".join(f"{x:.3f}" for x in v[k]) + f" | {tpc} |")
+    rows = acceptance_rows(per_domain, result["mean"], ("eagle", "lookup"), K)
     md = [f"# EAGLE-style drafter vs prompt lookup: {a.model}, greedy continuations of held-out prompts", "",
           f"`{result['command']}`", "",
           f"Trained on {result['train_tokens']:,} cached tokens ({a.epochs} epochs, {result['train_minutes']} min; "

@@ -37,9 +37,9 @@ def continuations(export: Path, prompts: dict, new_tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.studies.eagle_study import chain_accept
+    from benchmarks.studies.eagle_study import acceptance_rows, chain_accept, drafts_at, verify_points
     from exporter.data import default_data_dir, heldout_prompts
-    from exporter.ngram import ORDERS, build_table
+    from exporter.ngram import build_table
     from runtime.drafting import NgramTable, PromptLookup
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -57,38 +57,27 @@ def main(argv=None) -> int:
     arrays = build_table(np.load(a.train_cache / "sequence.npy"), tokens,
                          np.load(a.train_cache / "top_idx.npy", mmap_mode="r")[:, 0], min_count=a.min_count)
     build_s = time.time() - t0
-    table = NgramTable({n: (arrays[f"keys_{n}"], arrays[f"tokens_{n}"].astype(np.int64)) for n in ORDERS})
+    table = NgramTable.from_arrays(arrays)
     prompts = heldout_prompts(a.export, [default_data_dir()], a.per_domain, a.prompt_tokens)
     conts = continuations(a.export, prompts, a.new_tokens)
     lookup, K = PromptLookup(), a.drafts
-    sources = ("lookup", "ngram", "lookup, else ngram")
+    proposers = {"lookup": lookup.propose, "ngram": table.propose,
+                 # both, in the runtime's order (drafting.SOURCES): the table where lookup finds nothing
+                 "lookup, else ngram": lambda h, k: lookup.propose(h, k) or table.propose(h, k)}
+    sources = tuple(proposers)
     per_domain = {}
     for dom, seqs in conts.items():
         acc = {s: [] for s in sources}
         for ids, plen in seqs:
-            starts = np.arange(plen - 1, len(ids) - K - 1)
-            truth = np.stack([ids[t + 2:t + 2 + K] for t in starts])
-            d = {s: np.full((len(starts), K), -1) for s in sources}
-            for r, t in enumerate(starts):
-                hist = ids[: t + 2].tolist()
-                lk, ng = lookup.propose(hist, K), table.propose(hist, K)
-                d["lookup"][r, :len(lk)] = lk
-                d["ngram"][r, :len(ng)] = ng
-                both = lk or ng
-                d["lookup, else ngram"][r, :len(both)] = both
-            for s in sources:
-                acc[s].append(chain_accept(d[s], truth))
+            starts, truth = verify_points(ids, plen, K)
+            for s, propose in proposers.items():
+                acc[s].append(chain_accept(drafts_at(propose, ids, starts, K), truth))
         per_domain[dom] = {s: np.concatenate(v).mean(0).round(4).tolist() for s, v in acc.items()}
     mean = {s: np.mean([v[s] for v in per_domain.values()], 0).round(4).tolist() for s in sources}
     res = {"command": command_line("benchmarks.studies.ngram_drafter", argv), "train_tokens": int(tokens.size),
            "table_entries": {n: len(k) for n, (k, _) in table.tables.items()}, "build_seconds": round(build_s, 1),
            "min_count": a.min_count, "drafts": K, "acceptance_by_position": per_domain, "mean": mean}
-    rows = ["| domain | source | " + " | ".join(f"pos {s + 1}" for s in range(K)) + " | tokens/call, K=1..K |",
-            "|---|---|" + "---:|" * (K + 1)]
-    for dom, v in list(per_domain.items()) + [("mean", mean)]:
-        for s in sources:
-            tpc = " / ".join(f"{1 + sum(v[s][:j + 1]):.2f}" for j in range(K))
-            rows.append(f"| {dom} | {s} | " + " | ".join(f"{x:.3f}" for x in v[s]) + f" | {tpc} |")
+    rows = acceptance_rows(per_domain, mean, sources, K, label="source")
     md = [f"# A self-distilled n-gram drafter vs prompt lookup, greedy continuations of held-out prompts", "",
           f"`{res['command']}`", "",
           f"Table from {res['train_tokens']:,} cached training tokens (the model's own top-1 after each 3/2/1-token "
