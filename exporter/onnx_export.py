@@ -25,6 +25,7 @@ from runtime.verify import sha256
 from .checkpoint import Checkpoint
 from .folders import replacing_folder
 from .gguf_blocks import KINDS
+from .grouped_attention import grouped_attention_in, row_invariant
 from .onnx_files import needs_external_data, save_graph
 from .segments import HeadGraph, KVFill, Segment, io_specs, segment_bounds
 
@@ -309,30 +310,31 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
                 head_specs.append(GraphSpec(file=path.name, inputs=tuple(h_in), outputs=tuple(h_out),
                                             **_file_facts(path)))
         bounds = segment_bounds(config.exits, shape.num_layers)
-        for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
-            seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates, kv=kv_info.layout,
-                          capacity=kv_info.capacity).eval()
-            path = tmp / f"segment_{i:02d}.onnx"
-            inputs, outputs = io_specs(seg, dname)
-            inputs = export_graph(seg, inputs, outputs, path, precision, shape.vocab_size)
-            quantized.append(_quantize(path, scheme))
-            if gate_switch and seg.gated:  # after quantizing: the gate's float MatMuls are final
-                from .gate_switch import switch_segment_file
+        with grouped_attention_in(bb.model) as groups_traced:  # concat: a position's row is the same in any call
+            for i, layers in enumerate(tqdm(bounds, desc="exporting segments", unit="segment")):
+                seg = Segment(bb, heads, i, layers, config.confidence, with_logits, gates, kv=kv_info.layout,
+                              capacity=kv_info.capacity).eval()
+                path = tmp / f"segment_{i:02d}.onnx"
+                inputs, outputs = io_specs(seg, dname)
+                inputs = export_graph(seg, inputs, outputs, path, precision, shape.vocab_size)
+                quantized.append(_quantize(path, scheme))
+                if gate_switch and seg.gated:  # after quantizing: the gate's float MatMuls are final
+                    from .gate_switch import switch_segment_file
 
-                inputs, _ = switch_segment_file(path, inputs, outputs)
-            ex = None
-            if i < len(config.exits):
-                head = (0 if config.head == "adapter" else i) if gated else None
-                ex = ExitSpec(config.exits[i], config.confidence, head)  # threshold: calibration.thresholds
-            fill = None
-            if i > 0 and bb.family.has_kv_projection():  # K/V of every layer a token leaving before segment i skips
-                kf = KVFill(bb, (layers[0], shape.num_layers)).eval()
-                fpath = tmp / f"kv_fill_{i:02d}.onnx"
-                f_in, f_out = kf.io_specs(dname)
-                f_in = export_graph(kf, f_in, f_out, fpath, precision, shape.vocab_size)
-                fill = GraphSpec(file=fpath.name, inputs=tuple(f_in), outputs=tuple(f_out), **_file_facts(fpath))
-            specs.append(SegmentSpec(index=i, layers=tuple(layers), file=path.name, inputs=tuple(inputs),
-                                     outputs=tuple(outputs), exit=ex, kv_fill=fill, **_file_facts(path)))
+                    inputs, _ = switch_segment_file(path, inputs, outputs)
+                ex = None
+                if i < len(config.exits):
+                    head = (0 if config.head == "adapter" else i) if gated else None
+                    ex = ExitSpec(config.exits[i], config.confidence, head)  # threshold: calibration.thresholds
+                fill = None
+                if i > 0 and bb.family.has_kv_projection():  # K/V of every layer a token leaving before segment i skips
+                    kf = KVFill(bb, (layers[0], shape.num_layers)).eval()
+                    fpath = tmp / f"kv_fill_{i:02d}.onnx"
+                    f_in, f_out = kf.io_specs(dname)
+                    f_in = export_graph(kf, f_in, f_out, fpath, precision, shape.vocab_size)
+                    fill = GraphSpec(file=fpath.name, inputs=tuple(f_in), outputs=tuple(f_out), **_file_facts(fpath))
+                specs.append(SegmentSpec(index=i, layers=tuple(layers), file=path.name, inputs=tuple(inputs),
+                                         outputs=tuple(outputs), exit=ex, kv_fill=fill, **_file_facts(path)))
         tok = _tokenizer_info(bb.tokenizer, tmp, bb.model, bb.family)
         ngram = _copy_ngram(checkpoint.path, tmp)
         quant_info = None
@@ -359,13 +361,23 @@ def export(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: s
                                            DEFAULT_MAX_PENDING if max_pending is None else int(max_pending))}},
             kv_cache=kv_info,
             heads=tuple(head_specs),
-            exporter_version=EXPORTER_VERSION, quantization=quant_info, ngram=ngram)
+            exporter_version=EXPORTER_VERSION, quantization=quant_info, ngram=ngram,
+            row_invariant=_row_invariant(backend, precision, scheme, groups_traced, shape.num_layers))
         if backend == "tensorrt":
             from .tensorrt_build import build_engines
 
             manifest = build_engines(tmp, manifest, workspace_gb=workspace_gb)
         manifest.save(tmp)
     return out
+
+
+def _row_invariant(backend: str, precision: str, scheme, groups_traced: list[int], layers: int) -> bool:
+    """The manifest's `row_invariant`: grouped attention in every layer (concat layout), run by
+    onnxruntime, whose kernels were checked row by row (benchmarks/studies/shape_invariance.py):
+    float32 MatMul and MatMulNBits at accuracy level 4 compute a row alike in any call; level 0
+    (float activations) does not, and fp16 and TensorRT were not checked."""
+    quantized_ok = scheme is None or scheme.accuracy_level == 4
+    return backend == "onnx" and precision != "fp16" and quantized_ok and row_invariant(groups_traced, layers)
 
 
 # the quantization record of an export without exits (exits=False): nothing to recalibrate

@@ -98,6 +98,7 @@ def describe(folder: str | Path) -> dict:
                       **({"chat_template_error": template_error} if template_error else {})},
         "draft_sources": ["lookup"] + (["ngram"] if m.ngram is not None else []),
         "ngram": {"file": m.ngram.file, "size": m.ngram.size} if m.ngram is not None else None,
+        "row_invariant": m.row_invariant,
         "backends": backends_here(),
     }
 
@@ -168,6 +169,10 @@ def render(info: dict) -> str:
             f"chat template: {chat}",
             "exact decoding's draft sources: " + ", ".join(info["draft_sources"])
             + (f" (n-gram table {info['ngram']['file']}, {_mb(info['ngram']['size'])})" if info["ngram"] else ""),
+            "exact decoding gives the full path's tokens " + (
+                "bit for bit (row-invariant graphs: a position computes alike in any call)" if info["row_invariant"]
+                else "up to rounding: a verification call can round a position differently from a one-position "
+                     "call, which can flip near-ties (int8/int4 most; export with --kv concat for bit-exact)"),
             "", "backends here:"]
     for name, b in info["backends"].items():
         if b["available"]:

@@ -262,6 +262,10 @@ class Manifest:
     # the n-gram draft table for exact decoding (runtime/drafting.NgramTable; `ngram.npz`), optional:
     # exports of checkpoints trained before `lama train` made one have none
     ngram: DataFile | None = None
+    # every graph computes a position the same way whatever the call's shape (concat layout with
+    # grouped attention, exporter/grouped_attention.py): exact decoding then gives the full path's
+    # tokens bit for bit, int4 too. Optional (3); absent = False
+    row_invariant: bool = False
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
 
@@ -326,7 +330,8 @@ class Manifest:
                 precision=d["precision"], dims=d["dims"], heads=heads,
                 kv_cache=KVCacheInfo(**d["kv_cache"]) if "kv_cache" in d else KVCacheInfo(),
                 exporter_version=d.get("exporter_version", ""), quantization=quant,
-                ngram=DataFile(**d["ngram"]) if d.get("ngram") else None, format=d["format"],
+                ngram=DataFile(**d["ngram"]) if d.get("ngram") else None,
+                row_invariant=d.get("row_invariant", False), format=d["format"],
                 schema_version=v)
         except (KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -371,6 +376,11 @@ class Manifest:
             raise ValueError(f"tokenizer.files must list tokenizer.json (the tokenizer the runtime reads), "
                              f"got {sorted(names)}")
         v.one_of(self.precision, "precision", PRECISIONS)
+        if not isinstance(self.row_invariant, bool):
+            raise TypeError(f"row_invariant must be true or false, got {self.row_invariant!r}")
+        if self.row_invariant and self.kv_cache.layout != "concat":
+            raise ValueError("row_invariant is only true for the concat KV layout (GroupQueryAttention's "
+                             "one-position calls round differently)")
         if self.ngram is not None:
             v.file_name(self.ngram.file, "ngram.file")
             self._check_file(self.ngram, "ngram")

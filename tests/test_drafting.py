@@ -115,7 +115,8 @@ def assert_kept_cache_is_full_models(rt, sequence: list[int]) -> None:
         assert a.length == b.length
         for x, y in zip(a.keys + a.values, b.keys + b.values):
             x, y = np.asarray(x)[:, :, :a.length], np.asarray(y)[:, :, :b.length]
-            assert np.abs(x - y).max() < 1e-4
+            # bit for bit where the export says a position computes alike in any call
+            assert np.abs(x - y).max() <= (0.0 if rt.manifest.row_invariant else 1e-4)
 
 
 @pytest.mark.parametrize("layout", ["concat", "buffer", "plain"])
