@@ -2,7 +2,7 @@
 
     python -m benchmarks.multitoken EXPORT [--data ../shared/data] [--per-domain 8]
         [--prompt-tokens 128] [--new-tokens 32] [--rounds 15] [--timed-per-domain 2]
-        [--threads 2] [--draft-tokens 6] [--out DIR]
+        [--threads 2] [--draft-tokens 6] [--versus EXPORT] [--out DIR]
 
 Prompts are windows of the held-out share of every domain's text (exporter/data.py: the
 part of each document that training and calibration never draw from). Two parts:
@@ -153,13 +153,24 @@ def one_pass(rt, prompts, new_tokens: int, options: dict) -> tuple[float, list]:
     return sum(len(r.tokens) for r in results) / (time.perf_counter() - t0), results
 
 
-def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_tokens: int) -> dict:
-    arms = {k: dict(v, **({"draft_tokens": draft_tokens} if v.get("exact") else {})) for k, v in arms_for(rt).items()}
+VERSUS = {"full path": dict(thresholds="never"), "exact + drafts, exits off": dict(thresholds="never", exact=True)}
+
+
+def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_tokens: int, versus=None) -> dict:
+    """Paired rounds of every arm; `versus` (another export's Runtime, e.g. the same checkpoint in
+    another KV layout) adds its full path and exact decoding to the same rounds, as rows "versus: ..."."""
+    def with_drafts(v):
+        return dict(v, **({"draft_tokens": draft_tokens} if v.get("exact") else {}))
+
+    arms = {k: (rt, with_drafts(v)) for k, v in arms_for(rt).items()}
+    if versus is not None:
+        arms.update({f"versus: {k}": (versus, with_drafts(v)) for k, v in VERSUS.items()})
     names = list(arms)
     for n in names:  # warm-up, not timed
-        one_pass(rt, prompts[:1], new_tokens, arms[n])
+        one_pass(arms[n][0], prompts[:1], new_tokens, arms[n][1])
     load_start = os.getloadavg()
-    tps, passes = paired_rounds({n: (lambda n=n: one_pass(rt, prompts, new_tokens, arms[n])) for n in names}, rounds)
+    tps, passes = paired_rounds({n: (lambda n=n: one_pass(arms[n][0], prompts, new_tokens, arms[n][1]))
+                                 for n in names}, rounds)
     last = {n: passes[n][1] for n in names}  # each arm's results in the last round
     base = names[0]
     same = {n: [a.tokens == b.tokens for a, b in zip(last[base], last[n])] for n in names}
@@ -168,7 +179,12 @@ def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_toke
         ratios = [y / x for x, y in zip(tps[base], tps[n])]
         d = [r.drafts() for r in last[n]]
         steps = sum(x["steps"] for x in d)
-        rows[n] = {"tokens_per_second": float(np.median(tps[n])),
+        if versus is not None:
+            other = [y / x for x, y in zip(tps["versus: full path"], tps[n])]
+            extra = {"vs_versus_full": float(np.median(other)), "vs_versus_full_ci95": ratio_interval(other)}
+        else:
+            extra = {}
+        rows[n] = {**extra, "tokens_per_second": float(np.median(tps[n])),
                    "spread": float((max(tps[n]) - min(tps[n])) / 2 / np.median(tps[n])),
                    "vs_full": float(np.median(ratios)), "vs_full_ci95": ratio_interval(ratios),
                    "tokens_per_step": sum(len(r.tokens) for r in last[n]) / steps if steps else None,
@@ -176,6 +192,7 @@ def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_toke
                    "layer_positions_per_token": float(np.mean([r.work()["per_token"] for r in last[n]])),
                    "passes": tps[n]}
     return {"rows": rows, "rounds": rounds, "prompts": len(prompts),
+            "versus": str(versus.folder) if versus is not None else None,
             "load_average": {"start": load_start, "end": os.getloadavg()}}
 
 
@@ -215,14 +232,21 @@ def markdown(res: dict) -> str:
         la = sp["load_average"]
         lines += ["", f"## Speed: {sp['rounds']} paired rounds over {sp['prompts']} prompts "
                       f"(load average {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end)", "",
-                  "| row | tokens/s (median) | spread | vs full path [95% CI] | tokens per step | same tokens as full | layer-positions per token |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| row | tokens/s (median) | spread | vs full path [95% CI] | tokens per step | same tokens as full | layer-positions per token |"
+                  + (" vs versus: full path [95% CI] |" if sp.get("versus") else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if sp.get("versus") else "")]
+
+        def ratio(r, key):
+            ci = r[key + "_ci95"]
+            return f"{r[key]:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
         for n, r in sp["rows"].items():
-            ci = r["vs_full_ci95"]
-            ci_s = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
             tps = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else "1.00"
-            lines.append(f"| {n} | {r['tokens_per_second']:.1f} | ±{r['spread']:.0%} | {r['vs_full']:.2f}x{ci_s} | "
-                         f"{tps} | {r['same_tokens_as_full']} | {r['layer_positions_per_token']:.1f} |")
+            lines.append(f"| {n} | {r['tokens_per_second']:.1f} | ±{r['spread']:.0%} | {ratio(r, 'vs_full')} | "
+                         f"{tps} | {r['same_tokens_as_full']} | {r['layer_positions_per_token']:.1f} |"
+                         + (f" {ratio(r, 'vs_versus_full')} |" if sp.get("versus") else ""))
+        if sp.get("versus"):
+            lines += ["", f"versus: `{sp['versus']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -237,10 +261,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15, help="timed paired rounds (0: acceptance only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--draft-tokens", type=int, default=6)
+    p.add_argument("--versus", type=Path, help="another export (e.g. the same checkpoint in another KV layout): "
+                   "its full path and exact decoding join the timed rounds")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    if not (a.export / "manifest.json").is_file():
-        p.error(f"{a.export} is not an export folder (no manifest.json)")
+    for folder in [a.export] + ([a.versus] if a.versus else []):
+        if not (folder / "manifest.json").is_file():
+            p.error(f"{folder} is not an export folder (no manifest.json)")
     if a.rounds and a.rounds < 3:
         p.error("--rounds must be 0 or at least 3 (for an interval)")
     from exporter.data import default_data_dir
@@ -256,7 +283,8 @@ def main(argv=None) -> int:
         first = next(iter(prompts.values()))[0]
         res["call_cost"] = call_cost(rt, first)
         timed = [q for ps in prompts.values() for q in ps[:a.timed_per_domain]]
-        res["speed"] = speed(rt, timed, a.new_tokens, a.rounds, a.draft_tokens)
+        versus = Runtime.load(a.versus, threads=a.threads) if a.versus else None
+        res["speed"] = speed(rt, timed, a.new_tokens, a.rounds, a.draft_tokens, versus)
     md = markdown(res)
     write_report(a.out, "multitoken", res, md)
     return 0
