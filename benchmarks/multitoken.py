@@ -98,7 +98,7 @@ def batching_noise(rt, prompts: list[list[int]], tail: int = 4) -> float:
 def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_tokens: int) -> dict:
     from tqdm.auto import tqdm
 
-    out, mismatches, gaps = {}, 0, []
+    out, mismatches, gaps, vs_padded = {}, 0, [], 0
     for domain, ps in tqdm(prompts.items(), desc="acceptance", unit="domain"):
         per_source = {src: (np.zeros(64, int), np.zeros(64, int)) for src in sources_of(rt)}
         tokens = steps = 0
@@ -106,6 +106,9 @@ def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_t
             full = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False)
             res = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False, exact=True,
                               draft_tokens=draft_tokens)
+            # the full model with every call over >= 2 positions (KV buffer: padded one-position calls)
+            padded = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False, exact=True, drafts="none")
+            vs_padded += res.tokens != padded.tokens
             if res.tokens != full.tokens:  # where, and how close the full path's own choice was there
                 mismatches += 1
                 i = next(k for k, (x, y) in enumerate(zip(res.tokens, full.tokens)) if x != y)
@@ -124,6 +127,7 @@ def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_t
                                            "drafted_at": drafted[:k].tolist(), "accepted_at": accepted[:k].tolist()}
     firsts = [q[0] for q in prompts.values()]
     return {"domains": out, "outputs": sum(len(v) for v in prompts.values()), "mismatches": int(mismatches),
+            "mismatches_vs_padded": int(vs_padded), "row_invariant": rt.manifest.row_invariant,
             "mismatch_top2_gaps": gaps, "batching_noise": batching_noise(rt, firsts)}
 
 
@@ -198,6 +202,11 @@ def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_toke
 
 def _exactness(a: dict) -> str:
     head = f"Exact outputs that differ from the full path: {a['mismatches']} of {a['outputs']}."
+    if "mismatches_vs_padded" in a:
+        head += (f" From the full path with every call over >= 2 positions (`exact=True, drafts=\"none\"`; "
+                 f"on a KV-buffer export one-position calls carry the position before them): "
+                 f"{a['mismatches_vs_padded']} of {a['outputs']}. Graphs row-invariant (manifest): "
+                 f"{'yes' if a.get('row_invariant') else 'no'}.")
     if not a["mismatches"]:
         return head
     return (head + f" At each first difference the full path's top-2 logit gap was at most "

@@ -333,6 +333,8 @@ def _records(rt: "Runtime", ids: np.ndarray, max_new_tokens: int, reuse: bool,
     kept, rt.kept = rt.kept, None
     reused = kept.reuse_for(ids) if (reuse and kept is not None) else None
     cache, run.cached = reused if reused else (rt.recycle_cache(kept.cache if kept else None), 0)
+    if hasattr(cache, "pad"):  # KV buffer: exact decoding runs no one-position call (runtime/kv_buffer.py)
+        cache.pad = run.exact
     stopping = run.stopping
     history = ids.tolist()  # the sequence so far: the repetition penalty looks at all of it
     consistent = True

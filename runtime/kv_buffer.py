@@ -12,6 +12,16 @@ positions [0, length[j]); the graph is told where that part ends by two small in
 Pending (deferred) positions work exactly as in `KVCache`: this class only replaces how a
 segment's cache is fed and stored. Forgetting positions (`KVCache.truncate`, the same for
 every layout) is only a smaller length here.
+
+Exact decoding sets `pad`: a call over one position then also carries the position before it
+(its input row kept from when it ran; its keys/values are written again, the same bits). Why:
+GroupQueryAttention computes a one-position call on onnxruntime's one-row MatMul path, whose
+sums round differently from the many-row path of a call over several positions, and int4
+graphs' int8 activations turn that into ~0.3 logit, enough to flip near-ties between a drafted
+and an undrafted step. With every call over >= 2 positions, every kernel computes a position's
+row the same way in any call (benchmarks/studies/shape_invariance.py): exact decoding's tokens
+are then the same bits whatever the drafts and exits, at the cost of one more position in the
+calls that had one (about a tenth of such a call on SmolLM2 int4).
 """
 
 from __future__ import annotations
@@ -31,10 +41,37 @@ class ContextTooLong(LamaError, ValueError):
     """The context would not fit the KV buffers."""
 
 
+ROWS_KEPT = 64  # input rows kept per segment for `pad`: more than a rollback or a flush reaches back
+
+
+class _DropFirst(Mapping):
+    """A padded call's outputs: the per-position ones without the extra position in front."""
+
+    __slots__ = ("_out", "_names")
+
+    def __init__(self, out: Mapping, names: frozenset):
+        self._out, self._names = out, names
+
+    def __getitem__(self, name: str):
+        v = self._out[name]
+        return v[:, 1:] if name in self._names else v
+
+    def __contains__(self, name) -> bool:
+        return name in self._out
+
+    def __iter__(self):
+        return iter(self._out)
+
+    def __len__(self) -> int:
+        return len(self._out)
+
+
 @dataclass
 class KVBufferCache(KVCache):
     capacity: int = 0
     bindings: dict = field(default_factory=dict)  # segment index -> the backend's InPlaceBinding
+    pad: bool = False  # one-position calls also carry the position before them (exact decoding; see above)
+    rows: dict = field(default_factory=dict)  # segment index -> {position: its input row}, the last ROWS_KEPT
 
     @classmethod
     def allocate(cls, layers_per_segment: list[int], num_kv_heads: int, head_dim: int, capacity: int,
@@ -67,12 +104,29 @@ class KVBufferCache(KVCache):
                 ins, outs = seg.per_layer(seg.inputs, past), seg.per_layer(seg.outputs, present)
                 pairs += [(i.name, o.name, a) for i, o, a in zip(ins, outs, arrays)]
             binding = self.bindings[j] = backend.bind_inplace(pairs)
-        feeds = seg.feeds({seg.entry_role: x, R.POSITION_IDS: np.arange(st.length, end, dtype=np.int64)[None, :],
+        rows, start = self.rows.setdefault(j, {}), st.length
+        padded = self.pad and x.shape[1] == 1 and start - 1 in rows
+        if padded:  # the position before, again: its row is computed (and its K/V written) as before
+            x, start = np.concatenate([rows[start - 1], x], axis=1), start - 1
+        feeds = seg.feeds({seg.entry_role: x, R.POSITION_IDS: np.arange(start, end, dtype=np.int64)[None, :],
                            R.SEQLENS_K: np.array([end - 1], dtype=np.int32),
                            R.TOTAL_SEQUENCE_LENGTH: np.array(end, dtype=np.int32), **(extra or {})})
         out = backend.run_bound(binding, feeds)
         st.length = end
+        for i in range(x.shape[1]):
+            rows[start + i] = x[:, i:i + 1].copy()
+        if len(rows) > 2 * ROWS_KEPT:
+            self.rows[j] = {p: r for p, r in rows.items() if p >= end - ROWS_KEPT}
+        if padded:
+            per_position = frozenset(t.name for t in seg.outputs if len(t.shape) > 1 and t.shape[1] == "sequence")
+            return _DropFirst(out, per_position)
         return out
+
+    def truncate(self, position: int) -> None:
+        super().truncate(position)
+        for j, rows in self.rows.items():  # rows from `position` on belong to tokens now forgotten
+            if any(p >= position for p in rows):
+                self.rows[j] = {p: r for p, r in rows.items() if p < position}
 
     def store(self, j: int, keys, values) -> None:
         raise RuntimeError("KVBufferCache is written in place by the graphs; use run(), not store()")

@@ -1,8 +1,10 @@
 """Row invariance: a position computes the same logits whether it runs alone or inside a
-verification call of several positions, so exact decoding gives the full path's tokens bit for
-bit (exporter/grouped_attention.py). Exports with the concat KV layout fold the query heads of a
-group into the rows of one product and say so in the manifest (`row_invariant`); the
-GroupQueryAttention layout and one-head-per-group models do not claim it."""
+verification call of several positions, so exact decoding's tokens do not depend on its drafts.
+Exports with the concat KV layout fold the query heads of a group into the rows of one product
+(exporter/grouped_attention.py) and say so in the manifest (`row_invariant`): exact decoding
+equals their one-position full path bit for bit. The KV buffer layout (GroupQueryAttention)
+does not claim it; there exact decoding pads one-position calls (runtime/kv_buffer.py), so its
+tokens are those of the full model with every call over >= 2 positions."""
 
 import numpy as np
 import pytest
@@ -14,12 +16,15 @@ from exporter.grouped_attention import grouped_attention
 from runtime import Runtime
 
 
-def alone_vs_together(folder, prompt_len: int = 40, n: int = 6, seed: int = 1) -> float:
-    """Max |logits| difference at the last of n positions after a prompt: fed one per call vs in one call."""
+def alone_vs_together(folder, prompt_len: int = 40, n: int = 6, seed: int = 1, pad: bool = False) -> float:
+    """Max |logits| difference at the last of n positions after a prompt: fed one per call vs in
+    one call (`pad`: the KV buffer cache's padding of one-position calls, as exact decoding sets it)."""
     rt = Runtime.load(folder)
     never = [float("inf")] * len(rt.manifest.segments)
     ids = np.random.default_rng(seed).integers(3, rt.manifest.model.vocab_size - 3, prompt_len + n)
     cache = rt.new_cache()
+    if pad:
+        cache.pad = True
     rt.step(ids[:prompt_len], cache, never)
     for t in ids[prompt_len:]:
         alone = rt.step(np.array([t]), cache, never, want_logits=True)[3]
@@ -105,3 +110,37 @@ def test_real_model_int4_exact_decoding_is_bit_exact(tmp_path):
         for th in ("never", [0.0] * len(rt.manifest.exits)):
             res = rt.generate(prompt, 48, thresholds=th, stop_at_eos=False, exact=True)
             assert res.tokens == full.tokens, (prompt, th)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_padded_buffer_calls_compute_a_position_alike(tmp_path, precision):
+    """KV buffer layout (GroupQueryAttention): with `pad` (exact decoding), a one-position call
+    also carries the position before it, so every call takes the many-row path and a position's
+    logits are the same bits alone as inside a verification call."""
+    ckpt, bb = make_checkpoint(tmp_path, "llama_hd16")
+    folder = api.export(ckpt, out=tmp_path / "buffer", kv="buffer", kv_capacity=128, precision=precision,
+                        backbone=bb, with_logits=True)
+    assert alone_vs_together(folder, pad=True) == 0.0
+
+
+def test_exact_decoding_on_a_buffer_export_does_not_depend_on_drafts(tmp_path):
+    """Exact decoding's tokens are those of the full model with every call over >= 2 positions
+    (drafts="none"), whatever the drafts and exits; the kept rows follow rollbacks."""
+    from test_drafting import Scripted
+
+    ckpt, bb = make_checkpoint(tmp_path, "llama_hd16")
+    rt = Runtime.load(api.export(ckpt, out=tmp_path / "buffer", kv="buffer", kv_capacity=96, precision="int4",
+                                 backbone=bb))
+    prompt = "It is a truth universally acknowledged"
+    ref = rt.generate(prompt, 40, thresholds="never", stop_at_eos=False, exact=True, drafts="none")
+    assert ref.drafts()["steps"] == 40
+    rng = np.random.default_rng(0)
+    sequence = list(ref.prompt_tokens) + list(ref.tokens)
+    vocab = rt.manifest.model.vocab_size
+    for right in (99, 0, lambda k: int(rng.integers(0, k + 1))):
+        for th in ("never", [0.0] * len(rt.manifest.exits)):
+            res = rt.generate(prompt, 40, thresholds=th, stop_at_eos=False, exact=True,
+                              drafts=[Scripted(sequence, right, vocab)])
+            assert res.tokens == ref.tokens
+    cache = rt.kept.cache
+    assert all(max(rows) < cache.position for rows in cache.rows.values() if rows)
