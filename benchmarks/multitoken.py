@@ -2,7 +2,7 @@
 
     python -m benchmarks.multitoken EXPORT [--data ../shared/data] [--per-domain 8]
         [--prompt-tokens 128] [--new-tokens 32] [--rounds 15] [--timed-per-domain 2]
-        [--threads 2] [--draft-tokens 6] [--versus EXPORT] [--out DIR]
+        [--threads 2] [--draft-tokens 6] [--draft-cost C] [--versus EXPORT [--versus-draft-cost C]] [--out DIR]
 
 Prompts are windows of the held-out share of every domain's text (exporter/data.py: the
 part of each document that training and calibration never draw from). Two parts:
@@ -95,7 +95,8 @@ def batching_noise(rt, prompts: list[list[int]], tail: int = 4) -> float:
     return worst
 
 
-def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_tokens: int) -> dict:
+def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, drafting: dict) -> dict:
+    """`drafting`: generate's draft options for exact decoding (draft_tokens, draft_cost)."""
     from tqdm.auto import tqdm
 
     out, mismatches, gaps, vs_padded = {}, 0, [], 0
@@ -104,8 +105,7 @@ def acceptance(rt, prompts: dict[str, list[list[int]]], new_tokens: int, draft_t
         tokens = steps = 0
         for p in ps:
             full = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False)
-            res = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False, exact=True,
-                              draft_tokens=draft_tokens)
+            res = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False, exact=True, **drafting)
             # the full model with every call over >= 2 positions (KV buffer: padded one-position calls)
             padded = rt.generate(p, new_tokens, thresholds="never", stop_at_eos=False, exact=True, drafts="none")
             vs_padded += res.tokens != padded.tokens
@@ -160,15 +160,17 @@ def one_pass(rt, prompts, new_tokens: int, options: dict) -> tuple[float, list]:
 VERSUS = {"full path": dict(thresholds="never"), "exact + drafts, exits off": dict(thresholds="never", exact=True)}
 
 
-def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, draft_tokens: int, versus=None) -> dict:
+def speed(rt, prompts: list[list[int]], new_tokens: int, rounds: int, drafting: dict, versus=None,
+          versus_drafting: dict | None = None) -> dict:
     """Paired rounds of every arm; `versus` (another export's Runtime, e.g. the same checkpoint in
-    another KV layout) adds its full path and exact decoding to the same rounds, as rows "versus: ..."."""
-    def with_drafts(v):
-        return dict(v, **({"draft_tokens": draft_tokens} if v.get("exact") else {}))
+    another KV layout, or the same export with other draft options `versus_drafting`) adds its full
+    path and exact decoding to the same rounds, as rows "versus: ..."."""
+    def with_drafts(v, options):
+        return dict(v, **(options if v.get("exact") else {}))
 
-    arms = {k: (rt, with_drafts(v)) for k, v in arms_for(rt).items()}
+    arms = {k: (rt, with_drafts(v, drafting)) for k, v in arms_for(rt).items()}
     if versus is not None:
-        arms.update({f"versus: {k}": (versus, with_drafts(v)) for k, v in VERSUS.items()})
+        arms.update({f"versus: {k}": (versus, with_drafts(v, versus_drafting or drafting)) for k, v in VERSUS.items()})
     names = list(arms)
     for n in names:  # warm-up, not timed
         one_pass(arms[n][0], prompts[:1], new_tokens, arms[n][1])
@@ -220,7 +222,9 @@ def markdown(res: dict) -> str:
     s = res["settings"]
     lines = [f"# Exact multi-token decoding: {s['export']}", "",
              f"Held-out windows of every domain, {s['prompt_tokens']}-token prompts, {s['new_tokens']} greedy tokens, "
-             f"at most {s['draft_tokens']} drafted per call, {s['threads']} thread(s). Command: `{res['command']}`", "",
+             f"at most {s['draft_tokens']} drafted per call, draft cost "
+             f"{s['draft_cost'] if s.get('draft_cost') is not None else 'the runtime default'}, {s['threads']} "
+             f"thread(s). Command: `{res['command']}`", "",
              "## Acceptance of drafts, every source the export holds (exits off)", "",
              _exactness(res["acceptance"]), "",
              "| domain | prompts | tokens per step | source | drafted | accepted | acceptance by draft position 1, 2, ... |",
@@ -255,7 +259,8 @@ def markdown(res: dict) -> str:
                          f"{tps} | {r['same_tokens_as_full']} | {r['layer_positions_per_token']:.1f} |"
                          + (f" {ratio(r, 'vs_versus_full')} |" if sp.get("versus") else ""))
         if sp.get("versus"):
-            lines += ["", f"versus: `{sp['versus']}`"]
+            vc = res["settings"].get("versus_draft_cost")
+            lines += ["", f"versus: `{sp['versus']}`" + (f", draft cost {vc}" if vc is not None else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -270,6 +275,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15, help="timed paired rounds (0: acceptance only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--draft-tokens", type=int, default=6)
+    p.add_argument("--draft-cost", type=float, help="a drafted position's cost for the draft-length rule "
+                   "(default: the runtime's)")
+    p.add_argument("--versus-draft-cost", type=float, help="--draft-cost for the --versus rows")
     p.add_argument("--versus", type=Path, help="another export (e.g. the same checkpoint in another KV layout): "
                    "its full path and exact decoding join the timed rounds")
     p.add_argument("--out", type=Path)
@@ -283,17 +291,20 @@ def main(argv=None) -> int:
     from runtime import Runtime
 
     rt = Runtime.load(a.export, threads=a.threads)
+    drafting = {"draft_tokens": a.draft_tokens, **({"draft_cost": a.draft_cost} if a.draft_cost is not None else {})}
     prompts = heldout_prompts(a.export, a.data or [default_data_dir()], a.per_domain, a.prompt_tokens)
     res = {"command": command_line("benchmarks.multitoken", argv),
            "settings": {"export": str(a.export), "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                        "draft_tokens": a.draft_tokens, "threads": a.threads, "precision": rt.manifest.precision},
-           "acceptance": acceptance(rt, prompts, a.new_tokens, a.draft_tokens)}
+                        "draft_tokens": a.draft_tokens, "draft_cost": a.draft_cost, "versus_draft_cost": a.versus_draft_cost,
+                        "threads": a.threads, "precision": rt.manifest.precision},
+           "acceptance": acceptance(rt, prompts, a.new_tokens, drafting)}
     if a.rounds:
         first = next(iter(prompts.values()))[0]
         res["call_cost"] = call_cost(rt, first)
         timed = [q for ps in prompts.values() for q in ps[:a.timed_per_domain]]
         versus = Runtime.load(a.versus, threads=a.threads) if a.versus else None
-        res["speed"] = speed(rt, timed, a.new_tokens, a.rounds, a.draft_tokens, versus)
+        res["speed"] = speed(rt, timed, a.new_tokens, a.rounds, drafting, versus,
+                             {**drafting, "draft_cost": a.versus_draft_cost} if a.versus_draft_cost is not None else None)
     md = markdown(res)
     write_report(a.out, "multitoken", res, md)
     return 0

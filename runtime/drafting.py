@@ -182,10 +182,13 @@ class DraftLengths:
     position i is accepted with probability P_i = q_1 ... q_i, q_j being the rate at which
     position j was accepted when position j-1 was (a Beta(1, 1) prior: 0.5 before any
     evidence). The length kept maximises the expected tokens per unit of time,
-    (1 + sum_{i<=k} P_i) / (1 + cost * k): long drafts where they keep being accepted (code,
-    quoted text), short or none where they do not."""
+    (1 + sum_{i<=k} P_i) / (1 + cost * max(0, k - free)): long drafts where they keep being
+    accepted (code, quoted text), short or none where they do not. `free`: positions the call
+    carries anyway (1 in exact decoding on a KV-buffer export, which pads a one-position call
+    with the position before it: runtime/kv_buffer.py), so a first draft there costs nothing."""
 
     cost: float = 0.05
+    free: int = 0
     drafted: dict[str, list[int]] = field(default_factory=dict)  # source -> positions drafted, by index
     accepted: dict[str, list[int]] = field(default_factory=dict)
 
@@ -208,7 +211,7 @@ class DraftLengths:
             got = a[i] if i < len(a) else 0
             p *= (got + 1) / (reached + 2)
             total += p
-            rate = total / (1 + self.cost * (i + 1))
+            rate = total / (1 + self.cost * max(0, i + 1 - self.free))
             if rate > best_rate:
                 best, best_rate = i + 1, rate
         return best

@@ -335,6 +335,7 @@ def _records(rt: "Runtime", ids: np.ndarray, max_new_tokens: int, reuse: bool,
     cache, run.cached = reused if reused else (rt.recycle_cache(kept.cache if kept else None), 0)
     if hasattr(cache, "pad"):  # KV buffer: exact decoding runs no one-position call (runtime/kv_buffer.py)
         cache.pad = run.exact
+        run.lengths.free = int(run.exact)  # so a first draft rides in the padded position's place
     stopping = run.stopping
     history = ids.tolist()  # the sequence so far: the repetition penalty looks at all of it
     consistent = True

@@ -66,6 +66,10 @@ def test_draft_length_follows_what_drafting_earns():
     assert bad.choose("lookup", 6) == 0
     assert DraftLengths(cost=5.0).choose("x", 6) == 0  # a position dearer than a call never pays
     assert DraftLengths(cost=0.0).choose("x", 6) == 6  # free positions (a GPU): draft all
+    padded = DraftLengths(cost=0.05, free=1)  # exact decoding on a KV buffer pays for one position anyway
+    for _ in range(30):
+        padded.update("lookup", 3, 0)
+    assert padded.choose("lookup", 6) == 1
 
 
 def test_make_drafters_names_and_errors():
