@@ -219,7 +219,8 @@ def _pack4(q: np.ndarray) -> np.ndarray:
 
 def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_level: int = 4) -> dict:
     """Rewrite, in place, every MatMul of `model` whose constant weight holds GGUF blocks of one
-    of KINDS (nodes named with `exclude_prefixes` stay). Returns counts {kind: n} for every kind."""
+    of KINDS, and every embedding Gather whose table holds 8-bit ones (`_exact_gather`); nodes
+    named with `exclude_prefixes` stay. Returns counts {kind: n} for every kind."""
     from onnx import helper, numpy_helper
 
     from .fuse_matmuls import initializers_and_users
@@ -237,6 +238,16 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
         return [x, name + "_B", name + "_scales"]
 
     for node in g.node:
+        if node.op_type == "Gather" and node.input[0] in inits and not node.name.startswith(exclude_prefixes):
+            kind = _exact_gather(node, inits, new_inits, out_nodes)
+            if kind is None:
+                out_nodes.append(node)
+                continue
+            counts[kind] += 1
+            users[node.input[0]] -= 1
+            if users[node.input[0]] == 0:
+                g.initializer.remove(inits.pop(node.input[0]))
+            continue
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w_name not in inits or node.name.startswith(exclude_prefixes) or node.name.startswith(PREFIX):
             out_nodes.append(node)
@@ -283,6 +294,30 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return counts
+
+
+def _exact_gather(node, inits: dict, new_inits: list, out_nodes: list) -> str | None:
+    """An embedding table (a Gather's float (V, D) initializer, rows gathered) holding 8-bit GGUF
+    blocks along D (Q8_0: SmolLM2; Q6_K: Gemma 3 270M) becomes onnxruntime's GatherBlockQuantized
+    over the same bytes: exactly the same rows at a quarter of the float table's size. Appends the
+    node and its initializers; returns the kind, or None (not such a table: the node stays)."""
+    from onnx import helper, numpy_helper
+
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    table = numpy_helper.to_array(inits[node.input[0]])
+    if axis != 0 or table.ndim != 2 or table.dtype != np.float32 or table.shape[0] < 1024:
+        return None
+    found = detect(table.T)  # blocks run along D, as a MatMul weight's along its inputs
+    if found is None or found[0] in FOUR_BIT:  # 4-bit kinds need float offsets, which the op has not
+        return None
+    kind, (d, q, block) = found
+    name = PREFIX + (node.name or node.output[0]).strip("/").replace("/", "_")
+    new_inits.extend([numpy_helper.from_array((q.reshape(table.shape) + 128).astype(np.uint8), name + "_data"),
+                      numpy_helper.from_array(np.ascontiguousarray(d), name + "_scales")])
+    out_nodes.append(helper.make_node("GatherBlockQuantized", [name + "_data", node.input[1], name + "_scales"],
+                                      list(node.output), name=name, domain="com.microsoft", gather_axis=0,
+                                      quantize_axis=1, block_size=block, bits=8))  # zero point: default 128
+    return kind
 
 
 def exact_twin(linear, accuracy_level: int = 4) -> str | None:

@@ -264,6 +264,39 @@ def test_gguf_blocks_are_kept_exactly(tmp_path, level):
     assert np.abs(yc - x @ other).max() > 1e-3  # the plain weight went through 4-bit rounding
 
 
+def test_gguf_embedding_tables_are_gathered_from_their_blocks(tmp_path):
+    """An embedding table holding 8-bit GGUF blocks (here Q6_K-like, a scale per 16) is gathered by
+    GatherBlockQuantized from those bytes: the same rows, bit for bit, at a quarter of the size;
+    a float table, or one too small to be a vocabulary, stays a Gather."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    v, dim = 1024, 96
+    q6 = rng.integers(0, 64, (v, dim // 16, 16)) - 32
+    table = (rng.uniform(0.001, 0.01, (v, dim // 16, 1)).astype(np.float32) * q6).reshape(v, dim).astype(np.float32)
+    other = rng.normal(size=(v, dim)).astype(np.float32)
+    small = table[:64].copy()
+    names = ("table", "other", "small")
+    g = helper.make_graph([helper.make_node("Gather", [t, f"ids_{t}"], [f"y_{t}"], name=f"/embed_{t}") for t in names],
+                          "g", [helper.make_tensor_value_info(f"ids_{t}", TensorProto.INT64, [1, None]) for t in names],
+                          [helper.make_tensor_value_info(f"y_{t}", TensorProto.FLOAT, [1, None, dim])
+                           for t in names],
+                          [numpy_helper.from_array(a, t) for a, t in ((table, "table"), (other, "other"), (small, "small"))])
+    path = tmp_path / "e.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    made, left, exact = quantize_graph(path, Scheme(4, 32, True, 4, exact_blocks=True))
+    assert made == 0 and exact["int8_16"] == 1 and sum(exact.values()) == 1
+    ops = sorted(nd.op_type for nd in onnx.load(str(path)).graph.node)
+    assert ops == ["Gather", "Gather", "GatherBlockQuantized"]
+    x = np.array([[0, 5, 1023, 5, 77]], np.int64)
+    yt, yo, ys = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"ids_table": x, "ids_other": x, "ids_small": x % 64})
+    assert np.array_equal(yt, table[x]) and np.array_equal(yo, other[x]) and np.array_equal(ys, small[x % 64])
+    # 1 byte a value plus a scale per 16 instead of 4 bytes: the floats left, plus under 40% of the table
+    assert path.stat().st_size < other.nbytes + small.nbytes + 0.4 * table.nbytes
+
+
 @pytest.mark.parametrize("rank", [2, 3, None])
 def test_block_sums_at_known_and_unknown_rank(rank):
     """AveragePool at rank 3 (block means: the caller scales the offsets by 32), Reshape +
