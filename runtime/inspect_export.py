@@ -103,6 +103,17 @@ def describe(folder: str | Path) -> dict:
     }
 
 
+def _exactness(info: dict) -> str:
+    """How exact exact decoding is on this export (docs/design.md, "Exactness, bit for bit")."""
+    if info["row_invariant"]:
+        return "bit for bit (row-invariant graphs: a position computes alike in any call)"
+    if info["kv_cache"]["layout"] == "buffer":
+        return ("bit for bit as computed by calls of >= 2 positions (it pads one-position calls); the plain full "
+                "path's one-position calls can round near-ties differently (--kv concat: no difference)")
+    return ("up to rounding: one-position calls can round near-ties differently (export again for grouped attention; "
+            "a model with one query head per key/value head keeps this)")
+
+
 def _policy(p: dict) -> str:
     if p.get("kind") == "budget":
         mu = f", mu {p['mu']:.4g}" if isinstance(p.get("mu"), (int, float)) else ""
@@ -169,10 +180,7 @@ def render(info: dict) -> str:
             f"chat template: {chat}",
             "exact decoding's draft sources: " + ", ".join(info["draft_sources"])
             + (f" (n-gram table {info['ngram']['file']}, {_mb(info['ngram']['size'])})" if info["ngram"] else ""),
-            "exact decoding gives the full path's tokens " + (
-                "bit for bit (row-invariant graphs: a position computes alike in any call)" if info["row_invariant"]
-                else "up to rounding: a verification call can round a position differently from a one-position "
-                     "call, which can flip near-ties (int8/int4 most; export with --kv concat for bit-exact)"),
+            "exact decoding gives the full path's tokens " + _exactness(info),
             "", "backends here:"]
     for name, b in info["backends"].items():
         if b["available"]:

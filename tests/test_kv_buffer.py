@@ -180,6 +180,8 @@ def test_kept_cache_reuse_and_inspect(llama_exports):
     assert again.tokens == fresh.tokens
     text = render(describe(buffer))
     assert f"buffers of {CAPACITY} positions" in text
+    assert "as computed by calls of >= 2 positions" in text  # GroupQueryAttention: padded one-position calls
+    assert not describe(buffer)["row_invariant"]
 
 
 def test_buffer_graphs_fuse_residuals_and_pack_qkv(tmp_path, llama_exports):

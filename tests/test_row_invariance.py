@@ -44,6 +44,9 @@ def test_concat_exports_compute_a_position_alike_in_any_call(tmp_path, family):
     folder = api.export(ckpt, out=tmp_path / "onnx", kv="concat", backbone=bb, with_logits=True)
     assert Runtime.load(folder).manifest.row_invariant
     assert alone_vs_together(folder) == 0.0  # bit for bit (transformers' eager attention: ~1e-06)
+    from runtime.inspect_export import describe, render
+
+    assert "exact decoding gives the full path's tokens bit for bit" in render(describe(folder))
 
 
 def test_int4_concat_export_is_row_invariant(tmp_path):
