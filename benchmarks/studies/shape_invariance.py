@@ -78,11 +78,26 @@ def kernel_rows(threads: int) -> list[dict]:
     diff = max(float(np.abs(s.run(None, {"P": probs[:, :, i:i + 1, :p_len + i + 1], "V": v[:, :, :p_len + i + 1]})[0][:, :, 0]
                             - together[:, :, i]).max()) for i in range(n))
     rows.append({"kernel": "MatMul fp32, probs @ V (inner length = keys seen)", "max_abs_diff": diff})
+    # the same with a group's 3 query heads as rows of one product (exporter/grouped_attention.py): >= 2 rows alone too
+    g = 3
+    pg = rng.random((1, 3, g, n, p_len + n)).astype(np.float32)
+    for i in range(n):
+        pg[..., i, p_len + i + 1:] = 0
+    vg = np.ascontiguousarray(v[:, :3])
+    s = _session([helper.make_node("MatMul", ["P", "V"], ["O"])], [vi("P", T.FLOAT, [1, 3, "S", "T"]),
+                 vi("V", T.FLOAT, [1, 3, "T", 64])], [vi("O", T.FLOAT, [1, 3, "S", 64])], threads=threads)
+    together = s.run(None, {"P": pg.reshape(1, 3, g * n, -1), "V": vg})[0].reshape(1, 3, g, n, 64)
+    diff = max(float(np.abs(s.run(None, {"P": np.ascontiguousarray(pg[..., i, :p_len + i + 1]),
+                                         "V": np.ascontiguousarray(vg[:, :, :p_len + i + 1])})[0]
+                            - together[..., i, :]).max()) for i in range(n))
+    rows.append({"kernel": "MatMul fp32, probs @ V, a group's 3 heads as rows (>= 2 rows alone too)", "max_abs_diff": diff})
     rows.append({"kernel": "GroupQueryAttention (past in a buffer, rotary)", "max_abs_diff": _gqa_rows(rng, threads)})
+    rows.append({"kernel": "GroupQueryAttention, every call over >= 2 positions (a neighbour rides along)",
+                 "max_abs_diff": _gqa_rows(rng, threads, alone_rows=2)})
     return rows
 
 
-def _gqa_rows(rng, threads: int) -> float:
+def _gqa_rows(rng, threads: int, alone_rows: int = 1) -> float:
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
@@ -97,7 +112,7 @@ def _gqa_rows(rng, threads: int) -> float:
                           vi("pv", T.FLOAT, [1, kv, cap, d]), vi("sl", T.INT32, [1]), vi("tl", T.INT32, [])],
                  [vi("o", T.FLOAT, [1, "S", h * d]), vi("ok", T.FLOAT, [1, kv, cap, d]), vi("ov", T.FLOAT, [1, kv, cap, d])],
                  [cos, sin], threads)
-    q, k, v = (rng.standard_normal((1, p_len + n, c)).astype(np.float32) for c in (h * d, kv * d, kv * d))
+    q, k, v = (rng.standard_normal((1, p_len + n + 1, c)).astype(np.float32) for c in (h * d, kv * d, kv * d))
 
     def call(a, b, pk, pv):
         return s.run(None, {"q": q[:, a:b], "k": k[:, a:b], "v": v[:, a:b], "pk": pk, "pv": pv,
@@ -106,9 +121,9 @@ def _gqa_rows(rng, threads: int) -> float:
     _, pk, pv = call(0, p_len, np.zeros((1, kv, cap, d), np.float32), np.zeros((1, kv, cap, d), np.float32))
     together = call(p_len, p_len + n, pk, pv)[0]
     alone = []
-    for i in range(n):
-        o, pk, pv = call(p_len + i, p_len + i + 1, pk, pv)
-        alone.append(o)
+    for i in range(n):  # with alone_rows=2 the next position rides along and is written over by the next call
+        o, pk, pv = call(p_len + i, p_len + i + alone_rows, pk, pv)
+        alone.append(o[:, :1])
     return float(np.abs(np.concatenate(alone, axis=1) - together).max())
 
 
@@ -120,18 +135,26 @@ def export_rows(folder: str) -> dict:
     never = [float("inf")] * len(rt.manifest.segments)
     prompt = rt.encode(PROMPT).tolist()
 
-    def last(chunks):
+    def last(chunks, pad=False):
         cache, out = rt.new_cache(), None
+        if pad:
+            cache.pad = True  # exact decoding's padding of one-position calls (KV buffer)
         for ids in chunks:
             out = rt.step(np.array(ids), cache, never, want_logits=True)
         return out
 
+    def diff(a, b):
+        x, y = np.asarray(a[3]), np.asarray(b[3])
+        both = np.isfinite(x) & np.isfinite(y)
+        return float(np.abs(x[both] - y[both]).max())
+
     drafts = list(rt.generate(prompt, 3, thresholds="never", stop_at_eos=False).tokens)  # the model's own tokens
     one, together = last([prompt] + [[t] for t in drafts]), last([prompt, drafts])
-    x, y = np.asarray(one[3]), np.asarray(together[3])
-    both = np.isfinite(x) & np.isfinite(y)
-    return {"export": folder, "precision": rt.manifest.precision, "max_abs_logit_diff": float(np.abs(x[both] - y[both]).max()),
-            "same_top1": bool(one[0] == together[0])}
+    buffer = rt.manifest.kv_cache.layout == "buffer"
+    padded = diff(last([prompt] + [[t] for t in drafts], pad=True), together) if buffer else None
+    return {"export": folder, "precision": rt.manifest.precision, "layout": rt.manifest.kv_cache.layout,
+            "row_invariant": rt.manifest.row_invariant, "max_abs_logit_diff": diff(one, together),
+            "max_abs_logit_diff_padded": padded, "same_top1": bool(one[0] == together[0])}
 
 
 def accuracy_cost(threads: int, seconds: float) -> list[dict]:
@@ -174,9 +197,12 @@ def main(argv=None) -> int:
           f"{res['load_average'][1]:.2f} at the end.", "",
           "| kernel: a row of an S-position call vs the same row alone | max abs difference |", "|---|---:|"]
     md += [f"| {r['kernel']} | {r['max_abs_diff']:.2g} |" for r in res["kernels"]]
-    md += ["", "| export | precision | last logits: one token per call vs drafts in one call, max abs diff | same top-1 |",
-           "|---|---|---:|---|"]
-    md += [f"| {r['export']} | {r['precision']} | {r['max_abs_logit_diff']:.3g} | {r['same_top1']} |" for r in res["exports"]]
+    md += ["", "| export | precision | KV layout | row-invariant (manifest) | last logits: one token per call vs drafts "
+           "in one call, max abs diff | the same, one-token calls padded (exact decoding, KV buffer) | same top-1 |",
+           "|---|---|---|---|---:|---:|---|"]
+    md += [f"| {r['export']} | {r['precision']} | {r['layout']} | {r['row_invariant']} | {r['max_abs_logit_diff']:.3g} | "
+           f"{'-' if r['max_abs_logit_diff_padded'] is None else format(r['max_abs_logit_diff_padded'], '.3g')} | "
+           f"{r['same_top1']} |" for r in res["exports"]]
     md += ["", "| MatMulNBits 4-bit, M=1 | us, accuracy level 0 (fp32 activations) | us, level 4 (int8) | level 0 / level 4 |",
            "|---|---:|---:|---:|"]
     md += [f"| K={r['k']}, N={r['n']} | {r['us_level_0']} | {r['us_level_4']} | {r['level0_over_level4']}x |"
