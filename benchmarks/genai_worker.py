@@ -11,7 +11,9 @@ exporter.fetch, standard library only, from the checkout)
 onnxruntime-genai (Microsoft's generation loop over onnxruntime, with its own model builder) is
 the other way to run a Hugging Face model as int4 ONNX on a CPU. Its builder
 (`python -m onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p int4 -e cpu`) writes one
-graph for the whole model (GroupQueryAttention, MatMulNBits, fused norms) plus genai_config.json.
+graph for the whole model (GroupQueryAttention, MatMulNBits, fused norms) plus genai_config.json;
+it runs through benchmarks/genai_build.py, the same CLI with a shim for Gemma 3's transformers-5
+RoPE config (other models build unchanged).
 It reads transformers folders only, so a GGUF model is first dequantized into OUT-hf (transformers
 5, `GgufConfig(dequantize=True)`, then `quantization_config: null` removed from config.json, which
 the builder refuses). Needs benchmarks/.venv-genai (setup_genai.sh).
@@ -77,11 +79,15 @@ def build(model_path: str, gguf_file: str | None, out: Path, precision: str = PR
     if gguf_file:
         src = dequantize(model_path, gguf_file, out.with_name(out.name + "-hf"))
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+    # the builder's own CLI, through benchmarks/genai_build.py's shim (Gemma 3's transformers-5 RoPE)
+    cmd = [sys.executable, "-m", "benchmarks.genai_build", "-i", str(src), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(out.with_name(out.name + "-cache"))]
     if extra_options:
         cmd += ["--extra_options", *extra_options]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    root = str(Path(__file__).resolve().parents[1])  # where `benchmarks` imports from, whatever the cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + ([os.environ["PYTHONPATH"]]
+                                                                  if os.environ.get("PYTHONPATH") else []))}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0 or not (out / "genai_config.json").is_file():
         raise RuntimeError(f"model builder failed (rc={r.returncode}): {(r.stderr or r.stdout)[-1500:]}")
     record = {"command": cmd[1:], "source": str(src), "precision": precision,
@@ -109,6 +115,17 @@ def overlay(threads: int) -> dict:
     """What the worker changes in genai_config.json: onnxruntime's intra-op threads, the other rows'
     count (onnxruntime's other session settings stay at their defaults, as for optimum's row)."""
     return {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+
+
+def max_length(cfg: dict, needed: int) -> int:
+    """The generator's max_length for `needed` positions: at least the sliding window of a model
+    built with windowed KV caches (genai_config.json's model.decoder.sliding_window; Gemma 3: 512).
+    onnxruntime-genai 0.18 sizes those layers' caches min(max_length, window) and onnxruntime 1.32's
+    GroupQueryAttention (sliding_window_cache=1) refuses one smaller than the window ("KV cache
+    capacity (22) must be at least local_window_size (512)"). The tokens are the same: decoding
+    stops after the row's n tokens whatever max_length is. Other models: `needed` unchanged."""
+    window = ((cfg.get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
+    return max(needed, int(window.get("window_size") or 0))
 
 
 def greedy(generator, n: int, clock=time.perf_counter) -> tuple[list[int], float | None]:
@@ -145,10 +162,12 @@ def _load_genai(spec: dict):
     config.overlay(json.dumps(overlay(threads)))
     model = og.Model(config)
     n = spec["max_new_tokens"]
+    cfg = json.loads((folder / "genai_config.json").read_text())
 
     def run(ids: list[int]):
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + n, min_length=0, num_beams=1)
+        params.set_search_options(do_sample=False, max_length=max_length(cfg, len(ids) + n), min_length=0,
+                                  num_beams=1)
         t0 = time.perf_counter()
         gen = og.Generator(model, params)
         gen.append_tokens([ids])  # the prompt's prefill
@@ -157,7 +176,6 @@ def _load_genai(spec: dict):
         del gen
         return tokens, t0, first or t_end, t_end, {}
 
-    cfg = json.loads((folder / "genai_config.json").read_text())
     info = {"genai_dir": str(folder), "precision": PRECISION, "intra_op_num_threads": threads,
             "onnx_files": sorted(p.name for p in folder.glob("*.onnx")),
             "onnx_mb": round(sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith((".onnx", ".data")))
@@ -180,9 +198,10 @@ def teacher_forced_top1(folder: str | Path, windows, threads: int):
     model = og.Model(config)
     windows = np.asarray(windows)
     out = np.zeros(windows.shape, np.int64)
+    cfg = json.loads((Path(folder) / "genai_config.json").read_text())
     for i, w in enumerate(windows):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=windows.shape[1] + 1)
+        params.set_search_options(max_length=max_length(cfg, windows.shape[1] + 1))
         gen = og.Generator(model, params)
         gen.append_tokens([w.tolist()])
         logits = np.asarray(gen.get_output("logits"))
