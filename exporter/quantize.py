@@ -81,11 +81,13 @@ def _constant_matmuls(model) -> tuple[list[str], set[str]]:
 
 def _constant_weights_to_initializers(model) -> int:
     """Tracing stores some weights as Constant nodes, not initializers: a tied LM head's transposed
-    embedding is one. The quantizer only sees initializers, so move the Constants that feed a
-    MatMul's weight input there. Returns how many moved."""
+    embedding is one, the embedding table a Gather reads another. The quantizer (and the exact
+    GGUF encodings) only see initializers, so move the Constants that feed a MatMul's weight input
+    or a Gather's table there. Returns how many moved."""
     from onnx import numpy_helper
 
     weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1}
+    weights |= {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     moved = []
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] in weights:
