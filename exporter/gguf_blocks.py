@@ -237,16 +237,19 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
                           numpy_helper.from_array(scales.reshape(-1), name + "_scales")])
         return [x, name + "_B", name + "_scales"]
 
+    def encoded(kind: str, w_name: str) -> None:  # one more weight of `kind`; its float copy goes with its last user
+        counts[kind] += 1
+        users[w_name] -= 1
+        if users[w_name] == 0:
+            g.initializer.remove(inits.pop(w_name))
+
     for node in g.node:
         if node.op_type == "Gather" and node.input[0] in inits and not node.name.startswith(exclude_prefixes):
             kind = _exact_gather(node, inits, new_inits, out_nodes)
             if kind is None:
                 out_nodes.append(node)
-                continue
-            counts[kind] += 1
-            users[node.input[0]] -= 1
-            if users[node.input[0]] == 0:
-                g.initializer.remove(inits.pop(node.input[0]))
+            else:
+                encoded(kind, node.input[0])
             continue
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w_name not in inits or node.name.startswith(exclude_prefixes) or node.name.startswith(PREFIX):
@@ -257,7 +260,7 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
             out_nodes.append(node)
             continue
         k, n = w.shape
-        name = PREFIX + (node.name or node.output[0]).strip("/").replace("/", "_")
+        name = _node_name(node)
         x, y = node.input[0], node.output[0]
         found = detect(w)
         if found is None:
@@ -284,16 +287,18 @@ def encode_exact_blocks(model, exclude_prefixes: tuple[str, ...] = (), accuracy_
             ins = nbits(x, name, (q + 128).astype(np.uint8), d)  # zero point: 8-bit default 128
             out_nodes.append(helper.make_node("MatMulNBits", ins, [y], name=name, domain="com.microsoft",
                                               K=k, N=n, bits=8, block_size=block, accuracy_level=accuracy_level))
-        counts[kind] += 1
-        users[w_name] -= 1
-        if users[w_name] == 0:
-            g.initializer.remove(inits.pop(w_name))
+        encoded(kind, w_name)
     del g.node[:]
     g.node.extend(out_nodes)
     g.initializer.extend(new_inits)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return counts
+
+
+def _node_name(node) -> str:
+    """The name of the nodes (and initializers) that encode `node`'s weight: PREFIX + its own name."""
+    return PREFIX + (node.name or node.output[0]).strip("/").replace("/", "_")
 
 
 def _exact_gather(node, inits: dict, new_inits: list, out_nodes: list) -> str | None:
@@ -311,7 +316,7 @@ def _exact_gather(node, inits: dict, new_inits: list, out_nodes: list) -> str | 
     if found is None or found[0] in FOUR_BIT:  # 4-bit kinds need float offsets, which the op has not
         return None
     kind, (d, q, block) = found
-    name = PREFIX + (node.name or node.output[0]).strip("/").replace("/", "_")
+    name = _node_name(node)
     new_inits.extend([numpy_helper.from_array((q.reshape(table.shape) + 128).astype(np.uint8), name + "_data"),
                       numpy_helper.from_array(np.ascontiguousarray(d), name + "_scales")])
     out_nodes.append(helper.make_node("GatherBlockQuantized", [name + "_data", node.input[1], name + "_scales"],
