@@ -72,6 +72,7 @@ class KVBufferCache(KVCache):
     bindings: dict = field(default_factory=dict)  # segment index -> the backend's InPlaceBinding
     pad: bool = False  # one-position calls also carry the position before them (exact decoding; see above)
     rows: dict = field(default_factory=dict)  # segment index -> {position: its input row}, the last ROWS_KEPT
+    # of the calls made while `pad` was set (a prefix computed unpadded is not row-invariant anyway)
 
     @classmethod
     def allocate(cls, layers_per_segment: list[int], num_kv_heads: int, head_dim: int, capacity: int,
@@ -113,7 +114,8 @@ class KVBufferCache(KVCache):
                            R.TOTAL_SEQUENCE_LENGTH: np.array(end, dtype=np.int32), **(extra or {})})
         out = backend.run_bound(binding, feeds)
         st.length = end
-        for i in range(x.shape[1]):
+        # rows are read only when padding, and only the last ROWS_KEPT: plain decoding keeps none
+        for i in range(max(0, x.shape[1] - ROWS_KEPT), x.shape[1]) if self.pad else ():
             rows[start + i] = x[:, i:i + 1].copy()
         if len(rows) > 2 * ROWS_KEPT:
             self.rows[j] = {p: r for p, r in rows.items() if p >= end - ROWS_KEPT}
